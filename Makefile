@@ -1,0 +1,26 @@
+# The two commands of the README:
+#   make run   - set up .venv and run the main job (no download needed)
+#   make test  - set up .venv and run the tests on the CPU backend
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m benchmarks.quickstart
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.throughput --out=results/throughput.csv
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,97 @@
+"""fedjax_dx: federated learning for disease diagnosis, every hospital in one jitted round.
+
+Clients (hospitals) are stacked on a leading `clients` axis; a round trains all of them
+at once with `jax.vmap` inside one `jax.jit`, and several rounds run in one `lax.scan`.
+
+Example:
+  >>> import jax, optax, fedjax_dx as fdx
+  >>> data = fdx.synthetic_binary(seed=0, num_clients=4, examples_per_client=80)
+  >>> model = fdx.logistic_regression()
+  >>> params = model.init(jax.random.PRNGKey(0), data.train.features[0, :1])
+  >>> algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=16, local_epochs=1)
+  >>> state = algo.init(params, data.train, jax.random.PRNGKey(1))
+  >>> state, round_metrics = algo.run(state, data.train, num_rounds=20)
+  >>> fdx.evaluate(model, state.params, data.test)["pooled"]["accuracy"]
+"""
+
+from fedjax_dx._algorithms import Algorithm
+from fedjax_dx._algorithms import centralized
+from fedjax_dx._algorithms import fedavg
+from fedjax_dx._algorithms import global_params
+from fedjax_dx._algorithms import LocalState
+from fedjax_dx._algorithms import local_only
+from fedjax_dx._algorithms import ServerState
+from fedjax_dx._data import check_client_data
+from fedjax_dx._data import ClientData
+from fedjax_dx._data import FederatedData
+from fedjax_dx._data import pad_clients
+from fedjax_dx._data import pad_examples
+from fedjax_dx._data import pool_clients
+from fedjax_dx._data import stack_clients
+from fedjax_dx._data import unstack_clients
+from fedjax_dx._local import ClientOutput
+from fedjax_dx._local import ClientState
+from fedjax_dx._local import epoch_order
+from fedjax_dx._local import LocalBudget
+from fedjax_dx._local import local_trainer
+from fedjax_dx._local import LocalTrainer
+from fedjax_dx._local import train_clients
+from fedjax_dx._metrics import binary_auc
+from fedjax_dx._metrics import classification_metrics
+from fedjax_dx._metrics import evaluate
+from fedjax_dx._metrics import evaluate_stacked
+from fedjax_dx._metrics import METRIC_NAMES
+from fedjax_dx._models import from_flax
+from fedjax_dx._models import logistic_regression
+from fedjax_dx._models import mlp
+from fedjax_dx._models import Model
+from fedjax_dx._models import per_example_loss
+from fedjax_dx._models import probabilities
+from fedjax_dx._sharding import client_mesh
+from fedjax_dx._sharding import padded_client_count
+from fedjax_dx._sharding import replicate
+from fedjax_dx._sharding import shard_clients
+from fedjax_dx._synthetic import synthetic_binary
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Algorithm",
+    "binary_auc",
+    "centralized",
+    "check_client_data",
+    "classification_metrics",
+    "client_mesh",
+    "ClientData",
+    "ClientOutput",
+    "ClientState",
+    "epoch_order",
+    "evaluate",
+    "evaluate_stacked",
+    "fedavg",
+    "FederatedData",
+    "from_flax",
+    "global_params",
+    "local_only",
+    "local_trainer",
+    "LocalBudget",
+    "LocalState",
+    "LocalTrainer",
+    "logistic_regression",
+    "METRIC_NAMES",
+    "mlp",
+    "Model",
+    "pad_clients",
+    "pad_examples",
+    "padded_client_count",
+    "per_example_loss",
+    "pool_clients",
+    "probabilities",
+    "replicate",
+    "ServerState",
+    "shard_clients",
+    "stack_clients",
+    "synthetic_binary",
+    "train_clients",
+    "unstack_clients",
+)

@@ -1,0 +1,232 @@
+"""Client data stacked on a leading `clients` axis, padded with explicit masks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class ClientData:
+  """Every client's examples, stacked and padded to a common length.
+
+  Real examples of client `k` occupy slots `0 .. num_examples[k] - 1`; the rest is
+  padding, flagged False in `mask` (fedjax's `__mask__`). Padding never reaches a loss,
+  a gradient or a metric. A client with `num_examples == 0` is a padding client: it
+  gets weight 0 in every aggregation.
+  """
+
+  features: jax.Array  # [C, N_max, *feature_shape] float32
+  labels: jax.Array  # [C, N_max] int32
+  mask: jax.Array  # [C, N_max] bool, True on real examples
+  num_examples: jax.Array  # [C] int32, real examples per client
+
+  @property
+  def num_clients(self) -> int:
+    return self.labels.shape[0]
+
+  @property
+  def max_examples(self) -> int:
+    return self.labels.shape[1]
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    return tuple(self.features.shape[2:])
+
+
+@flax.struct.dataclass
+class FederatedData:
+  """Train and test parts of every client, plus the task's number of classes."""
+
+  train: ClientData
+  test: ClientData
+  num_classes: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_clients(self) -> int:
+    return self.train.num_clients
+
+
+def stack_clients(
+    features: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    *,
+    num_classes: int,
+    max_examples: int | None = None,
+    name: str = "data",
+) -> ClientData:
+  """Stacks ragged per-client arrays into one padded `ClientData`.
+
+  Args:
+    features: one array `[n_k, *feature_shape]` per client.
+    labels: one integer array `[n_k]` per client, values in `[0, num_classes)`.
+    num_classes: number of classes of the task (2 for a binary diagnosis).
+    max_examples: pad every client to this many slots (default: the largest client).
+    name: how the data is called in error messages (e.g. "train", "test").
+
+  Returns:
+    The stacked `ClientData`.
+
+  Raises:
+    ValueError: naming the argument and client, for mismatched lengths or feature
+      shapes, an empty client, non-finite features or labels out of range.
+
+  Example:
+    >>> data = stack_clients([np.zeros((3, 2)), np.ones((1, 2))],
+    ...                      [np.array([0, 1, 0]), np.array([1])], num_classes=2)
+    >>> data.features.shape, data.num_examples.tolist()
+    ((2, 3, 2), [3, 1])
+  """
+  if isinstance(features, np.ndarray) or isinstance(labels, np.ndarray):
+    raise ValueError(
+        f"{name}: features and labels must be sequences with one array per client, "
+        "not a single array")
+  if len(features) != len(labels):
+    raise ValueError(
+        f"{name}: got features for {len(features)} clients but labels for "
+        f"{len(labels)} clients; they must match")
+  if not features:
+    raise ValueError(f"{name}: features must hold at least one client, got none")
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+
+  features = [np.asarray(f) for f in features]
+  labels = [np.asarray(y) for y in labels]
+  feature_shape = features[0].shape[1:]
+  for k, (x, y) in enumerate(zip(features, labels)):
+    if x.ndim < 1 or y.ndim != 1:
+      raise ValueError(
+          f"{name}: client {k} has features of shape {x.shape} and labels of shape "
+          f"{y.shape}; expected features [n, ...] and labels [n]")
+    if x.shape[0] != y.shape[0]:
+      raise ValueError(
+          f"{name}: client {k} has {x.shape[0]} feature rows but {y.shape[0]} labels; "
+          "each example needs exactly one label")
+    if x.shape[1:] != feature_shape:
+      raise ValueError(
+          f"{name}: client {k} has feature shape {x.shape[1:]} but client 0 has "
+          f"{feature_shape}; all clients must share one feature shape")
+    if x.shape[0] == 0:
+      raise ValueError(
+          f"{name}: client {k} has no examples; every client needs at least one "
+          "(drop the client, or let a partitioner guarantee a minimum)")
+    if not np.issubdtype(x.dtype, np.number) and x.dtype != bool:
+      raise ValueError(f"{name}: client {k} features have non-numeric dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+      bad = np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))[:, 0]
+      raise ValueError(
+          f"{name}: client {k} features hold NaN or infinite values in rows "
+          f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}; impute or drop them first")
+    if not np.issubdtype(y.dtype, np.integer) and not (
+        np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
+      raise ValueError(f"{name}: client {k} labels must be integers, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(
+          f"{name}: client {k} has labels in [{y.min()}, {y.max()}], expected values in "
+          f"[0, {num_classes - 1}] for num_classes={num_classes}")
+
+  sizes = np.array([x.shape[0] for x in features], dtype=np.int32)
+  width = int(sizes.max()) if max_examples is None else int(max_examples)
+  if width < sizes.max():
+    raise ValueError(
+        f"max_examples={max_examples} is smaller than the largest client "
+        f"({int(sizes.max())} examples)")
+  num_clients = len(features)
+  x_out = np.zeros((num_clients, width) + feature_shape, dtype=np.float32)
+  y_out = np.zeros((num_clients, width), dtype=np.int32)
+  for k, (x, y) in enumerate(zip(features, labels)):
+    x_out[k, :len(y)] = x
+    y_out[k, :len(y)] = y
+  mask = np.arange(width)[None, :] < sizes[:, None]
+  return ClientData(
+      features=jnp.asarray(x_out), labels=jnp.asarray(y_out), mask=jnp.asarray(mask),
+      num_examples=jnp.asarray(sizes))
+
+
+def unstack_clients(data: ClientData) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """The inverse of `stack_clients`: per-client real examples as NumPy arrays."""
+  features, labels, sizes = (
+      np.asarray(data.features), np.asarray(data.labels), np.asarray(data.num_examples))
+  return ([features[k, :n] for k, n in enumerate(sizes)],
+          [labels[k, :n] for k, n in enumerate(sizes)])
+
+
+def pad_clients(data: ClientData, num_clients: int) -> ClientData:
+  """Appends empty (zero-weight) clients until there are `num_clients`."""
+  extra = num_clients - data.num_clients
+  if extra < 0:
+    raise ValueError(
+        f"num_clients={num_clients} is smaller than the {data.num_clients} clients held")
+  if extra == 0:
+    return data
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
+  return jax.tree.map(pad, data)
+
+
+def pad_examples(data: ClientData, max_examples: int) -> ClientData:
+  """Widens every client to `max_examples` slots with masked padding."""
+  extra = max_examples - data.max_examples
+  if extra < 0:
+    raise ValueError(
+        f"max_examples={max_examples} is smaller than the current width "
+        f"{data.max_examples}")
+
+  def pad(x):
+    widths = [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths)
+
+  return data.replace(
+      features=pad(data.features), labels=pad(data.labels), mask=pad(data.mask))
+
+
+def pool_clients(data: ClientData) -> ClientData:
+  """Pools every client's real examples into one client (centralized training).
+
+  Examples keep client order (client 0's first), so pooling is deterministic.
+  """
+  features, labels = unstack_clients(data)
+  keep = [k for k, y in enumerate(labels) if len(y)]
+  pooled_x = np.concatenate([features[k] for k in keep])
+  pooled_y = np.concatenate([labels[k] for k in keep])
+  n = len(pooled_y)
+  return ClientData(
+      features=jnp.asarray(pooled_x[None]), labels=jnp.asarray(pooled_y[None]),
+      mask=jnp.ones((1, n), bool), num_examples=jnp.asarray([n], jnp.int32))
+
+
+def check_client_data(data: ClientData, num_classes: int, name: str = "data") -> None:
+  """Checks a `ClientData` built by hand; raises ValueError naming what is wrong.
+
+  Runs on the host on concrete arrays, before anything is compiled.
+  """
+  c, n = data.labels.shape[:2]
+  expected = {"features": (c, n), "mask": (c, n), "num_examples": (c,)}
+  for field, shape in expected.items():
+    actual = getattr(data, field).shape
+    if actual[:len(shape)] != shape or (field != "features" and actual != shape):
+      raise ValueError(
+          f"{name}.{field} has shape {actual}, expected leading shape {shape} to match "
+          f"{name}.labels {data.labels.shape}")
+  sizes = np.asarray(data.num_examples)
+  mask = np.asarray(data.mask)
+  if np.any(sizes < 0) or np.any(sizes > n):
+    raise ValueError(f"{name}.num_examples must lie in [0, {n}], got {sizes.tolist()}")
+  if not np.array_equal(mask, np.arange(n)[None, :] < sizes[:, None]):
+    raise ValueError(
+        f"{name}.mask must be True exactly on the first num_examples slots of each "
+        "client (build data with stack_clients)")
+  if not np.any(sizes > 0):
+    raise ValueError(f"{name}: every client is empty; at least one needs examples")
+  feats = np.asarray(data.features)
+  valid_feats = feats[mask]
+  if not np.all(np.isfinite(valid_feats)):
+    raise ValueError(f"{name}.features hold NaN or infinite values in real examples")
+  valid_labels = np.asarray(data.labels)[mask]
+  if valid_labels.size and (valid_labels.min() < 0 or valid_labels.max() >= num_classes):
+    raise ValueError(
+        f"{name}.labels must lie in [0, {num_classes - 1}], got values in "
+        f"[{valid_labels.min()}, {valid_labels.max()}]")

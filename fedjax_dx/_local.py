@@ -1,0 +1,240 @@
+"""Local training of every client at once: client_init / client_step / client_final.
+
+A client reads its real examples as an endless stream: epoch `e` is a fresh random
+permutation of its `n_k` examples, and step `s` takes the next `batch_size` positions of
+the stream, so a batch may run from the end of one epoch into the next. Two budgets:
+
+* local steps (FLamby's style): `K` steps per round; the stream position persists
+  across rounds, so a client's data iterator continues where it stopped.
+* local epochs: `E` passes over the client's data per round, i.e. `ceil(n_k * E / B)`
+  steps; the stream restarts each round, and a smaller client's extra steps (the
+  round runs `ceil(N_max * E / B)` steps for everyone) are masked out.
+
+Padded slots never enter a batch: masked batch positions have weight 0 in the loss, and
+a step with no real example leaves parameters and optimizer state untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_dx import _models
+from fedjax_dx._data import ClientData
+
+Params = Any
+
+
+class LocalBudget(NamedTuple):
+  """How much each client trains per round: exactly one of `steps`, `epochs`."""
+
+  steps: int | None = None
+  epochs: int | None = None
+
+  @classmethod
+  def create(cls, local_steps: int | None, local_epochs: int | None) -> "LocalBudget":
+    if (local_steps is None) == (local_epochs is None):
+      raise ValueError(
+          "give exactly one of local_steps and local_epochs, got "
+          f"local_steps={local_steps!r}, local_epochs={local_epochs!r}")
+    for name, value in (("local_steps", local_steps), ("local_epochs", local_epochs)):
+      if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return cls(steps=local_steps, epochs=local_epochs)
+
+
+class ClientState(NamedTuple):
+  """Carry of one client's local training (one round)."""
+
+  params: Params  # the client's model, same tree as the global model
+  opt_state: optax.OptState  # client optimizer state
+  order: jax.Array  # [W, N_max] int32: example order of the W epochs this round reaches
+  first_epoch: jax.Array  # [] int32: epoch of order[0]
+  start: jax.Array  # [] int32: stream position at the start of the round
+  limit: jax.Array  # [] int32: first stream position beyond this round's budget
+  loss_sum: jax.Array  # [] float32: sum of per-example training losses this round
+  examples_seen: jax.Array  # [] int32: real examples used for gradients this round
+
+
+class ClientOutput(NamedTuple):
+  """What a client hands back after a round."""
+
+  params: Params  # trained client model
+  opt_state: optax.OptState  # client optimizer state after training
+  position: jax.Array  # [] int32: stream position for the next round
+  train_loss: jax.Array  # [] float32: mean training loss over the round (NaN if none)
+  examples_seen: jax.Array  # [] int32
+
+
+class Client(NamedTuple):
+  """One client's slice of `ClientData` (no leading clients axis)."""
+
+  features: jax.Array  # [N_max, *feature_shape]
+  labels: jax.Array  # [N_max]
+  num_examples: jax.Array  # []
+
+
+def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: jax.Array,
+                max_examples: int) -> jax.Array:
+  """The order in which a client visits its examples in `epoch`.
+
+  Returns `[max_examples]` int32 whose first `num_examples` entries are a uniformly
+  random permutation of `0 .. num_examples - 1` (the rest are padding slots).
+  """
+  noise = jax.random.uniform(jax.random.fold_in(key, epoch), (max_examples,))
+  noise = jnp.where(jnp.arange(max_examples) < num_examples, noise, 2.0)
+  return jnp.argsort(noise, stable=True).astype(jnp.int32)
+
+
+class LocalTrainer(NamedTuple):
+  """Pure functions of one client's local training, to be scanned and vmapped."""
+
+  client_init: Callable[..., ClientState]
+  client_step: Callable[[ClientState, Client, jax.Array], ClientState]
+  client_final: Callable[[ClientState], ClientOutput]
+  num_steps: Callable[[int], int]
+  batch_size: int
+  budget: LocalBudget
+
+
+def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation, *,
+                  batch_size: int, budget: LocalBudget) -> LocalTrainer:
+  """Builds the client_init / client_step / client_final of local training.
+
+  Args:
+    model: the model.
+    optimizer: the client optimizer (any optax `GradientTransformation`).
+    batch_size: examples per local step.
+    budget: local steps or local epochs per round.
+
+  Returns:
+    A `LocalTrainer`; `train_clients` runs it for every client at once.
+  """
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  batch = int(batch_size)
+
+  def num_steps(max_examples: int) -> int:
+    if budget.steps is not None:
+      return budget.steps
+    return math.ceil(max_examples * budget.epochs / batch)
+
+  def client_init(params, opt_state, client: Client, key, position,
+                  epochs_window: int) -> ClientState:
+    n = client.num_examples
+    n_safe = jnp.maximum(n, 1)
+    if budget.steps is not None:
+      start = position
+      limit = position + budget.steps * batch
+    else:
+      start = jnp.zeros((), jnp.int32)
+      limit = n * budget.epochs
+    first_epoch = start // n_safe
+    max_examples = client.labels.shape[0]
+    order = jax.vmap(epoch_order, in_axes=(None, 0, None, None))(
+        key, first_epoch + jnp.arange(epochs_window), n, max_examples)
+    return ClientState(
+        params=params, opt_state=opt_state, order=order, first_epoch=first_epoch,
+        start=start.astype(jnp.int32), limit=limit.astype(jnp.int32),
+        loss_sum=jnp.zeros((), jnp.float32), examples_seen=jnp.zeros((), jnp.int32))
+
+  def client_step(state: ClientState, client: Client, step) -> ClientState:
+    n = client.num_examples
+    n_safe = jnp.maximum(n, 1)
+    positions = state.start + step * batch + jnp.arange(batch)
+    valid = (positions < state.limit) & (n > 0)
+    epoch = jnp.clip(positions // n_safe - state.first_epoch, 0, state.order.shape[0] - 1)
+    slots = state.order[epoch, positions % n_safe]
+    x, y = client.features[slots], client.labels[slots]
+    weight = valid.astype(jnp.float32)
+    count = weight.sum()
+
+    def loss_fn(params):
+      losses = _models.per_example_loss(model, model.apply(params, x), y)
+      return (losses * weight).sum() / jnp.maximum(count, 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    take = count > 0
+    keep_if_empty = lambda new, old: jnp.where(take, new, old)
+    return state._replace(
+        params=jax.tree.map(keep_if_empty, params, state.params),
+        opt_state=jax.tree.map(keep_if_empty, opt_state, state.opt_state),
+        loss_sum=state.loss_sum + loss * count,
+        examples_seen=state.examples_seen + count.astype(jnp.int32))
+
+  def client_final(state: ClientState) -> ClientOutput:
+    seen = state.examples_seen
+    return ClientOutput(
+        params=state.params, opt_state=state.opt_state, position=state.limit,
+        train_loss=jnp.where(seen > 0, state.loss_sum / jnp.maximum(seen, 1), jnp.nan),
+        examples_seen=seen)
+
+  return LocalTrainer(client_init=client_init, client_step=client_step,
+                      client_final=client_final, num_steps=num_steps,
+                      batch_size=batch, budget=budget)
+
+
+def epochs_window(budget: LocalBudget, batch_size: int, num_examples: np.ndarray) -> int:
+  """How many epochs one round can reach for any client (a static shape).
+
+  Computed on the host from concrete client sizes, once per run.
+  """
+  if budget.epochs is not None:
+    return budget.epochs
+  sizes = np.asarray(num_examples)
+  smallest = int(sizes[sizes > 0].min()) if np.any(sizes > 0) else 1
+  return math.ceil(budget.steps * batch_size / smallest) + 1
+
+
+def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
+                  data: ClientData, keys: jax.Array, positions: jax.Array, *,
+                  epochs_window: int, stacked: bool) -> ClientOutput:
+  """Runs local training of every client in parallel (`lax.scan` inside `vmap`).
+
+  Args:
+    trainer: from `local_trainer`.
+    params: starting parameters: one model shared by all (`stacked=False`, FedAvg), or
+      one per client on a leading axis (`stacked=True`, local-only training).
+    opt_state: the matching optimizer state (shared or stacked like `params`).
+    data: the clients' training data, `C` clients.
+    keys: `[C, 2]` uint32, each client's data-order key.
+    positions: `[C]` int32, each client's stream position.
+    epochs_window: from `epochs_window` (static).
+    stacked: whether params/opt_state carry a leading clients axis.
+
+  Returns:
+    `ClientOutput` with a leading clients axis on every field.
+  """
+  steps = jnp.arange(trainer.num_steps(data.max_examples))
+
+  def one_client(params, opt_state, features, labels, num_examples, key, position):
+    client = Client(features, labels, num_examples)
+    state = trainer.client_init(params, opt_state, client, key, position, epochs_window)
+    state, _ = jax.lax.scan(
+        lambda s, i: (trainer.client_step(s, client, i), None), state, steps)
+    return trainer.client_final(state)
+
+  model_axis = 0 if stacked else None
+  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0))(
+      params, opt_state, data.features, data.labels, data.num_examples, keys, positions)
+
+
+def client_keys(key: jax.Array, num_clients: int) -> jax.Array:
+  """One key per client index: `fold_in(key, k)`, so a client's key ignores padding."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_clients))
+
+
+def check_batch_size(batch_size: int, data: ClientData) -> None:
+  """Refuses a batch larger than every client (host-side, concrete data)."""
+  largest = int(np.max(np.asarray(data.num_examples)))
+  if batch_size > largest:
+    raise ValueError(
+        f"batch_size={batch_size} is larger than every client's training set (the "
+        f"largest has {largest} examples); use batch_size <= {largest}")

@@ -1,0 +1,51 @@
+"""The clients axis sharded over every device: a 1-D mesh named 'clients'."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from fedjax_dx._data import ClientData, FederatedData, pad_clients
+
+CLIENTS = "clients"
+
+
+def client_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A mesh with one axis, 'clients', over `devices` (default: all devices)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  return jax.make_mesh((len(devices),), (CLIENTS,), axis_types=(AxisType.Auto,),
+                       devices=devices)
+
+
+def padded_client_count(num_clients: int, mesh: jax.sharding.Mesh) -> int:
+  """The smallest multiple of the mesh size that holds `num_clients`."""
+  size = mesh.shape[CLIENTS]
+  return -(-num_clients // size) * size
+
+
+def shard_clients(data: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """Pads with zero-weight clients to a multiple of the device count and shards.
+
+  Args:
+    data: a `ClientData` or `FederatedData` (train and test are padded alike).
+    mesh: from `client_mesh` (default: all devices).
+
+  Returns:
+    The same structure, every leaf's leading (clients) axis split over the mesh.
+  """
+  mesh = mesh or client_mesh()
+  sharding = NamedSharding(mesh, P(CLIENTS))
+  if isinstance(data, FederatedData):
+    return data.replace(train=shard_clients(data.train, mesh),
+                        test=shard_clients(data.test, mesh))
+  if not isinstance(data, ClientData):
+    raise TypeError(f"shard_clients takes ClientData or FederatedData, got {type(data)}")
+  data = pad_clients(data, padded_client_count(data.num_clients, mesh))
+  return jax.device_put(data, sharding)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places a pytree (e.g. the global model) whole on every device of the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))

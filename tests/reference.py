@@ -1,0 +1,92 @@
+"""Plain sequential references: a Python loop over clients, no padding, no vmap."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fedjax_dx as fdx
+
+
+def client_key(rng, round_index, client, budget):
+  """The key derivation the engine documents: a client's data order key."""
+  stream_key, round_base = jax.random.split(rng)
+  if budget.steps is not None:
+    return jax.random.fold_in(stream_key, client)
+  return jax.random.fold_in(jax.random.fold_in(round_base, round_index), client)
+
+
+def train_one_client(model, optimizer, params, x, y, key, start, budget, batch_size,
+                     opt_state=None):
+  """Trains one client on its unpadded examples, one Python step at a time."""
+  n = len(y)
+  if budget.epochs is not None:
+    start = 0  # the epochs budget restarts the stream every round
+  limit = start + (budget.steps * batch_size if budget.steps is not None
+                   else n * budget.epochs)
+  orders = {}
+
+  def order(epoch):
+    if epoch not in orders:
+      orders[epoch] = np.asarray(fdx.epoch_order(key, epoch, n, n))[:n]
+    return orders[epoch]
+
+  def loss_fn(p, xb, yb):
+    return jnp.mean(fdx.per_example_loss(model, model.apply(p, xb), yb))
+
+  opt_state = optimizer.init(params) if opt_state is None else opt_state
+  position = start
+  while position < limit:
+    batch_positions = range(position, min(position + batch_size, limit))
+    idx = np.array([order(p // n)[p % n] for p in batch_positions])
+    grads = jax.grad(loss_fn)(params, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    position += batch_size
+  return params, opt_state, limit
+
+
+def fedavg_rounds(model, optimizer, params, xs, ys, *, rng, num_rounds, budget,
+                  batch_size, participation=None, weighting="num_examples"):
+  """FedAvg as a loop over rounds and clients, averaging with NumPy."""
+  num_clients = len(ys)
+  positions = [0] * num_clients
+  for r in range(num_rounds):
+    finals, weights = [], []
+    for k in range(num_clients):
+      takes_part = participation is None or participation[r][k] > 0
+      if not takes_part:
+        continue
+      key = client_key(rng, r, k, budget)
+      p_k, _, positions[k] = train_one_client(
+          model, optimizer, params, xs[k], ys[k], key, positions[k], budget, batch_size)
+      finals.append(p_k)
+      weights.append(len(ys[k]) if weighting == "num_examples" else 1.0)
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    params = jax.tree.map(
+        lambda *leaves: np.tensordot(w, np.stack([np.asarray(l, np.float64) for l in leaves]),
+                                     axes=1).astype(np.float32),
+        *finals)
+  return params
+
+
+def local_rounds(model, optimizer, params, xs, ys, *, rng, num_rounds, budget,
+                 batch_size):
+  """Local-only training: each client alone, optimizer state kept across rounds."""
+  results = []
+  for k in range(len(ys)):
+    p, opt_state, position = params, None, 0
+    for r in range(num_rounds):
+      key = client_key(rng, r, k, budget)
+      p, opt_state, position = train_one_client(
+          model, optimizer, p, xs[k], ys[k], key, position, budget, batch_size, opt_state)
+    results.append(p)
+  return results
+
+
+def num_steps_reference(n, budget, batch_size):
+  return budget.steps if budget.steps is not None else math.ceil(n * budget.epochs / batch_size)
