@@ -124,10 +124,11 @@ def stack_clients(
     if not np.issubdtype(y.dtype, np.integer) and not (
         np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
       raise ValueError(f"{name}: client {k} labels must be integers, got dtype {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
+    outside = np.unique(y[(y < 0) | (y >= num_classes)])
+    if outside.size:
       raise ValueError(
-          f"{name}: client {k} has labels in [{y.min()}, {y.max()}], expected values in "
-          f"[0, {num_classes - 1}] for num_classes={num_classes}")
+          f"{name}: client {k} has labels {outside[:5].tolist()} outside the expected "
+          f"range [0, {num_classes - 1}] for num_classes={num_classes}")
 
   sizes = np.array([x.shape[0] for x in features], dtype=np.int32)
   width = int(sizes.max()) if max_examples is None else int(max_examples)

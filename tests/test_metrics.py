@@ -1,0 +1,144 @@
+"""Every metric against scikit-learn on random inputs, ties and one-class clients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+import fedjax_dx as fdx
+
+
+def sklearn_binary(probs, labels):
+  pred = (probs[:, 1] > probs[:, 0]).astype(int)
+  both = len(np.unique(labels)) == 2
+  return {
+      "accuracy": skm.accuracy_score(labels, pred),
+      "auc": skm.roc_auc_score(labels, probs[:, 1]) if both else np.nan,
+      "sensitivity": skm.recall_score(labels, pred, pos_label=1, zero_division=np.nan),
+      "specificity": skm.recall_score(labels, pred, pos_label=0, zero_division=np.nan),
+      "f1": skm.f1_score(labels, pred, pos_label=1, zero_division=np.nan),
+      "balanced_accuracy": skm.balanced_accuracy_score(labels, pred),
+      "loss": skm.log_loss(labels, probs, labels=[0, 1]),
+  }
+
+
+def sklearn_multiclass(probs, labels, num_classes):
+  pred = probs.argmax(1)
+  classes = list(range(num_classes))
+  recall = skm.recall_score(labels, pred, labels=classes, average=None, zero_division=np.nan)
+  cm = skm.multilabel_confusion_matrix(labels, pred, labels=classes)
+  tn, fp = cm[:, 0, 0], cm[:, 0, 1]
+  spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), np.nan)
+  aucs = [skm.roc_auc_score(labels == c, probs[:, c]) if 0 < (labels == c).sum() < len(labels)
+          else np.nan for c in classes]
+  return {
+      "accuracy": skm.accuracy_score(labels, pred),
+      "auc": np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan,
+      "sensitivity": np.nanmean(recall),
+      "specificity": np.nanmean(spec),
+      "f1": skm.f1_score(labels, pred, labels=classes, average="macro", zero_division=np.nan),
+      "balanced_accuracy": skm.balanced_accuracy_score(labels, pred),
+      "loss": skm.log_loss(labels, probs, labels=classes),
+  }
+
+
+def ours(probs, labels, pad_to=None):
+  n = len(labels)
+  pad_to = pad_to or n
+  probs_p = np.full((pad_to, probs.shape[1]), 1.0 / probs.shape[1], np.float32)
+  probs_p[:n] = probs
+  labels_p = np.zeros(pad_to, np.int32)
+  labels_p[:n] = labels
+  mask = np.arange(pad_to) < n
+  losses = -np.log(np.clip(probs_p[np.arange(pad_to), labels_p], 1e-15, 1))
+  out = fdx.classification_metrics(jnp.asarray(probs_p), jnp.asarray(labels_p),
+                                   jnp.asarray(mask), jnp.asarray(losses, jnp.float32))
+  return {k: float(v) for k, v in out.items()}
+
+
+def compare(got, want):
+  for name, value in want.items():
+    if np.isnan(value):
+      assert np.isnan(got[name]), (name, got[name])
+    else:
+      assert got[name] == pytest.approx(value, abs=1e-5), name
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_binary_metrics_match_sklearn_with_ties_and_padding(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(5, 60))
+  labels = rng.integers(0, 2, n)
+  p1 = np.round(rng.uniform(size=n), 1).astype(np.float32)  # many ties
+  p1 = np.clip(p1, 0.05, 0.95)
+  probs = np.stack([1 - p1, p1], 1)
+  compare(ours(probs, labels, pad_to=n + 7), sklearn_binary(probs, labels))
+
+
+@pytest.mark.parametrize("present", [0, 1])
+def test_one_class_client_gives_nan_auc_not_a_crash(present):
+  rng = np.random.default_rng(present)
+  labels = np.full(12, present)
+  p1 = rng.uniform(0.05, 0.95, 12).astype(np.float32)
+  probs = np.stack([1 - p1, p1], 1)
+  got = ours(probs, labels, pad_to=20)
+  assert np.isnan(got["auc"])
+  compare(got, sklearn_binary(probs, labels))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_multiclass_macro_metrics_match_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  k, n = 5, int(rng.integers(20, 80))
+  labels = rng.integers(0, k, n)
+  if seed == 3:
+    labels[labels == 4] = 0  # a class absent from this client
+  logits = np.round(rng.normal(size=(n, k)), 1)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1), np.float64)
+  probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+  compare(ours(probs, labels, pad_to=n + 3), sklearn_multiclass(probs, labels, k))
+
+
+def test_auc_is_exact_on_a_hand_computed_case():
+  scores = jnp.array([0.1, 0.4, 0.4, 0.8, 0.4, 0.9])
+  positive = jnp.array([False, False, True, True, True, False])
+  # pairs (pos, neg): 0.4 vs {0.1 win, 0.4 tie, 0.9 loss} twice; 0.8 vs {win, win, loss}
+  expected = (2 * (1 + 0.5) + 2) / 9
+  assert float(fdx.binary_auc(scores, positive, jnp.ones(6, bool))) == pytest.approx(expected)
+
+
+def test_evaluate_pooled_equals_metrics_on_concatenated_clients():
+  rng = np.random.default_rng(0)
+  sizes = [9, 4, 13]
+  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 2, n) for n in sizes]
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  model = fdx.logistic_regression()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  result = fdx.evaluate(model, params, data)
+  for k, (x, y) in enumerate(zip(xs, ys)):
+    p1 = np.asarray(jax.nn.sigmoid(model.apply(params, jnp.asarray(x))[:, 0]))
+    want = sklearn_binary(np.stack([1 - p1, p1], 1), y)
+    compare({m: float(v[k]) for m, v in result["clients"].items()}, want)
+  x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+  p1 = np.asarray(jax.nn.sigmoid(model.apply(params, jnp.asarray(x_all))[:, 0]))
+  compare({m: float(v) for m, v in result["pooled"].items()},
+          sklearn_binary(np.stack([1 - p1, p1], 1), y_all))
+  assert float(result["pooled"]["num_examples"]) == sum(sizes)
+
+
+def test_evaluate_stacked_evaluates_each_model_on_every_client():
+  rng = np.random.default_rng(1)
+  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (5, 8)]
+  ys = [rng.integers(0, 2, n) for n in (5, 8)]
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  model = fdx.logistic_regression()
+  params = [model.init(jax.random.PRNGKey(s), jnp.zeros((1, 3))) for s in (0, 1, 2)]
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
+  result = fdx.evaluate_stacked(model, stacked, data)
+  assert result["clients"]["auc"].shape == (3, 2)
+  for m, p in enumerate(params):
+    single = fdx.evaluate(model, p, data)
+    np.testing.assert_allclose(result["clients"]["loss"][m], single["clients"]["loss"],
+                               rtol=1e-6)
