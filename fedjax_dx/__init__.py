@@ -29,12 +29,14 @@ from fedjax_dx._data import pad_examples
 from fedjax_dx._data import pool_clients
 from fedjax_dx._data import stack_clients
 from fedjax_dx._data import unstack_clients
+from fedjax_dx._local import Batch
 from fedjax_dx._local import ClientOutput
 from fedjax_dx._local import ClientState
 from fedjax_dx._local import epoch_order
 from fedjax_dx._local import LocalBudget
 from fedjax_dx._local import local_trainer
 from fedjax_dx._local import LocalTrainer
+from fedjax_dx._local import train_client
 from fedjax_dx._local import train_clients
 from fedjax_dx._metrics import binary_auc
 from fedjax_dx._metrics import classification_metrics
@@ -57,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "Algorithm",
+    "Batch",
     "binary_auc",
     "centralized",
     "check_client_data",
@@ -92,6 +95,7 @@ __all__ = (
     "shard_clients",
     "stack_clients",
     "synthetic_binary",
+    "train_client",
     "train_clients",
     "unstack_clients",
 )

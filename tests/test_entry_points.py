@@ -1,0 +1,57 @@
+"""The runnable entry points work end to end on tiny settings (subprocesses, CPU)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_quickstart_prints_the_comparison_table():
+  result = run_module("benchmarks.quickstart", "--clients=3", "--rounds=4",
+                      "--eval_every=2")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert any(line.startswith("hospital 2") for line in lines)
+  pooled = [line for line in lines if line.startswith("pooled")]
+  assert len(pooled) == 1
+  values = [float(v) for v in pooled[0].split()[2:]]
+  assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_quickstart_rejects_a_bad_flag():
+  result = run_module("benchmarks.quickstart", "--rounds=0")
+  assert result.returncode != 0
+  assert "rounds" in result.stderr
+
+
+def test_throughput_writes_its_csv(tmp_path):
+  out = tmp_path / "throughput.csv"
+  result = run_module("benchmarks.throughput", "--clients=3", "--repeats=1",
+                      "--min_call_s=0", "--matmul_size=64", f"--out={out}")
+  assert result.returncode == 0, result.stderr
+  with open(out) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["workload"] + r["form"] for r in rows] == ["W1vmap", "W1loop", "W2vmap",
+                                                       "W2loop"]
+  assert list(rows[0]) == ["workload", "form", "clients", "sec_per_round",
+                           "client_updates_per_s", "compile_s", "gflops", "peak_gflops"]
+  for row in rows:
+    assert float(row["sec_per_round"]) > 0 and float(row["compile_s"]) > 0
+    assert float(row["client_updates_per_s"]) == pytest.approx(
+        3 / float(row["sec_per_round"]), rel=1e-6)
+
+
+def test_throughput_rejects_an_unknown_workload():
+  result = run_module("benchmarks.throughput", "--workloads=W9", "--clients=2")
+  assert result.returncode != 0
+  assert "W9" in result.stderr
