@@ -8,8 +8,8 @@ epoch (4 steps), every client participates, FedAvg weighted by sample count.
   W2: MLP 13 -> 64 -> 64 -> 2 (ReLU, softmax cross-entropy)
 
 `vmap`: the library's round (`fedavg(...).run`), several rounds per compiled call, time
-divided by the rounds. `loop`: one jitted local-train function called per client from
-Python, then a jitted weighted average. Timings use `jax.block_until_ready`; compile time
+divided by the rounds. `loop`: one jitted function, called per client from Python, trains
+the client and adds its weighted model to a running sum (the FedAvg mean). Timings use `jax.block_until_ready`; compile time
 is measured separately. The same run measures the device's dense float32 matmul GFLOP/s,
 to report W2's achieved fraction of it.
 
@@ -44,6 +44,12 @@ flags.DEFINE_integer("loop_max_clients", 10000, "Largest C run in the per-client
 flags.DEFINE_float("min_call_s", 0.2, "Rounds per vmapped call grow until a call takes this.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per point (median reported).")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul for peak GFLOP/s.")
+flags.DEFINE_integer("cpu_devices", 0, "On the CPU backend, split the host into this many "
+                     "devices and shard the clients over them (0: the backend's default). "
+                     "XLA:CPU runs one device's round on one core, so the clients axis "
+                     "sharded over one device per core uses them all.", lower_bound=0)
+flags.DEFINE_bool("breakdown", False, "Also time the vmapped round's parts: the per-epoch "
+                  "shuffle alone, and the round with the shuffle replaced by a fixed order.")
 
 EXAMPLES_PER_CLIENT = 64
 NUM_FEATURES = 13
@@ -93,10 +99,15 @@ def peak_matmul_gflops(size: int, repeats: int) -> float:
 def time_vmap(model, data, repeats, min_call_s):
   algo = fdx.fedavg(model, optax.sgd(LEARNING_RATE), batch_size=BATCH, local_epochs=1)
   params = model.init(jax.random.PRNGKey(0), data.features[0, :1])
+  if len(jax.devices()) > 1:
+    data = fdx.shard_clients(data)
   state = algo.init(params, data, jax.random.PRNGKey(1))
   rounds = 1
   while True:
     participation = jnp.ones((rounds, data.num_clients), jnp.float32)
+    if len(jax.devices()) > 1:
+      participation = jax.device_put(participation, jax.sharding.NamedSharding(
+          fdx.client_mesh(), jax.sharding.PartitionSpec(None, "clients")))
     start = time.perf_counter()
     compiled = algo.run.compiled.lower(state, data, participation).compile()
     compile_s = time.perf_counter() - start
@@ -114,6 +125,30 @@ def time_vmap(model, data, repeats, min_call_s):
   return statistics.median(times), compile_s
 
 
+def time_shuffle(data, repeats):
+  """Seconds per round spent drawing every client's epoch order (one epoch)."""
+  keys = _local.client_keys(jax.random.PRNGKey(0), data.num_clients)
+  orders = jax.jit(jax.vmap(lambda k, n: _local.epoch_order(k, 0, n, data.max_examples)))
+  jax.block_until_ready(orders(keys, data.num_examples))
+  times = []
+  for _ in range(max(repeats, 3)):
+    start = time.perf_counter()
+    jax.block_until_ready(orders(keys, data.num_examples))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_vmap_fixed_order(model, data, repeats, min_call_s):
+  """The vmapped round with the shuffle replaced by the identity order (profiling)."""
+  original = _local.epoch_order
+  _local.epoch_order = lambda key, epoch, n, max_examples: jnp.arange(
+      max_examples, dtype=jnp.int32)
+  try:
+    return time_vmap(model, data, repeats, min_call_s)[0]
+  finally:
+    _local.epoch_order = original
+
+
 def time_loop(model, data, repeats):
   optimizer = optax.sgd(LEARNING_RATE)
   budget = fdx.LocalBudget(epochs=1)
@@ -121,31 +156,32 @@ def time_loop(model, data, repeats):
   window = _local.epochs_window(budget, BATCH, data.num_examples)
 
   @jax.jit
-  def train_one(params, features, labels, num_examples, key):
+  def train_and_add(total, params, features, labels, num_examples, key, weight):
+    """Trains one client and adds its weighted model to the running sum."""
     client = _local.Client(features, labels, num_examples)
-    return _local.train_client(trainer, params, optimizer.init(params), client, key,
-                               jnp.zeros((), jnp.int32), epochs_window=window).params
-
-  @jax.jit
-  def average(client_params, weights):
-    weights = weights / weights.sum()
-    return jax.tree.map(lambda p: jnp.tensordot(weights, p, axes=1), client_params)
+    trained = _local.train_client(trainer, params, optimizer.init(params), client, key,
+                                  jnp.zeros((), jnp.int32), epochs_window=window).params
+    return jax.tree.map(lambda t, p: t + weight * p, total, trained)
 
   params = model.init(jax.random.PRNGKey(0), data.features[0, :1])
-  clients = [(data.features[k], data.labels[k], data.num_examples[k])
-              for k in range(data.num_clients)]
-  weights = data.num_examples.astype(jnp.float32)
+  # Per-client slices are prepared once, outside the timed rounds.
+  weights = np.asarray(data.num_examples, np.float32)
+  weights = jnp.asarray(weights / weights.sum())
+  clients = [(data.features[k], data.labels[k], data.num_examples[k], weights[k])
+             for k in range(data.num_clients)]
+  zeros = jax.tree.map(jnp.zeros_like, params)
   start = time.perf_counter()
-  train_one.lower(params, *clients[0], jax.random.PRNGKey(0)).compile()
-  average.lower(jax.tree.map(lambda p: jnp.stack([p] * data.num_clients), params),
-                weights).compile()
+  features, labels, num_examples, weight = clients[0]
+  train_and_add.lower(zeros, params, features, labels, num_examples,
+                      jax.random.PRNGKey(0), weight).compile()
   compile_s = time.perf_counter() - start
 
   def one_round(params, round_index):
-    keys = _local.client_keys(jax.random.PRNGKey(round_index), data.num_clients)
-    finals = [train_one(params, *client, keys[k]) for k, client in enumerate(clients)]
-    stacked = jax.tree.map(lambda *p: jnp.stack(p), *finals)
-    return average(stacked, weights)
+    keys = list(_local.client_keys(jax.random.PRNGKey(round_index), data.num_clients))
+    total = zeros
+    for (features, labels, num_examples, weight), key in zip(clients, keys):
+      total = train_and_add(total, params, features, labels, num_examples, key, weight)
+    return total
 
   jax.block_until_ready(one_round(params, 0))  # warm-up
   times = []
@@ -168,6 +204,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def main(argv):
   del argv
+  if FLAGS.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   try:
     client_counts = [int(c) for c in FLAGS.clients]
   except ValueError:
@@ -213,6 +251,11 @@ def main(argv):
                          gflops=gflops, peak_gflops=peak))
         print(f"{name:8} {form:5} {clients:>8} {sec * 1e3:>10.3f} {updates:>12,.0f} "
               f"{compile_s:>9.2f} {gflops:>8.2f} {100 * gflops / peak:>6.1f}%", flush=True)
+        if FLAGS.breakdown and form == "vmap":
+          shuffle = time_shuffle(data, FLAGS.repeats)
+          fixed = time_vmap_fixed_order(model, data, FLAGS.repeats, FLAGS.min_call_s)
+          print(f"{'':14} breakdown: shuffle alone {shuffle * 1e3:.3f} ms; round with a "
+                f"fixed order {fixed * 1e3:.3f} ms", flush=True)
   speedups = {}
   for row in rows:
     speedups.setdefault((row["workload"], row["clients"]), {})[row["form"]] = row

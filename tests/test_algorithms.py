@@ -214,3 +214,30 @@ def test_server_optimizer_plugs_in_without_changing_the_round():
   half_state, _ = half.run(half.init(params, data, rng), data, num_rounds=1)
   expected = jax.tree.map(lambda p, f: p + 0.5 * (f - p), params, full_state.params)
   assert_trees_close(half_state.params, expected, atol=1e-6)
+
+
+def test_epoch_order_is_a_permutation_that_ignores_padding_width():
+  key = jax.random.PRNGKey(8)
+  for n in (1, 2, 5, 64, 100):
+    narrow = np.asarray(fdx.epoch_order(key, 3, n, n))
+    wide = np.asarray(fdx.epoch_order(key, 3, n, n + 37))
+    assert sorted(narrow.tolist()) == list(range(n))
+    np.testing.assert_array_equal(wide[:n], narrow)
+  # Orders of different clients (keys) and epochs differ.
+  a = np.asarray(fdx.epoch_order(jax.random.PRNGKey(1), 0, 50, 50))
+  b = np.asarray(fdx.epoch_order(jax.random.PRNGKey(2), 0, 50, 50))
+  c = np.asarray(fdx.epoch_order(jax.random.PRNGKey(1), 1, 50, 50))
+  assert not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_epoch_order_positions_are_close_to_uniform():
+  # Over many epochs, each example lands in each position about equally often.
+  n, epochs = 6, 3000
+  orders = jax.vmap(lambda e: fdx.epoch_order(jax.random.PRNGKey(0), e, n, n))(
+      jnp.arange(epochs))
+  counts = np.zeros((n, n))
+  for position in range(n):
+    counts[position] = np.bincount(np.asarray(orders[:, position]), minlength=n)
+  expected = epochs / n
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  assert chi2 < 60, chi2  # 25 degrees of freedom; p < 1e-4 beyond about 60

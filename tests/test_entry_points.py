@@ -55,3 +55,30 @@ def test_throughput_rejects_an_unknown_workload():
   result = run_module("benchmarks.throughput", "--workloads=W9", "--clients=2")
   assert result.returncode != 0
   assert "W9" in result.stderr
+
+
+DETERMINISM_SCRIPT = """
+import hashlib, jax, numpy as np, optax
+import fedjax_dx as fdx
+data = fdx.synthetic_binary(seed=4, num_clients=5, examples_per_client=[30, 12, 50, 7, 21])
+model = fdx.mlp(hidden=(16,), num_classes=2)
+params = model.init(jax.random.PRNGKey(0), data.train.features[0, :1])
+algo = fdx.fedavg(model, optax.adam(0.01), batch_size=4, local_steps=6)
+state, metrics = algo.run(algo.init(params, data.train, jax.random.PRNGKey(1)), data.train,
+                          num_rounds=5)
+digest = hashlib.sha256()
+for leaf in jax.tree.leaves((state.params, metrics["train_loss"])):
+  digest.update(np.asarray(leaf).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_same_config_and_seed_are_bitwise_identical_across_processes():
+  digests = []
+  for _ in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    digests.append(result.stdout.strip().splitlines()[-1])
+  assert digests[0] == digests[1] and len(digests[0]) == 64
