@@ -43,6 +43,7 @@ from fedjax_dx._metrics import classification_metrics
 from fedjax_dx._metrics import evaluate
 from fedjax_dx._metrics import evaluate_stacked
 from fedjax_dx._metrics import METRIC_NAMES
+from fedjax_dx._models import cnn
 from fedjax_dx._models import from_flax
 from fedjax_dx._models import logistic_regression
 from fedjax_dx._models import mlp
@@ -54,6 +55,8 @@ from fedjax_dx._sharding import padded_client_count
 from fedjax_dx._sharding import replicate
 from fedjax_dx._sharding import shard_clients
 from fedjax_dx._synthetic import synthetic_binary
+from fedjax_dx._synthetic import synthetic_fedprox
+from fedjax_dx import _partition as partition
 
 __version__ = "0.1.0"
 
@@ -65,6 +68,7 @@ __all__ = (
     "check_client_data",
     "classification_metrics",
     "client_mesh",
+    "cnn",
     "ClientData",
     "ClientOutput",
     "ClientState",
@@ -95,6 +99,8 @@ __all__ = (
     "shard_clients",
     "stack_clients",
     "synthetic_binary",
+    "synthetic_fedprox",
+    "partition",
     "train_client",
     "train_clients",
     "unstack_clients",

@@ -73,6 +73,38 @@ def mlp(hidden: Sequence[int] = (64, 64), num_classes: int = 2,
                    output)
 
 
+class _CNN(nn.Module):
+  channels: Sequence[int]
+  dense: int
+  num_outputs: int
+  group_norm: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim == 3:
+      x = x[..., None]
+    for width in self.channels:
+      x = nn.Conv(width, (3, 3))(x)
+      if self.group_norm:
+        x = nn.GroupNorm(num_groups=min(8, width))(x)
+      x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense)(x))
+    return nn.Dense(self.num_outputs)(x)
+
+
+def cnn(num_classes: int = 2, channels: Sequence[int] = (16, 32), dense: int = 64,
+        group_norm: bool = False, output: str = "softmax") -> Model:
+  """A small CNN for 28x28 images: (conv 3x3, ReLU, 2x2 average pool) per width, dense.
+
+  No batch norm: per-client batch statistics break federated averaging; `group_norm`
+  adds GroupNorm after each convolution instead.
+  """
+  num_outputs = 1 if output == "sigmoid" else num_classes
+  return from_flax(_CNN(channels=tuple(channels), dense=dense, num_outputs=num_outputs,
+                        group_norm=group_norm), num_classes, output)
+
+
 def per_example_loss(model: Model, logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Cross-entropy of each example: `[B]`."""
   if model.output == "sigmoid":
