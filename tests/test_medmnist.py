@@ -78,3 +78,23 @@ def test_cnn_takes_28x28_images():
   assert model.apply(params, jnp.zeros((4, 28, 28, 3))).shape == (4, 5)
   names = str(jax.tree_util.tree_structure(params))
   assert "BatchNorm" not in names and "GroupNorm" in names
+
+
+def test_download_from_a_local_server_checks_md5(medmnist_dir, tmp_path):
+  from tests.test_heart_disease import serve
+
+  served = tmp_path / "served"
+  served.mkdir()
+  shutil.copy(os.path.join(medmnist_dir("breastmnist"), "breastmnist.npz"), served)
+  target = tmp_path / "downloads"
+  with serve(str(served)) as url:
+    arrays = _medmnist.load_npz("breastmnist", source="download", data_dir=str(target),
+                                url=url + "{name}.npz")
+  assert len(arrays["train"][1]) == 546
+  assert (target / "breastmnist.npz").is_file()
+  (served / "breastmnist.npz").write_bytes(b"not an npz")
+  with serve(str(served)) as url:
+    with pytest.raises(_medmnist.MedMnistError, match="checksum mismatch"):
+      _medmnist.load_npz("breastmnist", source="download", data_dir=str(tmp_path / "x"),
+                         url=url + "{name}.npz")
+  assert not (tmp_path / "x" / "breastmnist.npz").exists()
