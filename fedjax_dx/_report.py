@@ -1,0 +1,212 @@
+"""Seaborn figures (PNG) and one self-contained report.html from a study's results."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+from fedjax_dx import _study
+
+_FEDERATED_EXCLUDED = ("centralized",)
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import seaborn as sns
+  sns.set_theme(style="whitegrid", context="notebook")
+  return plt, sns
+
+
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return path
+
+
+def _label(metric: str) -> str:
+  return {"auc": "AUC-ROC", "f1": "F1", "balanced_accuracy": "balanced accuracy"}.get(
+      metric, metric)
+
+
+def _collapse_local(frame):
+  """`local_k` evaluated on client k (its own hospital) -> method `local`;
+  on the pooled test set, the mean over the hospitals' own models."""
+  import pandas as pd
+  local = frame[frame["method"].str.startswith("local_")]
+  rest = frame[~frame["method"].str.startswith("local_")]
+  if local.empty:
+    return rest
+  owner = local["method"].str.slice(6)
+  own = local[(local["client"] == owner)]
+  pooled = local[local["client"] == "pooled"]
+  group = [c for c in pooled.columns if c not in _study.METRICS and c not in (
+      "method", "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
+      "compile_s")]
+  pooled = pooled.groupby(group, dropna=False, as_index=False)[list(_study.METRICS)].mean()
+  local_rows = pd.concat([own, pooled], ignore_index=True)
+  local_rows["method"] = "local"
+  return pd.concat([rest, local_rows], ignore_index=True)
+
+
+def make_report(workdir: str) -> dict[str, str]:
+  """Draws every figure that the results support; returns {name: path}."""
+  import pandas as pd
+
+  plt, sns = _plt()
+  with open(os.path.join(workdir, "config.json")) as f:
+    meta = json.load(f)
+  config = meta["config"]
+  frame = pd.read_json(os.path.join(workdir, "metrics.jsonl"), lines=True,
+                       dtype={"client": str})
+  summary = pd.read_csv(os.path.join(workdir, "summary.csv"), dtype={"client": str})
+  metric = config.get("target_metric", "accuracy")
+  swept = _study.swept_columns(frame)
+  test = _collapse_local(frame[frame["split"] == "test"])
+  pooled = test[test["client"] == "pooled"]
+  figures = {}
+  fig_dir = workdir
+
+  # Convergence: pooled test metric vs round, mean and 95% band over seeds.
+  fig, ax = plt.subplots(figsize=(8.5, 4.2))
+  curves = pooled[pooled["method"] != "centralized"]
+  style = swept[0] if swept else None
+  sns.lineplot(data=curves, x="round", y=metric, hue="method", style=style,
+               errorbar=("ci", 95), marker="o", ax=ax)
+  central = pooled[pooled["method"] == "centralized"]
+  if not central.empty:
+    level = central[central["round"] == central["round"].max()][metric].mean()
+    ax.axhline(level, color="black", linestyle="--", linewidth=1.2,
+               label=f"centralized (final) {level:.3f}")
+  ax.set_xlabel("communication round")
+  ax.set_ylabel(f"pooled test {_label(metric)}")
+  ax.set_title(f"Convergence ({config['name']}): mean and 95% CI over seeds")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+  figures["convergence"] = _save(fig, os.path.join(fig_dir, "convergence.png"))
+
+  # Metric vs cumulative communication (MB, log scale), federated methods.
+  comm = pooled[(pooled["method"] != "centralized") & (pooled["method"] != "local")
+                & (pooled["cumulative_bytes"] > 0)]
+  if not comm.empty:
+    comm = comm.assign(megabytes=comm["cumulative_bytes"] / 1e6)
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    sns.lineplot(data=comm, x="megabytes", y=metric, hue="method", style=style,
+                 errorbar=("ci", 95), marker="o", ax=ax)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    if not central.empty:
+      raw_mb = central["cumulative_bytes"].max() / 1e6
+      ax.axvline(raw_mb, color="black", linestyle=":", linewidth=1.2,
+                 label=f"centralized: raw training data moved once ({raw_mb:.3g} MB)")
+      ax.axhline(level, color="black", linestyle="--", linewidth=1.2,
+                 label=f"centralized (final) {level:.3f}")
+    ax.set_xlabel("cumulative communication, up + down (MB, log scale)")
+    ax.set_ylabel(f"pooled test {_label(metric)}")
+    ax.set_title(f"{_label(metric).capitalize()} versus communication")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    figures["communication"] = _save(fig, os.path.join(fig_dir, "communication.png"))
+
+  # Federated vs centralized vs local-only, per hospital and pooled (final round).
+  last = test[test["round"] == test.groupby(["method", "seed"])["round"].transform("max")]
+  names = (last.drop_duplicates("client").set_index("client")["client_name"].to_dict())
+  order = sorted((c for c in names if c != "pooled"), key=lambda c: int(c)) + ["pooled"]
+  last = last.assign(test_set=last["client"].map(names))
+  fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(order) + 4), 4.2))
+  sns.barplot(data=last, x="test_set", y=metric, hue="method",
+              order=[names[c] for c in order], errorbar=("ci", 95), ax=ax)
+  ax.set_xlabel("test set (local = each hospital's own model; pooled: mean of them)")
+  ax.set_ylabel(f"final test {_label(metric)}")
+  ax.set_title("Federated vs centralized vs local-only")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+  if len(order) > 6:
+    ax.tick_params(axis="x", rotation=45)
+  figures["comparison"] = _save(fig, os.path.join(fig_dir, "comparison.png"))
+
+  # Sweeps: final metric vs each swept value; round time vs number of clients.
+  final_pooled = last[last["client"] == "pooled"]
+  for column in swept:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    sns.lineplot(data=final_pooled, x=column, y=metric, hue="method", errorbar=("ci", 95),
+                 marker="o", ax=ax)
+    if column in ("alpha",):
+      ax.set_xscale("log")
+    ax.set_xlabel(column + (" (Dirichlet concentration, log scale)" if column == "alpha"
+                            else ""))
+    ax.set_ylabel(f"final pooled test {_label(metric)}")
+    ax.set_title(f"Sweep over {column}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    figures[f"sweep_{column}"] = _save(fig, os.path.join(fig_dir, f"sweep_{column}.png"))
+  if "num_clients" in swept:
+    timing = final_pooled.assign(round_ms=1e3 * final_pooled["wall_s"] /
+                                 final_pooled["round"].clip(lower=1))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    sns.lineplot(data=timing, x="num_clients", y="round_ms", hue="method", marker="o",
+                 ax=ax)
+    ax.set_xlabel("number of clients")
+    ax.set_ylabel("wall time per round (ms, compile excluded)")
+    ax.set_title("Round time versus clients")
+    figures["round_time"] = _save(fig, os.path.join(fig_dir, "round_time.png"))
+
+  # Label distribution of the partition (first point).
+  partition_path = os.path.join(workdir, "partition.json")
+  if os.path.isfile(partition_path):
+    from fedjax_dx import _partition
+    with open(partition_path) as f:
+      partitions = json.load(f)
+    first = partitions[sorted(partitions, key=int)[0]]
+    counts = np.asarray(first["label_counts"])
+    figures["labels"] = _partition.plot_label_counts(
+        counts, os.path.join(fig_dir, "label_distribution.png"),
+        title="training labels per client" + (f" ({first['point']})" if first["point"]
+                                                else ""))
+
+  report = _html(workdir, meta, summary, figures, metric)
+  return {**figures, "report": report}
+
+
+def _html(workdir, meta, summary, figures, metric) -> str:
+  config = meta["config"]
+  parts = [
+      "<!doctype html><html><head><meta charset='utf-8'>",
+      f"<title>fedjax_dx report: {html.escape(config['name'])}</title>",
+      "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+      "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
+      "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
+      f"<h1>Study {html.escape(config['name'])}</h1>",
+      f"<p>Methods: {html.escape(config['methods'])}; dataset "
+      f"{html.escape(config['dataset']['name'])}; {config['rounds']} rounds; "
+      f"{config['num_seeds']} seeds; sweep: {html.escape(config['sweep'] or 'none')}. "
+      f"Device: {html.escape(str(meta.get('device')))}; versions: "
+      f"{html.escape(json.dumps(meta.get('versions', {})))}.</p>"]
+  for name, path in figures.items():
+    with open(path, "rb") as f:
+      encoded = base64.b64encode(f.read()).decode()
+    parts.append(f"<h2>{html.escape(name)}</h2><img src='data:image/png;base64,{encoded}'>")
+  columns = ["method", "client_name", *[c for c in summary.columns
+             if c not in ("method", "client", "client_name") and not c.endswith("_std")
+             and c not in ("target",)]]
+  table = summary[columns].copy()
+  for m in _study.METRICS:
+    if f"{m}_mean" in summary:
+      table[f"{m}_mean"] = [f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
+                            for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+  parts.append(f"<h2>Summary (final round, test sets, mean ± std over seeds; target "
+               f"{html.escape(str(summary['target'].iloc[0]))})</h2>")
+  parts.append(table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}"))
+  parts.append("</body></html>")
+  path = os.path.join(workdir, "report.html")
+  _study.write_atomic(path, "\n".join(parts))
+  return path

