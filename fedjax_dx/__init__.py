@@ -17,6 +17,15 @@ Example:
 from fedjax_dx._algorithms import Algorithm
 from fedjax_dx._algorithms import centralized
 from fedjax_dx._algorithms import fedavg
+from fedjax_dx._algorithms import fedavgm
+from fedjax_dx._algorithms import fedopt
+from fedjax_dx._algorithms import fedprox
+from fedjax_dx._algorithms import scaffold
+from fedjax_dx._aggregation import coordinate_median
+from fedjax_dx._aggregation import krum
+from fedjax_dx._aggregation import make_aggregator
+from fedjax_dx._aggregation import trimmed_mean
+from fedjax_dx._aggregation import weighted_mean
 from fedjax_dx._algorithms import global_params
 from fedjax_dx._algorithms import LocalState
 from fedjax_dx._algorithms import local_only
@@ -75,7 +84,16 @@ __all__ = (
     "epoch_order",
     "evaluate",
     "evaluate_stacked",
+    "coordinate_median",
     "fedavg",
+    "fedavgm",
+    "fedopt",
+    "fedprox",
+    "krum",
+    "make_aggregator",
+    "scaffold",
+    "trimmed_mean",
+    "weighted_mean",
     "FederatedData",
     "from_flax",
     "global_params",

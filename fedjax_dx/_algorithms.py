@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_dx import _aggregation
 from fedjax_dx import _local
 from fedjax_dx import _models
 from fedjax_dx._data import ClientData, check_client_data
@@ -32,6 +33,8 @@ class ServerState:
   rng: jax.Array  # [2] uint32: the run's base key
   round: jax.Array  # [] int32: rounds done
   epochs_window: int = flax.struct.field(pytree_node=False)  # epochs one round can reach
+  control: Params = None  # SCAFFOLD: server control variate c (same tree as params)
+  client_controls: Params = None  # SCAFFOLD: [C, ...] each client's control variate c_k
 
 
 @flax.struct.dataclass
@@ -131,14 +134,15 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
            batch_size: int, local_steps: int | None = None,
            local_epochs: int | None = None,
            server_optimizer: optax.GradientTransformation | None = None,
-           weighting: str = "num_examples", name: str = "fedavg") -> Algorithm:
-  """Federated averaging, with a pluggable server optimizer (FedOpt).
+           weighting: str = "num_examples", aggregator: str | Callable = "mean",
+           prox_mu: float = 0.0, name: str = "fedavg") -> Algorithm:
+  """Federated averaging, with a pluggable server optimizer (FedOpt) and aggregator.
 
   Each round every client starts from the global model, trains locally (vmapped over
-  clients), and the server averages the updates `delta_k = w_k - w` with weights
+  clients), and the server combines the updates `delta_k = w_k - w` with weights
   `p_k * n_k` (or `p_k` for `weighting="uniform"`), `p_k` the participation mask. The
-  server then treats `-mean(delta)` as a gradient: with the default `optax.sgd(1.0)`
-  the new global model is exactly the weighted mean of the client models.
+  server then treats `-combined` as a gradient: with the default `optax.sgd(1.0)` the
+  new global model is exactly the weighted mean of the client models.
 
   Args:
     model: the model.
@@ -148,6 +152,9 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     local_epochs: local epochs per round (give this or `local_steps`).
     server_optimizer: optax optimizer on the pseudo-gradient; default `sgd(1.0)`.
     weighting: "num_examples" (n_k) or "uniform".
+    aggregator: "mean", "median", "trimmed_mean", "krum" or a function from
+      `_aggregation` (robust aggregation for any strategy).
+    prox_mu: FedProx's proximal weight (0: plain FedAvg).
     name: method name in results.
 
   Returns:
@@ -159,36 +166,118 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     >>> state = algo.init(params, data.train, jax.random.PRNGKey(0))
     >>> state, metrics = algo.run(state, data.train, num_rounds=10)
   """
+  return _federated(model, client_optimizer, batch_size=batch_size,
+                    local_steps=local_steps, local_epochs=local_epochs,
+                    server_optimizer=server_optimizer, weighting=weighting,
+                    aggregator=aggregator, prox_mu=prox_mu, name=name)
+
+
+def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox", **kwargs):
+  """FedProx (Li et al., 2020): FedAvg whose client loss adds `(mu/2)||w - w_global||^2`."""
+  if not mu >= 0:
+    raise ValueError(f"FedProx mu must be >= 0, got {mu!r}")
+  return fedavg(model, client_optimizer, prox_mu=mu, name=name, **kwargs)
+
+
+def fedavgm(model, client_optimizer, *, server_learning_rate: float = 1.0,
+            server_momentum: float = 0.9, name: str = "fedavgm", **kwargs):
+  """FedAvgM (Hsu et al., 2019): server SGD with momentum on the averaged update."""
+  return fedavg(model, client_optimizer, name=name,
+                server_optimizer=optax.sgd(server_learning_rate, momentum=server_momentum),
+                **kwargs)
+
+
+def fedopt(model, client_optimizer, *, server: str, server_learning_rate: float,
+           b1: float = 0.9, b2: float = 0.999, tau: float = 1e-8, name: str | None = None,
+           **kwargs):
+  """FedOpt (Reddi et al., 2021): FedAdam, FedYogi or FedAdagrad on the pseudo-gradient.
+
+  Args:
+    server: "adam", "yogi" or "adagrad".
+    server_learning_rate: the server step size.
+    b1, b2: moment decays (adam, yogi); tau: the adaptivity `eps`.
+  """
+  if server == "adam":
+    opt = optax.adam(server_learning_rate, b1=b1, b2=b2, eps=tau)
+  elif server == "yogi":
+    opt = optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=tau)
+  elif server == "adagrad":
+    opt = optax.adagrad(server_learning_rate, initial_accumulator_value=0.0, eps=tau)
+  else:
+    raise ValueError(f"FedOpt server must be 'adam', 'yogi' or 'adagrad', got {server!r}")
+  return fedavg(model, client_optimizer, server_optimizer=opt, name=name or f"fed{server}",
+                **kwargs)
+
+
+def scaffold(model, learning_rate: float, *, batch_size: int,
+             local_steps: int | None = None, local_epochs: int | None = None,
+             server_learning_rate: float = 1.0, weighting: str = "num_examples",
+             name: str = "scaffold") -> Algorithm:
+  """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
+
+  Each client's gradient is corrected by `c - c_k`; after `K_k` local steps it updates
+  `c_k <- c_k - c + (w - y_k) / (K_k * learning_rate)`. The server moves
+  `w <- w + server_learning_rate * sum_k weight_k (y_k - w)` and
+  `c <- c + (1/N) sum_{k in S} (c_k_new - c_k)`, N the clients with data. The `c_k`
+  live in the state on the clients axis and persist while a client sits out.
+  """
+  if not learning_rate > 0:
+    raise ValueError(f"SCAFFOLD learning_rate must be > 0, got {learning_rate!r}")
+  return _federated(model, optax.sgd(learning_rate), batch_size=batch_size,
+                    local_steps=local_steps, local_epochs=local_epochs,
+                    server_optimizer=optax.sgd(server_learning_rate), weighting=weighting,
+                    aggregator="mean", prox_mu=0.0, name=name,
+                    scaffold_learning_rate=learning_rate)
+
+
+def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs,
+               server_optimizer, weighting, aggregator, prox_mu, name,
+               scaffold_learning_rate=None) -> Algorithm:
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+  if not prox_mu >= 0:
+    raise ValueError(f"prox_mu (FedProx's mu) must be >= 0, got {prox_mu!r}")
+  combine = (_aggregation.make_aggregator(aggregator) if isinstance(aggregator, str)
+             else aggregator)
+  min_participants = getattr(combine, "min_participants", 1)
   budget = _local.LocalBudget.create(local_steps, local_epochs)
   trainer = _local.local_trainer(model, client_optimizer, batch_size=batch_size,
-                                 budget=budget)
+                                 budget=budget, prox_mu=prox_mu)
   server_optimizer = server_optimizer or optax.sgd(1.0)
+  uses_controls = scaffold_learning_rate is not None
 
   def init(params, data: ClientData, rng) -> ServerState:
     _check_init_inputs(model, data, batch_size)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    stacked_zeros = jax.tree.map(
+        lambda x: jnp.zeros((data.num_clients,) + x.shape, x.dtype), params)
     return ServerState(
         params=params, server_opt_state=server_optimizer.init(params),
         positions=jnp.zeros((data.num_clients,), jnp.int32),
         rng=jnp.asarray(rng), round=jnp.zeros((), jnp.int32),
-        epochs_window=_local.epochs_window(budget, batch_size, data.num_examples))
+        epochs_window=_local.epochs_window(budget, batch_size, data.num_examples),
+        control=zeros if uses_controls else None,
+        client_controls=stacked_zeros if uses_controls else None)
 
   def apply(state: ServerState, data: ClientData, participation=None):
     num_clients = data.num_clients
     participation = _participation_vector(participation, num_clients)
+    correction = None
+    if uses_controls:
+      correction = jax.tree.map(lambda c, ck: c[None] - ck, state.control,
+                                state.client_controls)
     out = _local.train_clients(
         trainer, state.params, client_optimizer.init(state.params), data,
         _keys(state, num_clients, budget), state.positions,
-        epochs_window=state.epochs_window, stacked=False)
+        epochs_window=state.epochs_window, stacked=False,
+        anchor=state.params if prox_mu else None, correction=correction)
     sizes = data.num_examples.astype(jnp.float32)
     base = sizes if weighting == "num_examples" else (sizes > 0).astype(jnp.float32)
     weights = participation * base
     weights = weights / weights.sum()
-    mean_params = jax.tree.map(
-        lambda client, glob: glob + jnp.tensordot(weights, client - glob, axes=1),
-        out.params, state.params)
-    pseudo_gradient = jax.tree.map(jnp.subtract, state.params, mean_params)
+    deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
+    update = combine(deltas, weights)
+    pseudo_gradient = jax.tree.map(jnp.negative, update)
     updates, server_opt_state = server_optimizer.update(
         pseudo_gradient, state.server_opt_state, state.params)
     took_part = participation > 0
@@ -197,6 +286,22 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
         server_opt_state=server_opt_state,
         positions=jnp.where(took_part, out.position, state.positions),
         round=state.round + 1)
+    if uses_controls:
+      trained = took_part & (out.steps_taken > 0)
+      scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
+
+      def new_client_control(ck, c, delta):
+        shape = (-1,) + (1,) * (delta.ndim - 1)
+        candidate = ck - c[None] - delta * scale.reshape(shape)
+        return jnp.where(trained.reshape(shape), candidate, ck)
+
+      client_controls = jax.tree.map(new_client_control, state.client_controls,
+                                     state.control, deltas)
+      num_with_data = jnp.maximum((data.num_examples > 0).sum(), 1)
+      control = jax.tree.map(
+          lambda c, new, old: c + (new - old).sum(0) / num_with_data,
+          state.control, client_controls, state.client_controls)
+      new_state = new_state.replace(control=control, client_controls=client_controls)
     metrics = {
         "train_loss": jnp.nansum(weights * out.train_loss),
         "client_train_loss": jnp.where(took_part, out.train_loss, jnp.nan),
@@ -204,8 +309,19 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     }
     return new_state, metrics
 
-  return Algorithm(init=init, apply=apply, run=_make_run(apply, _check_run_inputs),
-                   name=name)
+  def check(state, data, participation):
+    _check_run_inputs(state, data, participation)
+    if min_participants > 1:
+      with_data = np.asarray(data.num_examples) > 0
+      counts = ((participation > 0) & with_data[None, :]).sum(axis=1)
+      short = np.flatnonzero(counts < min_participants)
+      if short.size:
+        raise ValueError(
+            f"aggregator krum needs at least {min_participants} participating clients "
+            f"(2 f + 3) each round; round(s) {short[:5].tolist()} have "
+            f"{counts[short[:5]].tolist()}")
+
+  return Algorithm(init=init, apply=apply, run=_make_run(apply, check), name=name)
 
 
 def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,

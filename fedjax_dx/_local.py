@@ -64,6 +64,9 @@ class ClientState(NamedTuple):
   opt_state: optax.OptState  # client optimizer state
   loss_sum: jax.Array  # [] float32: sum of per-example training losses this round
   examples_seen: jax.Array  # [] int32: real examples used for gradients this round
+  steps_taken: jax.Array  # [] int32: steps that held at least one real example
+  anchor: Params = None  # FedProx: the global model the proximal term pulls towards
+  correction: Params = None  # SCAFFOLD: c - c_k, added to every gradient
 
 
 class ClientOutput(NamedTuple):
@@ -74,6 +77,7 @@ class ClientOutput(NamedTuple):
   position: jax.Array  # [] int32: stream position for the next round
   train_loss: jax.Array  # [] float32: mean training loss over the round (NaN if none)
   examples_seen: jax.Array  # [] int32
+  steps_taken: jax.Array  # [] int32
 
 
 class Client(NamedTuple):
@@ -144,7 +148,8 @@ class LocalTrainer(NamedTuple):
 
 
 def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation, *,
-                  batch_size: int, budget: LocalBudget) -> LocalTrainer:
+                  batch_size: int, budget: LocalBudget, prox_mu: float = 0.0
+                  ) -> LocalTrainer:
   """Builds the client_init / client_step / client_final of local training.
 
   Args:
@@ -152,12 +157,16 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
     optimizer: the client optimizer (any optax `GradientTransformation`).
     batch_size: examples per local step.
     budget: local steps or local epochs per round.
+    prox_mu: FedProx's proximal weight: the loss gets `(mu/2) ||w - anchor||^2`, i.e.
+      every gradient gets `mu (w - anchor)` (needs `anchor` at `client_init`).
 
   Returns:
     A `LocalTrainer`; `train_clients` runs it for every client at once.
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if not prox_mu >= 0:
+    raise ValueError(f"prox_mu (FedProx's mu) must be >= 0, got {prox_mu!r}")
   batch = int(batch_size)
 
   def num_steps(max_examples: int) -> int:
@@ -187,10 +196,14 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
                     weight=weight.reshape(steps, batch))
     return batches, limit.astype(jnp.int32)
 
-  def client_init(params, opt_state) -> ClientState:
+  def client_init(params, opt_state, anchor=None, correction=None) -> ClientState:
+    if prox_mu and anchor is None:
+      raise ValueError("prox_mu > 0 needs the anchor (global) model at client_init")
     return ClientState(params=params, opt_state=opt_state,
                        loss_sum=jnp.zeros((), jnp.float32),
-                       examples_seen=jnp.zeros((), jnp.int32))
+                       examples_seen=jnp.zeros((), jnp.int32),
+                       steps_taken=jnp.zeros((), jnp.int32),
+                       anchor=anchor if prox_mu else None, correction=correction)
 
   def client_step(state: ClientState, batch: Batch) -> ClientState:
     count = batch.weight.sum()
@@ -200,6 +213,11 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
       return (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    if prox_mu:
+      grads = jax.tree.map(lambda g, w, a: g + prox_mu * (w - a), grads, state.params,
+                           state.anchor)
+    if state.correction is not None:
+      grads = jax.tree.map(jnp.add, grads, state.correction)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A step without real examples (a small client past its epochs) changes nothing.
@@ -209,14 +227,15 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
         params=jax.tree.map(keep_if_empty, params, state.params),
         opt_state=jax.tree.map(keep_if_empty, opt_state, state.opt_state),
         loss_sum=state.loss_sum + loss * count,
-        examples_seen=state.examples_seen + count.astype(jnp.int32))
+        examples_seen=state.examples_seen + count.astype(jnp.int32),
+        steps_taken=state.steps_taken + take.astype(jnp.int32))
 
   def client_final(state: ClientState, position) -> ClientOutput:
     seen = state.examples_seen
     return ClientOutput(
         params=state.params, opt_state=state.opt_state, position=position,
         train_loss=jnp.where(seen > 0, state.loss_sum / jnp.maximum(seen, 1), jnp.nan),
-        examples_seen=seen)
+        examples_seen=seen, steps_taken=state.steps_taken)
 
   return LocalTrainer(client_batches=client_batches, client_init=client_init,
                       client_step=client_step, client_final=client_final,
@@ -237,7 +256,8 @@ def epochs_window(budget: LocalBudget, batch_size: int, num_examples: np.ndarray
 
 def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                   data: ClientData, keys: jax.Array, positions: jax.Array, *,
-                  epochs_window: int, stacked: bool) -> ClientOutput:
+                  epochs_window: int, stacked: bool, anchor: Params = None,
+                  correction: Params = None) -> ClientOutput:
   """Runs local training of every client in parallel (`lax.scan` inside `vmap`).
 
   Args:
@@ -250,27 +270,33 @@ def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptSta
     positions: `[C]` int32, each client's stream position.
     epochs_window: from `epochs_window` (static).
     stacked: whether params/opt_state carry a leading clients axis.
+    anchor: FedProx's global model (shared by all clients), or None.
+    correction: SCAFFOLD's per-client gradient correction `[C, ...]`, or None.
 
   Returns:
     `ClientOutput` with a leading clients axis on every field.
   """
-  def one_client(params, opt_state, features, labels, num_examples, key, position):
+  def one_client(params, opt_state, features, labels, num_examples, key, position,
+                 correction):
     return train_client(trainer, params, opt_state,
                         Client(features, labels, num_examples), key, position,
-                        epochs_window=epochs_window)
+                        epochs_window=epochs_window, anchor=anchor,
+                        correction=correction)
 
   model_axis = 0 if stacked else None
-  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0))(
-      params, opt_state, data.features, data.labels, data.num_examples, keys, positions)
+  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0, 0))(
+      params, opt_state, data.features, data.labels, data.num_examples, keys, positions,
+      correction)
 
 
 def train_client(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                  client: Client, key: jax.Array, position: jax.Array, *,
-                 epochs_window: int) -> ClientOutput:
+                 epochs_window: int, anchor: Params = None,
+                 correction: Params = None) -> ClientOutput:
   """One client's local training for one round: batches, then a `lax.scan` of steps."""
   num_steps = trainer.num_steps(client.labels.shape[0])
   batches, end = trainer.client_batches(client, key, position, epochs_window)
-  state = trainer.client_init(params, opt_state)
+  state = trainer.client_init(params, opt_state, anchor, correction)
   state, _ = jax.lax.scan(lambda s, b: (trainer.client_step(s, b), None), state,
                           batches, unroll=min(num_steps, _UNROLL))
   return trainer.client_final(state, end)

@@ -21,8 +21,9 @@ def client_key(rng, round_index, client, budget):
 
 
 def train_one_client(model, optimizer, params, x, y, key, start, budget, batch_size,
-                     opt_state=None):
+                     opt_state=None, prox_mu=0.0, correction=None, steps_out=None):
   """Trains one client on its unpadded examples, one Python step at a time."""
+  anchor = params
   n = len(y)
   if budget.epochs is not None:
     start = 0  # the epochs budget restarts the stream every round
@@ -44,6 +45,12 @@ def train_one_client(model, optimizer, params, x, y, key, start, budget, batch_s
     batch_positions = range(position, min(position + batch_size, limit))
     idx = np.array([order(p // n)[p % n] for p in batch_positions])
     grads = jax.grad(loss_fn)(params, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    if prox_mu:
+      grads = jax.tree.map(lambda g, w, a: g + prox_mu * (w - a), grads, params, anchor)
+    if correction is not None:
+      grads = jax.tree.map(lambda g, c: g + c, grads, correction)
+    if steps_out is not None:
+      steps_out.append(1)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     position += batch_size
@@ -90,3 +97,67 @@ def local_rounds(model, optimizer, params, xs, ys, *, rng, num_rounds, budget,
 
 def num_steps_reference(n, budget, batch_size):
   return budget.steps if budget.steps is not None else math.ceil(n * budget.epochs / batch_size)
+
+
+def _weighted(trees, weights):
+  w = np.asarray(weights, np.float64) / np.sum(weights)
+  return jax.tree.map(
+      lambda *leaves: np.tensordot(w, np.stack([np.asarray(l, np.float64) for l in leaves]),
+                                   axes=1), *trees)
+
+
+def fedopt_rounds(model, optimizer, server_optimizer, params, xs, ys, *, rng, num_rounds,
+                  budget, batch_size, prox_mu=0.0):
+  """FedAvg/FedProx/FedOpt: loop over clients, then a server optax step on -mean(delta)."""
+  server_state = server_optimizer.init(params)
+  positions = [0] * len(ys)
+  for r in range(num_rounds):
+    deltas, weights = [], []
+    for k in range(len(ys)):
+      key = client_key(rng, r, k, budget)
+      p_k, _, positions[k] = train_one_client(
+          model, optimizer, params, xs[k], ys[k], key, positions[k], budget, batch_size,
+          prox_mu=prox_mu)
+      deltas.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p_k, params))
+      weights.append(len(ys[k]))
+    mean = _weighted(deltas, weights)
+    pseudo = jax.tree.map(lambda d: -np.asarray(d, np.float32), mean)
+    updates, server_state = server_optimizer.update(pseudo, server_state, params)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def scaffold_rounds(model, learning_rate, params, xs, ys, *, rng, num_rounds, budget,
+                    batch_size, participation, server_learning_rate=1.0):
+  """SCAFFOLD option II, one client at a time, with NumPy control variates."""
+  num_clients = len(ys)
+  zeros = jax.tree.map(lambda p: np.zeros_like(np.asarray(p)), params)
+  control = zeros
+  client_controls = [zeros] * num_clients
+  positions = [0] * num_clients
+  optimizer = optax.sgd(learning_rate)
+  for r in range(num_rounds):
+    deltas, weights, control_deltas = [], [], []
+    for k in range(num_clients):
+      if participation[r][k] <= 0:
+        continue
+      key = client_key(rng, r, k, budget)
+      correction = jax.tree.map(lambda c, ck: c - ck, control, client_controls[k])
+      steps = []
+      y_k, _, positions[k] = train_one_client(
+          model, optimizer, params, xs[k], ys[k], key, positions[k], budget, batch_size,
+          correction=correction, steps_out=steps)
+      delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), y_k, params)
+      new_ck = jax.tree.map(lambda ck, c, d: ck - c - d / (len(steps) * learning_rate),
+                            client_controls[k], control, delta)
+      control_deltas.append(jax.tree.map(lambda a, b: a - b, new_ck, client_controls[k]))
+      client_controls[k] = new_ck
+      deltas.append(delta)
+      weights.append(len(ys[k]))
+    mean = _weighted(deltas, weights)
+    params = jax.tree.map(lambda p, d: np.asarray(p) + server_learning_rate * d, params,
+                          mean)
+    params = jax.tree.map(lambda p: np.asarray(p, np.float32), params)
+    control = jax.tree.map(lambda c, *ds: c + sum(ds) / num_clients, control,
+                           *control_deltas)
+  return params, client_controls

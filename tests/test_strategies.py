@@ -1,0 +1,205 @@
+"""Strategies against sequential references, identities, and robust aggregation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import fedjax_dx as fdx
+from tests import reference
+from tests.test_algorithms import assert_trees_close, init_params, make_data
+
+RNG = jax.random.PRNGKey(21)
+
+
+@pytest.mark.parametrize("budget", [dict(local_epochs=2), dict(local_steps=4)],
+                         ids=["epochs", "steps"])
+def test_fedprox_equals_sequential_reference(budget):
+  model = fdx.mlp(hidden=(6,), num_classes=2)
+  xs, ys, data = make_data()
+  params = init_params(model)
+  algo = fdx.fedprox(model, optax.sgd(0.1), mu=0.5, batch_size=4, **budget)
+  state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=3)
+  expected = reference.fedopt_rounds(
+      model, optax.sgd(0.1), optax.sgd(1.0), params, xs, ys, rng=RNG, num_rounds=3,
+      budget=fdx.LocalBudget.create(budget.get("local_steps"), budget.get("local_epochs")),
+      batch_size=4, prox_mu=0.5)
+  assert_trees_close(state.params, expected)
+  plain = fdx.fedavg(model, optax.sgd(0.1), batch_size=4, **budget)
+  plain_state, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=3)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(plain_state.params)))
+  assert moved > 1e-4  # the proximal term matters at mu = 0.5
+
+
+def test_fedprox_with_mu_zero_is_fedavg():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  prox = fdx.fedprox(model, optax.sgd(0.1), mu=0.0, batch_size=4, local_epochs=1)
+  avg = fdx.fedavg(model, optax.sgd(0.1), batch_size=4, local_epochs=1)
+  a, _ = prox.run(prox.init(params, data, RNG), data, num_rounds=3)
+  b, _ = avg.run(avg.init(params, data, RNG), data, num_rounds=3)
+  assert_trees_close(a.params, b.params, atol=0)
+
+
+@pytest.mark.parametrize("name,server", [
+    ("fedadam", optax.adam(0.05, b1=0.9, b2=0.999, eps=1e-8)),
+    ("fedyogi", optax.yogi(0.05, b1=0.9, b2=0.999, eps=1e-8)),
+    ("fedadagrad", optax.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-8)),
+    ("fedavgm", optax.sgd(0.7, momentum=0.9)),
+])
+def test_server_optimizers_equal_sequential_reference(name, server):
+  model = fdx.logistic_regression()
+  xs, ys, data = make_data()
+  params = init_params(model)
+  if name == "fedavgm":
+    algo = fdx.fedavgm(model, optax.sgd(0.1), server_learning_rate=0.7,
+                       server_momentum=0.9, batch_size=4, local_steps=3)
+  else:
+    algo = fdx.fedopt(model, optax.sgd(0.1), server=name[3:], server_learning_rate=0.05,
+                      batch_size=4, local_steps=3)
+  assert algo.name == name
+  state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=3)
+  expected = reference.fedopt_rounds(model, optax.sgd(0.1), server, params, xs, ys,
+                                     rng=RNG, num_rounds=3, budget=fdx.LocalBudget(steps=3),
+                                     batch_size=4)
+  assert_trees_close(state.params, expected)
+
+
+def test_fedopt_with_sgd_server_lr_one_is_fedavg():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  opt = fdx.fedavg(model, optax.sgd(0.1), batch_size=4, local_steps=3,
+                   server_optimizer=optax.sgd(1.0), name="fedopt_sgd")
+  avg = fdx.fedavg(model, optax.sgd(0.1), batch_size=4, local_steps=3)
+  a, _ = opt.run(opt.init(params, data, RNG), data, num_rounds=2)
+  b, _ = avg.run(avg.init(params, data, RNG), data, num_rounds=2)
+  assert_trees_close(a.params, b.params, atol=0)
+
+
+@pytest.mark.parametrize("budget", [dict(local_epochs=1), dict(local_steps=3)],
+                         ids=["epochs", "steps"])
+def test_scaffold_equals_sequential_reference_and_keeps_absent_clients_state(budget):
+  model = fdx.logistic_regression()
+  xs, ys, data = make_data()
+  params = init_params(model)
+  participation = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 1, 1]], np.float32)
+  algo = fdx.scaffold(model, 0.1, batch_size=4, server_learning_rate=1.0, **budget)
+  state, _ = algo.run(algo.init(params, data, RNG), data, participation=participation)
+  expected, controls = reference.scaffold_rounds(
+      model, 0.1, params, xs, ys, rng=RNG, num_rounds=3,
+      budget=fdx.LocalBudget.create(budget.get("local_steps"), budget.get("local_epochs")),
+      batch_size=4, participation=participation)
+  assert_trees_close(state.params, expected)
+  for k in range(4):
+    assert_trees_close(jax.tree.map(lambda c: c[k], state.client_controls), controls[k])
+  # Client 0 sat out round 2: its control variate is the one it left in round 1.
+  after_two, _ = algo.run(algo.init(params, data, RNG), data,
+                          participation=participation[:2])
+  assert_trees_close(jax.tree.map(lambda c: c[0], state.client_controls),
+                     jax.tree.map(lambda c: c[0], after_two.client_controls), atol=0)
+  assert float(jnp.abs(jax.tree.leaves(state.client_controls)[0][0]).max()) > 0
+
+
+def test_scaffold_first_round_with_zero_controls_is_fedavg():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  sca = fdx.scaffold(model, 0.1, batch_size=4, local_steps=3)
+  avg = fdx.fedavg(model, optax.sgd(0.1), batch_size=4, local_steps=3)
+  a, _ = sca.run(sca.init(params, data, RNG), data, num_rounds=1)
+  b, _ = avg.run(avg.init(params, data, RNG), data, num_rounds=1)
+  assert_trees_close(a.params, b.params, atol=1e-7)
+
+
+def _random_deltas(seed, num_clients=9):
+  rng = np.random.default_rng(seed)
+  tree = {"w": rng.normal(size=(num_clients, 4, 3)).astype(np.float32),
+          "b": rng.normal(size=(num_clients, 3)).astype(np.float32)}
+  participating = rng.random(num_clients) > 0.3
+  participating[:3] = True
+  weights = participating * rng.uniform(1, 5, num_clients)
+  return tree, jnp.asarray(weights / weights.sum(), jnp.float32), participating
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_median_and_trimmed_mean_equal_numpy(seed):
+  tree, weights, part = _random_deltas(seed)
+  median = fdx.coordinate_median(jax.tree.map(jnp.asarray, tree), weights)
+  for name in tree:
+    np.testing.assert_allclose(median[name], np.median(tree[name][part], axis=0),
+                               rtol=1e-6)
+  for fraction in (0.0, 0.2, 0.34):
+    trimmed = fdx.trimmed_mean(fraction)(jax.tree.map(jnp.asarray, tree), weights)
+    for name in tree:
+      np.testing.assert_allclose(trimmed[name],
+                                 stats.trim_mean(tree[name][part], fraction, axis=0),
+                                 rtol=1e-5, atol=1e-6)
+
+
+def _toy_updates():
+  """Real client updates of one FedAvg round of a toy model on 10 clients."""
+  data = fdx.synthetic_binary(3, 10, 60, heterogeneity=0.2)
+  model = fdx.logistic_regression()
+  params = model.init(jax.random.PRNGKey(0), data.train.features[0, :1])
+  trainer = fdx.local_trainer(model, optax.sgd(0.2), batch_size=8,
+                              budget=fdx.LocalBudget(epochs=1))
+  keys = jnp.stack([jax.random.PRNGKey(k) for k in range(10)])
+  out = fdx.train_clients(trainer, params, optax.sgd(0.2).init(params), data.train, keys,
+                          jnp.zeros(10, jnp.int32), epochs_window=1, stacked=False)
+  return jax.tree.map(lambda c, p: c - p, out.params, params)
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "scale_100"])
+def test_robust_aggregation_resists_20_percent_bad_updates(attack):
+  deltas = _toy_updates()
+  weights = jnp.full(10, 0.1)
+  clean = fdx.weighted_mean(deltas, weights)
+  factor = -10.0 if attack == "sign_flip" else 100.0  # a boosted sign flip, or x100
+  bad = jax.tree.map(lambda d: d.at[:2].multiply(factor), deltas)
+
+  def distance(update):
+    return float(np.sqrt(sum(((np.asarray(a) - np.asarray(b)) ** 2).sum()
+                             for a, b in zip(jax.tree.leaves(update),
+                                             jax.tree.leaves(clean)))))
+
+  scale = distance(jax.tree.map(jnp.zeros_like, clean))  # size of the clean update
+  mean_error = distance(fdx.weighted_mean(bad, weights))
+  assert mean_error > scale  # FedAvg is pulled away
+  for aggregate in (fdx.coordinate_median, fdx.trimmed_mean(0.2),
+                    fdx.krum(num_byzantine=2, num_selected=4)):
+    assert distance(aggregate(bad, weights)) < 0.5 * scale, aggregate
+    assert distance(aggregate(bad, weights)) < 0.2 * mean_error
+  # Krum returns one update: an honest client's, never an attacker's.
+  chosen = fdx.krum(num_byzantine=2)(bad, weights)
+  matches = [k for k in range(10) if all(
+      np.allclose(np.asarray(c), np.asarray(d[k])) for c, d in
+      zip(jax.tree.leaves(chosen), jax.tree.leaves(bad)))]
+  assert len(matches) == 1 and matches[0] >= 2
+
+
+def test_robust_aggregator_in_a_federated_run_and_bad_arguments():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  for name in ("median", "trimmed_mean", "krum"):
+    algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=4, local_steps=2, aggregator=name)
+    if name == "krum":
+      with pytest.raises(ValueError, match=r"krum needs at least 5 participating clients"):
+        algo.run(algo.init(params, data, RNG), data, num_rounds=1)
+      continue
+    state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=2)
+    assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(state.params))
+  with pytest.raises(ValueError, match=r"FedProx mu must be >= 0, got -1"):
+    fdx.fedprox(model, optax.sgd(0.1), mu=-1, batch_size=2, local_steps=1)
+  with pytest.raises(ValueError, match=r"trim_fraction must lie in \[0, 0.5\), got 0.5"):
+    fdx.trimmed_mean(0.5)
+  with pytest.raises(ValueError, match=r"aggregator must be one of .* got 'mode'"):
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_steps=1, aggregator="mode")
+  with pytest.raises(ValueError, match=r"FedOpt server must be"):
+    fdx.fedopt(model, optax.sgd(0.1), server="lamb", server_learning_rate=0.1,
+               batch_size=2, local_steps=1)
