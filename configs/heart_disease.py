@@ -10,8 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "heart_disease"
-  # Methods, comma-separated: strategies and the baselines `centralized`, `local`.
-  config.methods = "fedavg,centralized,local"
+  # Methods, comma-separated: fedavg, fedavgm, fedprox, scaffold, fedadam, fedyogi,
+  # fedadagrad, and the baselines `centralized` and `local`.
+  config.methods = "fedavg,fedprox,scaffold,fedadam,centralized,local"
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "heart_disease"  # heart_disease | medmnist | synthetic | fedprox
@@ -46,7 +47,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = "sgd"  # client optimizer: sgd | adam
   config.learning_rate = 0.05
   config.momentum = 0.0
-  config.server_learning_rate = 1.0  # FedAvg's server step on the averaged update
+  config.server_learning_rate = 1.0  # server step on the averaged update (fedavg,
+  # fedavgm, fedprox, scaffold)
+  config.server_momentum = 0.9  # fedavgm
+  config.mu = 0.01  # fedprox proximal weight
+  config.fedopt_learning_rate = 0.01  # fedadam / fedyogi / fedadagrad server step
+  config.fedopt_b1 = 0.9
+  config.fedopt_b2 = 0.999
+  config.fedopt_tau = 1e-8
+  config.aggregator = "mean"  # mean | median | trimmed_mean | krum (any strategy)
+  config.trim_fraction = 0.1  # trimmed_mean: share cut at each end
+  config.num_byzantine = 1  # krum: f
   config.batch_size = 4
   config.local_steps = 20  # give local_steps > 0 or local_epochs > 0, not both
   config.local_epochs = 0

@@ -72,6 +72,10 @@ def make_report(workdir: str) -> dict[str, str]:
   swept = _study.swept_columns(frame)
   test = _collapse_local(frame[frame["split"] == "test"])
   pooled = test[test["client"] == "pooled"]
+  order = [m for m in config["methods"].split(",") if m in set(test["method"])]
+  colors = dict(zip(order, sns.color_palette("deep", len(order))))
+  hue = lambda methods: dict(hue="method", palette=colors,
+                             hue_order=[m for m in order if m in set(methods)])
   figures = {}
   fig_dir = workdir
 
@@ -79,7 +83,7 @@ def make_report(workdir: str) -> dict[str, str]:
   fig, ax = plt.subplots(figsize=(8.5, 4.2))
   curves = pooled[pooled["method"] != "centralized"]
   style = swept[0] if swept else None
-  sns.lineplot(data=curves, x="round", y=metric, hue="method", style=style,
+  sns.lineplot(data=curves, x="round", y=metric, **hue(curves["method"]), style=style,
                errorbar=("ci", 95), marker="o", ax=ax)
   central = pooled[pooled["method"] == "centralized"]
   if not central.empty:
@@ -98,7 +102,7 @@ def make_report(workdir: str) -> dict[str, str]:
   if not comm.empty:
     comm = comm.assign(megabytes=comm["cumulative_bytes"] / 1e6)
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
-    sns.lineplot(data=comm, x="megabytes", y=metric, hue="method", style=style,
+    sns.lineplot(data=comm, x="megabytes", y=metric, **hue(comm["method"]), style=style,
                  errorbar=("ci", 95), marker="o", ax=ax)
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator
@@ -122,29 +126,33 @@ def make_report(workdir: str) -> dict[str, str]:
   # Federated vs centralized vs local-only, per hospital and pooled (final round).
   last = test[test["round"] == test.groupby(["method", "seed"])["round"].transform("max")]
   names = (last.drop_duplicates("client").set_index("client")["client_name"].to_dict())
-  order = sorted((c for c in names if c != "pooled"), key=lambda c: int(c)) + ["pooled"]
+  client_order = sorted((c for c in names if c != "pooled"), key=int) + ["pooled"]
   last = last.assign(test_set=last["client"].map(names))
-  fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(order) + 4), 4.2))
-  sns.barplot(data=last, x="test_set", y=metric, hue="method",
-              order=[names[c] for c in order], errorbar=("ci", 95), ax=ax)
+  fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(client_order) + 4), 4.2))
+  sns.barplot(data=last, x="test_set", y=metric, **hue(last["method"]),
+              order=[names[c] for c in client_order], errorbar=("ci", 95), ax=ax)
   ax.set_xlabel("test set (local = each hospital's own model; pooled: mean of them)")
   ax.set_ylabel(f"final test {_label(metric)}")
   ax.set_title("Federated vs centralized vs local-only")
   ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-  if len(order) > 6:
+  if len(client_order) > 6:
     ax.tick_params(axis="x", rotation=45)
   figures["comparison"] = _save(fig, os.path.join(fig_dir, "comparison.png"))
 
   # Sweeps: final metric vs each swept value; round time vs number of clients.
   final_pooled = last[last["client"] == "pooled"]
   for column in swept:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    sns.lineplot(data=final_pooled, x=column, y=metric, hue="method", errorbar=("ci", 95),
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    sns.lineplot(data=final_pooled, x=column, y=metric, **hue(final_pooled["method"]),
+                 errorbar=("ci", 95),
                  marker="o", ax=ax)
     if column in ("alpha",):
       ax.set_xscale("log")
-    ax.set_xlabel(column + (" (Dirichlet concentration, log scale)" if column == "alpha"
-                            else ""))
+    elif np.issubdtype(final_pooled[column].dtype, np.integer):
+      from matplotlib.ticker import MaxNLocator
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel({"alpha": "Dirichlet alpha (label skew; log scale)",
+                   "num_clients": "number of clients"}.get(column, column))
     ax.set_ylabel(f"final pooled test {_label(metric)}")
     ax.set_title(f"Sweep over {column}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
@@ -152,12 +160,16 @@ def make_report(workdir: str) -> dict[str, str]:
   if "num_clients" in swept:
     timing = final_pooled.assign(round_ms=1e3 * final_pooled["wall_s"] /
                                  final_pooled["round"].clip(lower=1))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    sns.lineplot(data=timing, x="num_clients", y="round_ms", hue="method", marker="o",
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    sns.lineplot(data=timing, x="num_clients", y="round_ms", **hue(timing["method"]),
+                 marker="o", errorbar=None,
                  ax=ax)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of clients")
     ax.set_ylabel("wall time per round (ms, compile excluded)")
-    ax.set_title("Round time versus clients")
+    ax.set_title("Round time versus clients (mean over seeds)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     figures["round_time"] = _save(fig, os.path.join(fig_dir, "round_time.png"))
 
   # Label distribution of the partition (first point).

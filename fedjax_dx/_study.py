@@ -37,7 +37,8 @@ from fedjax_dx import _partition
 from fedjax_dx import _synthetic
 
 BASELINES = ("centralized", "local")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
+              "fedadagrad")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
            "f1")
@@ -198,6 +199,18 @@ def check_config(config) -> None:
   need(config.learning_rate > 0, "learning_rate", "a number > 0")
   need(0 <= config.momentum < 1, "momentum", "a number in [0, 1)")
   need(config.server_learning_rate > 0, "server_learning_rate", "a number > 0")
+  need(0 <= config.server_momentum < 1, "server_momentum", "a number in [0, 1)")
+  need(config.mu >= 0, "mu", "a number >= 0 (FedProx)")
+  need(config.fedopt_learning_rate > 0, "fedopt_learning_rate", "a number > 0")
+  need(0 <= config.fedopt_b1 < 1 and 0 <= config.fedopt_b2 < 1, "fedopt_b1",
+       "fedopt_b1 and fedopt_b2 in [0, 1)")
+  need(config.fedopt_tau > 0, "fedopt_tau", "a number > 0")
+  need(config.aggregator in ("mean", "median", "trimmed_mean", "krum"), "aggregator",
+       "mean, median, trimmed_mean or krum")
+  need(0 <= config.trim_fraction < 0.5, "trim_fraction", "a number in [0, 0.5)")
+  need(config.num_byzantine >= 0, "num_byzantine", "an integer >= 0")
+  need("scaffold" not in methods_of(config) or config.optimizer == "sgd", "optimizer",
+       "sgd when methods include scaffold (its control variates assume client SGD)")
   need(config.batch_size >= 1, "batch_size", "an integer >= 1")
   need((config.local_steps > 0) != (config.local_epochs > 0), "local_steps",
        "exactly one of local_steps and local_epochs > 0 (the other 0)")
@@ -281,14 +294,41 @@ def _optimizer(config):
   return optax.sgd(config.learning_rate, momentum=config.momentum or None)
 
 
+def _aggregator(config):
+  from fedjax_dx import _aggregation
+  if config.aggregator == "trimmed_mean":
+    return _aggregation.trimmed_mean(config.trim_fraction)
+  if config.aggregator == "krum":
+    return _aggregation.krum(config.num_byzantine)
+  return config.aggregator
+
+
 def build_method(config, method: str, model) -> _algorithms.Algorithm:
   budget = dict(batch_size=config.batch_size,
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
+  common = dict(weighting="num_examples", aggregator=_aggregator(config), **budget)
   if method == "fedavg":
     return _algorithms.fedavg(model, _optimizer(config),
                               server_optimizer=optax.sgd(config.server_learning_rate),
-                              name=method, **budget)
+                              name=method, **common)
+  if method == "fedavgm":
+    return _algorithms.fedavgm(model, _optimizer(config), name=method,
+                               server_learning_rate=config.server_learning_rate,
+                               server_momentum=config.server_momentum, **common)
+  if method == "fedprox":
+    return _algorithms.fedprox(model, _optimizer(config), mu=config.mu, name=method,
+                               server_optimizer=optax.sgd(config.server_learning_rate),
+                               **common)
+  if method == "scaffold":
+    return _algorithms.scaffold(model, config.learning_rate, name=method,
+                                server_learning_rate=config.server_learning_rate,
+                                **budget)
+  if method in ("fedadam", "fedyogi", "fedadagrad"):
+    return _algorithms.fedopt(model, _optimizer(config), server=method[3:],
+                              server_learning_rate=config.fedopt_learning_rate,
+                              b1=config.fedopt_b1, b2=config.fedopt_b2,
+                              tau=config.fedopt_tau, name=method, **common)
   if method == "centralized":
     return _algorithms.centralized(model, _optimizer(config), name=method, **budget)
   return _algorithms.local_only(model, _optimizer(config), name=method, **budget)
@@ -296,7 +336,9 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
 
 # Everything that decides a compiled program; points that agree share one compile.
 _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
-                   "server_learning_rate", "batch_size", "local_steps", "local_epochs")
+                   "server_learning_rate", "server_momentum", "mu", "fedopt_learning_rate",
+                   "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
+                   "num_byzantine", "batch_size", "local_steps", "local_epochs")
 
 
 class _Cache:
@@ -412,7 +454,9 @@ def run_method(config, method, data, names, cache, seed, swept, progress) -> lis
     state, _ = algo.run(state, train, num_rounds=chunk)
     jax.block_until_ready(state)
     wall += time.perf_counter() - start
-    if method == "fedavg":
+    if method == "scaffold":  # model and control variate, both ways
+      bytes_up = bytes_down = 2 * param_bytes * participants * chunk
+    elif method in STRATEGIES:
       bytes_up = bytes_down = param_bytes * participants * chunk
     elif method == "centralized":
       bytes_up, bytes_down = (data_bytes if done == 0 else 0), 0  # raw data moved once

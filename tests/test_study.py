@@ -38,8 +38,8 @@ def test_end_to_end_tiny_study(tmp_path):
   for column in ["method", "seed", "round", "num_clients", "client", "split",
                  *METRIC_COLUMNS, "bytes_up", "bytes_down", "cumulative_bytes", "wall_s", "compile_s"]:
     assert column in metrics.columns, column
-  assert set(metrics["method"]) == {"fedavg", "centralized", "local_0", "local_1",
-                                    "local_2"}
+  assert set(metrics["method"]) == {"fedavg", "fedprox", "scaffold", "fedadam",
+                                    "centralized", "local_0", "local_1", "local_2"}
   assert set(metrics["split"]) == {"train", "test"}
   assert set(metrics["seed"]) == {0, 1}
   assert sorted(set(metrics["round"])) == [0, 2, 4]
@@ -49,6 +49,9 @@ def test_end_to_end_tiny_study(tmp_path):
   # 3 clients, 2 rounds per evaluation, logistic regression 13 -> 1 = 14 float32.
   assert fed["bytes_up"].tolist() == [0, 14 * 4 * 3 * 2, 14 * 4 * 3 * 2]
   assert fed["cumulative_bytes"].tolist() == [0, 672, 1344]
+  scaffold = metrics[(metrics["method"] == "scaffold") & (metrics["client"] == "pooled")
+                     & (metrics["split"] == "test") & (metrics["seed"] == 0)]
+  assert scaffold["cumulative_bytes"].tolist() == [0, 1344, 2688]  # + control variates
   central = metrics[(metrics["method"] == "centralized") & (metrics["round"] == 4)]
   assert central["cumulative_bytes"].iloc[0] > 0  # raw data moved once
 
@@ -78,6 +81,9 @@ def test_end_to_end_tiny_study(tmp_path):
     ("--config.sweep=learning_rate=0.1,-1",
      "config.learning_rate = -1.0: expected a number > 0 (in sweep point"),
     ("--config.local_epochs=2", "exactly one of local_steps and local_epochs"),
+    ("--config.optimizer=adam", "sgd when methods include scaffold"),
+    ("--config.mu=-0.5", "config.mu = -0.5: expected a number >= 0 (FedProx)"),
+    ("--config.aggregator=mode", "config.aggregator = 'mode'"),
 ])
 def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, flag, message):
   workdir = tmp_path / "study"
