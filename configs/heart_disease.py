@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 4
   config.local_steps = 20  # give local_steps > 0 or local_epochs > 0, not both
   config.local_epochs = 0
+  config.clients_per_round = 0  # clients sampled per round (0 = all take part)
+  config.sampling = "uniform"  # uniform | size (probability proportional to n_k)
   config.rounds = 30
   config.eval_every = 5  # rounds per compiled call between evaluations
 

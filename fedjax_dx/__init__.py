@@ -59,6 +59,7 @@ from fedjax_dx._models import mlp
 from fedjax_dx._models import Model
 from fedjax_dx._models import per_example_loss
 from fedjax_dx._models import probabilities
+from fedjax_dx._sampling import sample_participation
 from fedjax_dx._sharding import client_mesh
 from fedjax_dx._sharding import padded_client_count
 from fedjax_dx._sharding import replicate
@@ -113,6 +114,7 @@ __all__ = (
     "pool_clients",
     "probabilities",
     "replicate",
+    "sample_participation",
     "ServerState",
     "shard_clients",
     "stack_clients",

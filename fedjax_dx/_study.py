@@ -34,6 +34,7 @@ from fedjax_dx import _data
 from fedjax_dx import _metrics
 from fedjax_dx import _models
 from fedjax_dx import _partition
+from fedjax_dx import _sampling
 from fedjax_dx import _synthetic
 
 BASELINES = ("centralized", "local")
@@ -209,6 +210,8 @@ def check_config(config) -> None:
        "mean, median, trimmed_mean or krum")
   need(0 <= config.trim_fraction < 0.5, "trim_fraction", "a number in [0, 0.5)")
   need(config.num_byzantine >= 0, "num_byzantine", "an integer >= 0")
+  need(config.clients_per_round >= 0, "clients_per_round", "an integer >= 0 (0 = all)")
+  need(config.sampling in _sampling.SAMPLINGS, "sampling", "uniform or size")
   need("scaffold" not in methods_of(config) or config.optimizer == "sgd", "optimizer",
        "sgd when methods include scaffold (its control variates assume client SGD)")
   need(config.batch_size >= 1, "batch_size", "an integer >= 1")
@@ -422,7 +425,6 @@ def run_method(config, method, data, names, cache, seed, swept, progress) -> lis
   stacked = method == "local"
   evaluate = cache.evaluator(model, stacked)
   rows, done, wall, cumulative, compile_s = [], 0, 0.0, 0, 0.0
-  participants = int(np.sum(sizes > 0))
 
   def evaluate_now(round_index, bytes_up, bytes_down):
     params_now = state.params if stacked else _algorithms.global_params(state)
@@ -448,16 +450,22 @@ def run_method(config, method, data, names, cache, seed, swept, progress) -> lis
   compile_s = time.perf_counter() - start
 
   evaluate_now(0, 0, 0)
+  participation = np.ones((config.rounds, train.num_clients), np.float32)
+  if method in STRATEGIES and config.clients_per_round:
+    participation = _sampling.sample_participation(
+        seed, config.rounds, sizes, config.clients_per_round, by=config.sampling)
   while done < config.rounds:
     chunk = min(config.eval_every, config.rounds - done)
     start = time.perf_counter()
-    state, _ = algo.run(state, train, num_rounds=chunk)
+    state, _ = algo.run(state, train, participation=participation[done:done + chunk])
     jax.block_until_ready(state)
     wall += time.perf_counter() - start
+    if method in STRATEGIES:  # client-rounds with data in this chunk
+      sent = int((participation[done:done + chunk] * (sizes > 0)).sum())
     if method == "scaffold":  # model and control variate, both ways
-      bytes_up = bytes_down = 2 * param_bytes * participants * chunk
+      bytes_up = bytes_down = 2 * param_bytes * sent
     elif method in STRATEGIES:
-      bytes_up = bytes_down = param_bytes * participants * chunk
+      bytes_up = bytes_down = param_bytes * sent
     elif method == "centralized":
       bytes_up, bytes_down = (data_bytes if done == 0 else 0), 0  # raw data moved once
     else:
@@ -539,6 +547,16 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   check_config(config)
   config_json = config.to_dict()
   resuming = _prepare_workdir(workdir, config_json)
+  cache = _Cache()
+  for point in sweep_points(config):  # data-dependent checks, before anything is written
+    variant = apply_point(config, point)
+    data, _, _ = cache.dataset(variant)
+    with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
+    if variant.clients_per_round > with_data:
+      raise StudyError(
+          f"config.clients_per_round = {variant.clients_per_round}: cannot sample more "
+          f"clients than exist ({with_data} with data)" + (f" in sweep point {point}"
+                                                          if point else ""))
   if not resuming:
     write_atomic(os.path.join(workdir, "config.json"), json.dumps(
         {"config": config_json, "created": datetime.datetime.now().isoformat(),
@@ -550,7 +568,6 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   todo = [(i, p, s) for i, p in enumerate(points) for s in seeds]
   total_rounds = sum(apply_point(config, p).rounds * len(methods) for _, p, _ in todo)
   progress = Progress(total_rounds, quiet)
-  cache = _Cache()
   partitions = {}
   points_dir = os.path.join(workdir, "points")
   os.makedirs(points_dir, exist_ok=True)

@@ -93,6 +93,22 @@ def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, flag, message):
   assert not workdir.exists()
 
 
+def test_client_sampling_counts_only_sampled_clients_bytes(tmp_path):
+  workdir = tmp_path / "sampled"
+  result = run("--config=configs/test.py", f"--workdir={workdir}", "--noreport",
+               "--config.methods=fedavg", "--config.clients_per_round=2",
+               "--config.num_seeds=1")
+  assert result.returncode == 0, result.stderr
+  metrics = pd.read_json(workdir / "metrics.jsonl", lines=True, dtype={"client": str})
+  fed = metrics[(metrics["client"] == "pooled") & (metrics["split"] == "test")]
+  # 2 of 3 clients per round, 2 rounds per evaluation, 14 float32 parameters.
+  assert fed["bytes_up"].tolist() == [0, 14 * 4 * 2 * 2, 14 * 4 * 2 * 2]
+  result = run("--config=configs/test.py", f"--workdir={tmp_path / 'x'}",
+               "--config.clients_per_round=4")
+  assert result.returncode != 0 and "cannot sample more clients than exist" in result.stderr
+  assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
 def test_workdir_of_another_study_is_refused_untouched(tmp_path):
   workdir = tmp_path / "study"
   assert run("--config=configs/test.py", f"--workdir={workdir}",
