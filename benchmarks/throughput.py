@@ -22,7 +22,6 @@ import csv
 import math
 import os
 import statistics
-import sys
 import time
 
 from absl import app

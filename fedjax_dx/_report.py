@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 
@@ -12,7 +11,6 @@ import numpy as np
 
 from fedjax_dx import _study
 
-_FEDERATED_EXCLUDED = ("centralized",)
 
 
 def _plt():

@@ -33,7 +33,6 @@ from fedjax_dx import _algorithms
 from fedjax_dx import _data
 from fedjax_dx import _metrics
 from fedjax_dx import _models
-from fedjax_dx import _partition
 from fedjax_dx import _sampling
 from fedjax_dx import _synthetic
 
@@ -627,8 +626,6 @@ def swept_columns(frame) -> list[str]:
 
 def summarize(frame, config):
   """Final test metrics per method x client x swept point: mean/std over seeds."""
-  import pandas as pd
-
   test = frame[frame["split"] == "test"]
   keys = ["method", "client", "client_name", *swept_columns(frame)]
   last_round = test.groupby(keys + ["seed"], dropna=False)["round"].transform("max")

@@ -1,6 +1,5 @@
 """MedMNIST 28x28: official split sizes through TFDS, checksums, clear errors."""
 
-import hashlib
 import os
 import shutil
 

@@ -1,7 +1,6 @@
 """The clients axis sharded over 4 simulated CPU devices equals the unsharded run."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
