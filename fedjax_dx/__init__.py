@@ -15,7 +15,10 @@ Example:
 """
 
 from fedjax_dx._algorithms import Algorithm
+from fedjax_dx._algorithms import batched_runner
 from fedjax_dx._algorithms import centralized
+from fedjax_dx._algorithms import cyclic
+from fedjax_dx._algorithms import cyclic_order
 from fedjax_dx._algorithms import fedavg
 from fedjax_dx._algorithms import fedavgm
 from fedjax_dx._algorithms import fedopt
@@ -30,6 +33,8 @@ from fedjax_dx._algorithms import global_params
 from fedjax_dx._algorithms import LocalState
 from fedjax_dx._algorithms import local_only
 from fedjax_dx._algorithms import ServerState
+from fedjax_dx._algorithms import stack_states
+from fedjax_dx._algorithms import straggler_work
 from fedjax_dx._data import check_client_data
 from fedjax_dx._data import ClientData
 from fedjax_dx._data import FederatedData
@@ -73,12 +78,15 @@ __version__ = "0.1.0"
 __all__ = (
     "Algorithm",
     "Batch",
+    "batched_runner",
     "binary_auc",
     "centralized",
     "check_client_data",
     "classification_metrics",
     "client_mesh",
     "cnn",
+    "cyclic",
+    "cyclic_order",
     "ClientData",
     "ClientOutput",
     "ClientState",
@@ -118,6 +126,8 @@ __all__ = (
     "ServerState",
     "shard_clients",
     "stack_clients",
+    "stack_states",
+    "straggler_work",
     "synthetic_binary",
     "synthetic_fedprox",
     "partition",

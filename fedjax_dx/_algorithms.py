@@ -35,6 +35,7 @@ class ServerState:
   epochs_window: int = flax.struct.field(pytree_node=False)  # epochs one round can reach
   control: Params = None  # SCAFFOLD: server control variate c (same tree as params)
   client_controls: Params = None  # SCAFFOLD: [C, ...] each client's control variate c_k
+  fine_tune_window: int = flax.struct.field(pytree_node=False, default=0)  # personalization
 
 
 @flax.struct.dataclass
@@ -60,12 +61,16 @@ class Algorithm(NamedTuple):
       many rounds in one compiled `lax.scan` (`participation`: `[R, C]`); checks its
       inputs before compiling. Metrics carry a leading rounds axis.
     name: a short method name (e.g. "fedavg").
+    personalize: `(state, train_data) -> [C, ...] params`, each client's own model
+      (FedAvg + local fine-tuning), pure and jittable; None for methods that train one
+      global model.
   """
 
   init: Callable[..., Any]
   apply: Callable[..., Any]
   run: Callable[..., Any]
   name: str
+  personalize: Callable[..., Any] | None = None
 
 
 def _keys(state, num_clients: int, budget: _local.LocalBudget):
@@ -73,6 +78,43 @@ def _keys(state, num_clients: int, budget: _local.LocalBudget):
   if budget.steps is not None:
     return _local.client_keys(stream_key, num_clients)
   return _local.client_keys(jax.random.fold_in(round_base, state.round), num_clients)
+
+
+def _side_key(state, purpose: int):
+  """Keys for what is not a data order (stragglers, fine-tuning, cyclic order):
+  `split(rng, 5)[purpose]`, purpose >= 2, never one of the data-order keys."""
+  return jax.random.split(state.rng, 5)[purpose]
+
+
+_STRAGGLER_KEY, _FINE_TUNE_KEY, _CYCLE_KEY = 2, 3, 4
+
+
+def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
+                   full_budget: int) -> tuple[jax.Array, jax.Array]:
+  """Which participants straggle this round and how much work each client does.
+
+  As in the FedProx paper's systems heterogeneity: `round(fraction * m)` of the `m`
+  participants, chosen uniformly, do a uniformly random number of budget units
+  (epochs or steps) in `[1, full_budget)`; everyone else does the full budget.
+
+  Args:
+    key: this round's straggler key.
+    participation: `[C]` participation mask (> 0 takes part).
+    fraction: share of participants that straggle, in [0, 1].
+    full_budget: local epochs (or steps) of a full round, >= 2.
+
+  Returns:
+    `(is_straggler [C] bool, work [C] int32)`.
+  """
+  choose_key, work_key = jax.random.split(key)
+  num_clients = participation.shape[0]
+  taking_part = participation > 0
+  scores = jnp.where(taking_part, jax.random.uniform(choose_key, (num_clients,)), 2.0)
+  rank = jnp.argsort(jnp.argsort(scores))
+  num_stragglers = jnp.round(fraction * taking_part.sum()).astype(jnp.int32)
+  is_straggler = taking_part & (rank < num_stragglers)
+  partial = jax.random.randint(work_key, (num_clients,), 1, full_budget)
+  return is_straggler, jnp.where(is_straggler, partial, full_budget).astype(jnp.int32)
 
 
 def _participation_vector(participation, num_clients):
@@ -106,6 +148,7 @@ def _make_run(apply: Callable, check: Callable) -> Callable:
     return scan_rounds(state, data, jnp.asarray(participation))
 
   run.compiled = scan_rounds
+  run.check = check
   return run
 
 
@@ -135,7 +178,9 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
            local_epochs: int | None = None,
            server_optimizer: optax.GradientTransformation | None = None,
            weighting: str = "num_examples", aggregator: str | Callable = "mean",
-           prox_mu: float = 0.0, name: str = "fedavg") -> Algorithm:
+           prox_mu: float = 0.0, stragglers: float = 0.0,
+           straggler_policy: str = "drop", fine_tune_steps: int = 0,
+           name: str = "fedavg") -> Algorithm:
   """Federated averaging, with a pluggable server optimizer (FedOpt) and aggregator.
 
   Each round every client starts from the global model, trains locally (vmapped over
@@ -155,6 +200,13 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     aggregator: "mean", "median", "trimmed_mean", "krum" or a function from
       `_aggregation` (robust aggregation for any strategy).
     prox_mu: FedProx's proximal weight (0: plain FedAvg).
+    stragglers: share of each round's participants that do only a random part of the
+      budget (FedProx paper; see `straggler_work`).
+    straggler_policy: "drop" (FedAvg: stragglers' updates are discarded) or "keep"
+      (FedProx: their partial work is averaged in).
+    fine_tune_steps: personalization (FedAvg + fine-tuning): `Algorithm.personalize`
+      gives each client the global model after this many local steps of the client
+      optimizer on its own training data; 0 for none.
     name: method name in results.
 
   Returns:
@@ -169,14 +221,20 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
   return _federated(model, client_optimizer, batch_size=batch_size,
                     local_steps=local_steps, local_epochs=local_epochs,
                     server_optimizer=server_optimizer, weighting=weighting,
-                    aggregator=aggregator, prox_mu=prox_mu, name=name)
+                    aggregator=aggregator, prox_mu=prox_mu, stragglers=stragglers,
+                    straggler_policy=straggler_policy, fine_tune_steps=fine_tune_steps,
+                    name=name)
 
 
-def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox", **kwargs):
-  """FedProx (Li et al., 2020): FedAvg whose client loss adds `(mu/2)||w - w_global||^2`."""
-  if not mu >= 0:
-    raise ValueError(f"FedProx mu must be >= 0, got {mu!r}")
-  return fedavg(model, client_optimizer, prox_mu=mu, name=name, **kwargs)
+def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox",
+            straggler_policy: str = "keep", **kwargs):
+  """FedProx (Li et al., 2020): FedAvg whose client loss adds `(mu/2)||w - w_global||^2`.
+
+  Stragglers' partial work is kept (the paper's FedProx); see `fedavg` for the rest.
+  """
+  _local.check_hyperparameter(mu, "FedProx mu", minimum=0.0)
+  return fedavg(model, client_optimizer, prox_mu=mu, name=name,
+                straggler_policy=straggler_policy, **kwargs)
 
 
 def fedavgm(model, client_optimizer, *, server_learning_rate: float = 1.0,
@@ -212,6 +270,7 @@ def fedopt(model, client_optimizer, *, server: str, server_learning_rate: float,
 def scaffold(model, learning_rate: float, *, batch_size: int,
              local_steps: int | None = None, local_epochs: int | None = None,
              server_learning_rate: float = 1.0, weighting: str = "num_examples",
+             stragglers: float = 0.0, straggler_policy: str = "keep",
              name: str = "scaffold") -> Algorithm:
   """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
 
@@ -221,30 +280,52 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
   `c <- c + (1/N) sum_{k in S} (c_k_new - c_k)`, N the clients with data. The `c_k`
   live in the state on the clients axis and persist while a client sits out.
   """
-  if not learning_rate > 0:
-    raise ValueError(f"SCAFFOLD learning_rate must be > 0, got {learning_rate!r}")
+  _local.check_hyperparameter(learning_rate, "SCAFFOLD learning_rate", above=0.0)
   return _federated(model, optax.sgd(learning_rate), batch_size=batch_size,
                     local_steps=local_steps, local_epochs=local_epochs,
                     server_optimizer=optax.sgd(server_learning_rate), weighting=weighting,
-                    aggregator="mean", prox_mu=0.0, name=name,
+                    aggregator="mean", prox_mu=0.0, stragglers=stragglers,
+                    straggler_policy=straggler_policy, fine_tune_steps=0, name=name,
                     scaffold_learning_rate=learning_rate)
 
 
+_STRAGGLER_POLICIES = ("drop", "keep")
+
+
 def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs,
-               server_optimizer, weighting, aggregator, prox_mu, name,
+               server_optimizer, weighting, aggregator, prox_mu, stragglers,
+               straggler_policy, fine_tune_steps, name,
                scaffold_learning_rate=None) -> Algorithm:
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
-  if not prox_mu >= 0:
-    raise ValueError(f"prox_mu (FedProx's mu) must be >= 0, got {prox_mu!r}")
+  _local.check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
+  if straggler_policy not in _STRAGGLER_POLICIES:
+    raise ValueError(f"straggler_policy must be one of {_STRAGGLER_POLICIES}, got "
+                     f"{straggler_policy!r}")
+  if not 0 <= stragglers <= 1:
+    raise ValueError(f"stragglers (share of participants) must lie in [0, 1], got "
+                     f"{stragglers!r}")
+  if not isinstance(fine_tune_steps, (int, np.integer)) or fine_tune_steps < 0:
+    raise ValueError(f"fine_tune_steps must be an integer >= 0, got {fine_tune_steps!r}")
   combine = (_aggregation.make_aggregator(aggregator) if isinstance(aggregator, str)
              else aggregator)
   min_participants = getattr(combine, "min_participants", 1)
   budget = _local.LocalBudget.create(local_steps, local_epochs)
+  full_budget = budget.steps if budget.steps is not None else budget.epochs
+  if stragglers > 0 and full_budget < 2:
+    raise ValueError(
+        f"stragglers={stragglers} needs a budget of at least 2 local "
+        f"{'steps' if budget.steps else 'epochs'} (stragglers do 1 .. budget-1), got "
+        f"{full_budget}")
   trainer = _local.local_trainer(model, client_optimizer, batch_size=batch_size,
                                  budget=budget, prox_mu=prox_mu)
+  fine_tune_budget = _local.LocalBudget(steps=int(fine_tune_steps))
+  fine_tuner = (_local.local_trainer(model, client_optimizer, batch_size=batch_size,
+                                     budget=fine_tune_budget)
+                if fine_tune_steps else None)
   server_optimizer = server_optimizer or optax.sgd(1.0)
   uses_controls = scaffold_learning_rate is not None
+  use_prox = _local.is_active(prox_mu)
 
   def init(params, data: ClientData, rng) -> ServerState:
     _check_init_inputs(model, data, batch_size)
@@ -257,7 +338,10 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         rng=jnp.asarray(rng), round=jnp.zeros((), jnp.int32),
         epochs_window=_local.epochs_window(budget, batch_size, data.num_examples),
         control=zeros if uses_controls else None,
-        client_controls=stacked_zeros if uses_controls else None)
+        client_controls=stacked_zeros if uses_controls else None,
+        fine_tune_window=(_local.epochs_window(fine_tune_budget, batch_size,
+                                               data.num_examples)
+                          if fine_tune_steps else 0))
 
   def apply(state: ServerState, data: ClientData, participation=None):
     num_clients = data.num_clients
@@ -266,17 +350,26 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     if uses_controls:
       correction = jax.tree.map(lambda c, ck: c[None] - ck, state.control,
                                 state.client_controls)
+    work, dropped = None, jnp.zeros((num_clients,), bool)
+    if stragglers > 0:
+      is_straggler, work = straggler_work(
+          jax.random.fold_in(_side_key(state, _STRAGGLER_KEY), state.round),
+          participation, stragglers, full_budget)
+      if straggler_policy == "drop":
+        dropped = is_straggler
     out = _local.train_clients(
         trainer, state.params, client_optimizer.init(state.params), data,
         _keys(state, num_clients, budget), state.positions,
         epochs_window=state.epochs_window, stacked=False,
-        anchor=state.params if prox_mu else None, correction=correction)
+        anchor=state.params if use_prox else None, correction=correction, work=work)
     sizes = data.num_examples.astype(jnp.float32)
     base = sizes if weighting == "num_examples" else (sizes > 0).astype(jnp.float32)
-    weights = participation * base
-    weights = weights / weights.sum()
+    weights = jnp.where(dropped, 0.0, participation * base)
+    total = weights.sum()
+    weights = weights / jnp.where(total > 0, total, 1.0)
     deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
-    update = combine(deltas, weights)
+    # Every participant dropped as a straggler: the model stays where it is.
+    update = jax.tree.map(lambda u: jnp.where(total > 0, u, 0.0), combine(deltas, weights))
     pseudo_gradient = jax.tree.map(jnp.negative, update)
     updates, server_opt_state = server_optimizer.update(
         pseudo_gradient, state.server_opt_state, state.params)
@@ -287,7 +380,7 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         positions=jnp.where(took_part, out.position, state.positions),
         round=state.round + 1)
     if uses_controls:
-      trained = took_part & (out.steps_taken > 0)
+      trained = took_part & ~dropped & (out.steps_taken > 0)
       scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
 
       def new_client_control(ck, c, delta):
@@ -302,12 +395,29 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           lambda c, new, old: c + (new - old).sum(0) / num_with_data,
           state.control, client_controls, state.client_controls)
       new_state = new_state.replace(control=control, client_controls=client_controls)
+    with_data = data.num_examples > 0
     metrics = {
-        "train_loss": jnp.nansum(weights * out.train_loss),
+        "train_loss": jnp.where(total > 0, jnp.nansum(weights * out.train_loss), jnp.nan),
         "client_train_loss": jnp.where(took_part, out.train_loss, jnp.nan),
-        "num_participants": (took_part & (data.num_examples > 0)).sum(),
+        "num_participants": (took_part & with_data).sum(),
+        "num_uploads": (took_part & ~dropped & with_data).sum(),
+        "num_stragglers": (took_part & with_data & (
+            jnp.zeros((), bool) if work is None else work < full_budget)).sum(),
     }
     return new_state, metrics
+
+  def personalize(state: ServerState, data: ClientData):
+    """Each client's global model fine-tuned on its own training data: [C, ...]."""
+    if fine_tuner is None:
+      raise ValueError(f"{name} has no personalization; build it with fine_tune_steps > 0")
+    keys = _local.client_keys(
+        jax.random.fold_in(_side_key(state, _FINE_TUNE_KEY), state.round),
+        data.num_clients)
+    out = _local.train_clients(
+        fine_tuner, state.params, client_optimizer.init(state.params), data, keys,
+        jnp.zeros((data.num_clients,), jnp.int32), epochs_window=state.fine_tune_window,
+        stacked=False)
+    return out.params
 
   def check(state, data, participation):
     _check_run_inputs(state, data, participation)
@@ -321,7 +431,79 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
             f"(2 f + 3) each round; round(s) {short[:5].tolist()} have "
             f"{counts[short[:5]].tolist()}")
 
+  return Algorithm(init=init, apply=apply, run=_make_run(apply, check), name=name,
+                   personalize=personalize if fine_tune_steps else None)
+
+
+def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation, *,
+           batch_size: int, local_steps: int | None = None,
+           local_epochs: int | None = None, name: str = "cyclic") -> Algorithm:
+  """Cyclic weight transfer (Chang et al., 2018), as in FLamby.
+
+  One model travels from hospital to hospital: each round one client trains it for the
+  local budget and passes it on. The clients are visited in a random order, drawn
+  afresh for every cycle of `C` rounds (see `cyclic_order`). Each client's data stream
+  continues where its previous visit stopped. In round `r` only client
+  `cyclic_order(...)[r % C]` works, so there is nothing to vmap over clients; a round
+  whose client has no data or does not take part (`participation`) leaves the model
+  unchanged.
+
+  Returns:
+    An `Algorithm` with a `ServerState`; the client optimizer restarts at each visit.
+  """
+  budget = _local.LocalBudget.create(local_steps, local_epochs)
+  trainer = _local.local_trainer(model, client_optimizer, batch_size=batch_size,
+                                 budget=budget)
+  sgd = optax.sgd(1.0)
+
+  def init(params, data: ClientData, rng) -> ServerState:
+    _check_init_inputs(model, data, batch_size)
+    return ServerState(
+        params=params, server_opt_state=sgd.init(params),
+        positions=jnp.zeros((data.num_clients,), jnp.int32),
+        rng=jnp.asarray(rng), round=jnp.zeros((), jnp.int32),
+        epochs_window=_local.epochs_window(budget, batch_size, data.num_examples))
+
+  def apply(state: ServerState, data: ClientData, participation=None):
+    num_clients = data.num_clients
+    participation = _participation_vector(participation, num_clients)
+    order = cyclic_order(_side_key(state, _CYCLE_KEY), state.round // num_clients,
+                         num_clients)
+    k = order[state.round % num_clients]
+    client = _local.Client(data.features[k], data.labels[k], data.num_examples[k])
+    key = _keys(state, num_clients, budget)[k]
+    out = _local.train_client(trainer, state.params, client_optimizer.init(state.params),
+                              client, key, state.positions[k],
+                              epochs_window=state.epochs_window)
+    works = (participation[k] > 0) & (data.num_examples[k] > 0)
+    new_state = state.replace(
+        params=jax.tree.map(lambda new, old: jnp.where(works, new, old), out.params,
+                            state.params),
+        positions=state.positions.at[k].set(
+            jnp.where(works, out.position, state.positions[k])),
+        round=state.round + 1)
+    metrics = {"train_loss": jnp.where(works, out.train_loss, jnp.nan),
+               "client_train_loss": jnp.full((num_clients,), jnp.nan).at[k].set(
+                   jnp.where(works, out.train_loss, jnp.nan)),
+               "num_participants": works.astype(jnp.int32),
+               "num_uploads": works.astype(jnp.int32),
+               "client": k}
+    return new_state, metrics
+
+  def check(state, data, participation):
+    if state.positions.shape[0] != data.num_clients:
+      raise ValueError(
+          f"data has {data.num_clients} clients but the state was initialised for "
+          f"{state.positions.shape[0]}")
+    if np.any((participation < 0) | ~np.isfinite(participation)):
+      raise ValueError("participation must hold finite values >= 0 (1 = takes part)")
+
   return Algorithm(init=init, apply=apply, run=_make_run(apply, check), name=name)
+
+
+def cyclic_order(key: jax.Array, cycle: jax.Array, num_clients: int) -> jax.Array:
+  """The order in which `cyclic` visits the clients in `cycle` (a permutation)."""
+  return jax.random.permutation(jax.random.fold_in(key, cycle), num_clients)
 
 
 def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,
@@ -406,3 +588,67 @@ def global_params(state) -> Params:
     raise ValueError("local-only state holds one model per client; evaluate them with "
                      "evaluate_stacked(model, state.params, data)")
   return jax.tree.map(lambda x: x[0], state.params)
+
+
+def batched_runner(make_algorithm: Callable[..., Algorithm],
+                   hyperparameters: tuple[str, ...] = ()) -> Callable:
+  """Runs a grid of runs (seeds x hyperparameters) as one vmapped, compiled program.
+
+  Every grid point is an independent run with its own state (its own seed) and, for
+  each name in `hyperparameters`, its own value of that argument of `make_algorithm`
+  (client learning rate, FedProx mu, server learning rate, ...). The algorithm is built
+  inside the vmapped function, so those values are traced and the whole grid compiles
+  once, instead of one Python loop iteration (and one compile) per point.
+
+  Args:
+    make_algorithm: `(**hyperparameters) -> Algorithm`, e.g.
+      `lambda learning_rate: fedavg(model, optax.sgd(learning_rate), ...)`. Range
+      checks of traced values are skipped: check the grid before running it.
+    hyperparameters: the argument names that vary over the grid.
+
+  Returns:
+    `run(states, data, participation, **values) -> (states, metrics)`: `states` stacked
+    on a leading grid axis `[G, ...]` (e.g. `jax.tree.map(lambda *x: jnp.stack(x),
+    *per_seed_states)`), `participation` `[G, R, C]`, each value `[G]`; metrics carry
+    `[G, R, ...]`. `run.compiled` is the jitted function (for AOT compile timing).
+
+  Example:
+    >>> runner = batched_runner(
+    ...     lambda learning_rate: fedavg(model, optax.sgd(learning_rate), batch_size=4,
+    ...                                  local_steps=10), ("learning_rate",))
+    >>> states, _ = runner(states, data, np.ones((G, 15, C)), learning_rate=lrs)
+  """
+  names = tuple(hyperparameters)
+
+  @jax.jit
+  def compiled(states, data, participation, values):
+    def one(state, rounds_participation, point_values):
+      algorithm = make_algorithm(**dict(zip(names, point_values)))
+      return jax.lax.scan(lambda s, p: algorithm.apply(s, data, p), state,
+                          rounds_participation)
+
+    return jax.vmap(one)(states, participation, values)
+
+  def run(states, data: ClientData, participation, **values):
+    if set(values) != set(names):
+      raise ValueError(f"batched run takes values for exactly {list(names)}, got "
+                       f"{sorted(values)}")
+    participation = jnp.asarray(participation, jnp.float32)
+    grid = participation.shape[0]
+    if participation.ndim != 3 or participation.shape[2] != data.num_clients:
+      raise ValueError(f"participation must have shape [grid, rounds, "
+                       f"{data.num_clients}], got {participation.shape}")
+    arrays = tuple(jnp.asarray(values[n], jnp.float32) for n in names)
+    for n, a in zip(names, arrays):
+      if a.shape != (grid,):
+        raise ValueError(f"{n} must have shape [{grid}] (one value per grid point), "
+                         f"got {a.shape}")
+    return compiled(states, data, participation, arrays)
+
+  run.compiled = compiled
+  return run
+
+
+def stack_states(states: list) -> Any:
+  """Stacks per-run states (same structure) on a leading grid axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)

@@ -131,6 +131,23 @@ def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: jax.Array,
   return _unmix(seed, jnp.sort(sort_keys)).astype(jnp.int32)
 
 
+def is_active(value) -> bool:
+  """Whether a hyperparameter switches its term on: nonzero, or traced (a grid axis)."""
+  return isinstance(value, jax.core.Tracer) or bool(value)
+
+
+def check_hyperparameter(value, name: str, *, minimum: float | None = None,
+                         above: float | None = None) -> None:
+  """Range check of a concrete hyperparameter; traced ones (grid axes) are checked by
+  the caller that builds the grid."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if minimum is not None and not value >= minimum:
+    raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+  if above is not None and not value > above:
+    raise ValueError(f"{name} must be > {above:g}, got {value!r}")
+
+
 class LocalTrainer(NamedTuple):
   """Pure functions of one client's local training, to be scanned and vmapped.
 
@@ -165,8 +182,8 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-  if not prox_mu >= 0:
-    raise ValueError(f"prox_mu (FedProx's mu) must be >= 0, got {prox_mu!r}")
+  check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
+  use_prox = is_active(prox_mu)
   batch = int(batch_size)
 
   def num_steps(max_examples: int) -> int:
@@ -174,14 +191,21 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
       return budget.steps
     return math.ceil(max_examples * budget.epochs / batch)
 
-  def client_batches(client: Client, key, position, epochs_window: int):
-    """This round's minibatches `[S, B, ...]` and the stream position after them."""
+  def client_batches(client: Client, key, position, epochs_window: int, work=None):
+    """This round's minibatches `[S, B, ...]` and the stream position after them.
+
+    `work` (optional, traced int): the client does only this many of the budget's
+    units (steps or epochs) this round, e.g. a straggler; the rest of the layout is
+    masked out, so its shape does not change.
+    """
     n = client.num_examples
     n_safe = jnp.maximum(n, 1)
     if budget.steps is not None:
-      start, limit = position, position + budget.steps * batch
+      units = budget.steps if work is None else jnp.minimum(work, budget.steps)
+      start, limit = position, position + units * batch
     else:
-      start, limit = jnp.zeros((), jnp.int32), n * budget.epochs
+      units = budget.epochs if work is None else jnp.minimum(work, budget.epochs)
+      start, limit = jnp.zeros((), jnp.int32), n * units
     first_epoch = start // n_safe
     max_examples = client.labels.shape[0]
     orders = jax.vmap(epoch_order, in_axes=(None, 0, None, None))(
@@ -197,13 +221,13 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
     return batches, limit.astype(jnp.int32)
 
   def client_init(params, opt_state, anchor=None, correction=None) -> ClientState:
-    if prox_mu and anchor is None:
+    if use_prox and anchor is None:
       raise ValueError("prox_mu > 0 needs the anchor (global) model at client_init")
     return ClientState(params=params, opt_state=opt_state,
                        loss_sum=jnp.zeros((), jnp.float32),
                        examples_seen=jnp.zeros((), jnp.int32),
                        steps_taken=jnp.zeros((), jnp.int32),
-                       anchor=anchor if prox_mu else None, correction=correction)
+                       anchor=anchor if use_prox else None, correction=correction)
 
   def client_step(state: ClientState, batch: Batch) -> ClientState:
     count = batch.weight.sum()
@@ -213,7 +237,7 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
       return (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    if prox_mu:
+    if use_prox:
       grads = jax.tree.map(lambda g, w, a: g + prox_mu * (w - a), grads, state.params,
                            state.anchor)
     if state.correction is not None:
@@ -257,7 +281,8 @@ def epochs_window(budget: LocalBudget, batch_size: int, num_examples: np.ndarray
 def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                   data: ClientData, keys: jax.Array, positions: jax.Array, *,
                   epochs_window: int, stacked: bool, anchor: Params = None,
-                  correction: Params = None) -> ClientOutput:
+                  correction: Params = None, work: jax.Array | None = None
+                  ) -> ClientOutput:
   """Runs local training of every client in parallel (`lax.scan` inside `vmap`).
 
   Args:
@@ -272,30 +297,33 @@ def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptSta
     stacked: whether params/opt_state carry a leading clients axis.
     anchor: FedProx's global model (shared by all clients), or None.
     correction: SCAFFOLD's per-client gradient correction `[C, ...]`, or None.
+    work: `[C]` int32, the budget units (steps or epochs) each client does this round
+      (stragglers do fewer), or None for the full budget.
 
   Returns:
     `ClientOutput` with a leading clients axis on every field.
   """
   def one_client(params, opt_state, features, labels, num_examples, key, position,
-                 correction):
+                 correction, work):
     return train_client(trainer, params, opt_state,
                         Client(features, labels, num_examples), key, position,
                         epochs_window=epochs_window, anchor=anchor,
-                        correction=correction)
+                        correction=correction, work=work)
 
   model_axis = 0 if stacked else None
-  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0, 0))(
+  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0, 0, 0))(
       params, opt_state, data.features, data.labels, data.num_examples, keys, positions,
-      correction)
+      correction, work)
 
 
 def train_client(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                  client: Client, key: jax.Array, position: jax.Array, *,
                  epochs_window: int, anchor: Params = None,
-                 correction: Params = None) -> ClientOutput:
+                 correction: Params = None, work: jax.Array | None = None
+                 ) -> ClientOutput:
   """One client's local training for one round: batches, then a `lax.scan` of steps."""
   num_steps = trainer.num_steps(client.labels.shape[0])
-  batches, end = trainer.client_batches(client, key, position, epochs_window)
+  batches, end = trainer.client_batches(client, key, position, epochs_window, work)
   state = trainer.client_init(params, opt_state, anchor, correction)
   state, _ = jax.lax.scan(lambda s, b: (trainer.client_step(s, b), None), state,
                           batches, unroll=min(num_steps, _UNROLL))

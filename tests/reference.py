@@ -161,3 +161,64 @@ def scaffold_rounds(model, learning_rate, params, xs, ys, *, rng, num_rounds, bu
     control = jax.tree.map(lambda c, *ds: c + sum(ds) / num_clients, control,
                            *control_deltas)
   return params, client_controls
+
+
+def side_key(rng, purpose):
+  """The engine's documented non-data keys: split(rng, 5)[purpose]."""
+  return jax.random.split(rng, 5)[purpose]
+
+
+def straggler_rounds(model, optimizer, params, xs, ys, *, rng, num_rounds, budget,
+                     batch_size, fraction, policy, prox_mu=0.0):
+  """FedAvg/FedProx with stragglers: each straggler trains a shorter budget, one client
+  at a time; 'drop' leaves it out of the average, 'keep' averages its partial work."""
+  num_clients = len(ys)
+  full = budget.steps if budget.steps is not None else budget.epochs
+  positions = [0] * num_clients
+  for r in range(num_rounds):
+    is_straggler, work = fdx.straggler_work(
+        jax.random.fold_in(side_key(rng, 2), r), jnp.ones((num_clients,)), fraction,
+        full)
+    is_straggler, work = np.asarray(is_straggler), np.asarray(work)
+    deltas, weights = [], []
+    for k in range(num_clients):
+      short = (fdx.LocalBudget(steps=int(work[k])) if budget.steps is not None
+               else fdx.LocalBudget(epochs=int(work[k])))
+      key = client_key(rng, r, k, budget)
+      p_k, _, positions[k] = train_one_client(
+          model, optimizer, params, xs[k], ys[k], key, positions[k], short, batch_size,
+          prox_mu=prox_mu)
+      if policy == "drop" and is_straggler[k]:
+        continue
+      deltas.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p_k, params))
+      weights.append(len(ys[k]))
+    if deltas:
+      mean = _weighted(deltas, weights)
+      params = jax.tree.map(lambda p, d: (np.asarray(p) + d).astype(np.float32), params,
+                            mean)
+  return params
+
+
+def cyclic_rounds(model, optimizer, params, xs, ys, *, rng, num_rounds, budget,
+                  batch_size):
+  """Cyclic weight transfer: one client per round, in the engine's documented order."""
+  num_clients = len(ys)
+  positions = [0] * num_clients
+  visits = []
+  for r in range(num_rounds):
+    order = np.asarray(fdx.cyclic_order(side_key(rng, 4), r // num_clients, num_clients))
+    k = int(order[r % num_clients])
+    visits.append(k)
+    params, _, positions[k] = train_one_client(
+        model, optimizer, params, xs[k], ys[k], client_key(rng, r, k, budget),
+        positions[k], budget, batch_size)
+  return params, visits
+
+
+def fine_tuned(model, optimizer, params, xs, ys, *, rng, round_index, steps, batch_size):
+  """Each client's copy of the global model after `steps` local steps on its data."""
+  base = jax.random.fold_in(side_key(rng, 3), round_index)
+  return [train_one_client(model, optimizer, params, xs[k], ys[k],
+                           jax.random.fold_in(base, k), 0, fdx.LocalBudget(steps=steps),
+                           batch_size)[0]
+          for k in range(len(ys))]

@@ -203,3 +203,142 @@ def test_robust_aggregator_in_a_federated_run_and_bad_arguments():
   with pytest.raises(ValueError, match=r"FedOpt server must be"):
     fdx.fedopt(model, optax.sgd(0.1), server="lamb", server_learning_rate=0.1,
                batch_size=2, local_steps=1)
+
+
+# ------------------------------------------------------- stragglers, cyclic, fine-tuning
+
+
+@pytest.mark.parametrize("policy", ["drop", "keep"])
+@pytest.mark.parametrize("budget", [dict(local_epochs=3), dict(local_steps=5)],
+                         ids=["epochs", "steps"])
+def test_stragglers_equal_sequential_reference(policy, budget):
+  model = fdx.mlp(hidden=(6,), num_classes=2)
+  xs, ys, data = make_data()
+  params = init_params(model)
+  mu = 0.3 if policy == "keep" else 0.0
+  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, prox_mu=mu, stragglers=0.5,
+                    straggler_policy=policy, **budget)
+  state, metrics = algo.run(algo.init(params, data, RNG), data, num_rounds=4)
+  expected = reference.straggler_rounds(
+      model, optax.sgd(0.1), params, xs, ys, rng=RNG, num_rounds=4,
+      budget=fdx.LocalBudget.create(budget.get("local_steps"), budget.get("local_epochs")),
+      batch_size=3, fraction=0.5, policy=policy, prox_mu=mu)
+  assert_trees_close(state.params, expected)
+  np.testing.assert_array_equal(metrics["num_stragglers"], 2)  # round(0.5 * 4)
+  uploads = 2 if policy == "drop" else 4
+  np.testing.assert_array_equal(metrics["num_uploads"], uploads)
+
+
+def test_stragglers_change_the_result_and_zero_stragglers_change_nothing():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  runs = {}
+  for name, kwargs in [("plain", {}), ("zero", dict(stragglers=0.0)),
+                       ("half", dict(stragglers=0.5))]:
+    algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=3, **kwargs)
+    runs[name] = algo.run(algo.init(params, data, RNG), data, num_rounds=3)[0].params
+  assert_trees_close(runs["plain"], runs["zero"], atol=0)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(runs["plain"]), jax.tree.leaves(runs["half"])))
+  assert moved > 1e-4
+
+
+def test_straggler_work_picks_the_share_among_participants_only():
+  participation = jnp.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 1], jnp.float32)  # 10 in
+  for r in range(20):
+    is_straggler, work = fdx.straggler_work(jax.random.PRNGKey(r), participation, 0.9, 5)
+    is_straggler, work = np.asarray(is_straggler), np.asarray(work)
+    assert is_straggler.sum() == 9
+    assert not is_straggler[np.asarray(participation) == 0].any()
+    assert np.all((work[is_straggler] >= 1) & (work[is_straggler] < 5))
+    assert np.all(work[~is_straggler] == 5)
+
+
+def test_all_participants_dropped_leaves_the_model_unchanged():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=2, stragglers=1.0)
+  state, metrics = algo.run(algo.init(params, data, RNG), data, num_rounds=2)
+  assert_trees_close(state.params, params, atol=0)
+  assert np.all(np.isnan(np.asarray(metrics["train_loss"])))
+
+
+@pytest.mark.parametrize("budget", [dict(local_epochs=2), dict(local_steps=3)],
+                         ids=["epochs", "steps"])
+def test_cyclic_equals_sequential_reference(budget):
+  model = fdx.mlp(hidden=(6,), num_classes=2)
+  xs, ys, data = make_data()
+  params = init_params(model)
+  algo = fdx.cyclic(model, optax.sgd(0.1), batch_size=3, **budget)
+  state, metrics = algo.run(algo.init(params, data, RNG), data, num_rounds=10)
+  expected, visits = reference.cyclic_rounds(
+      model, optax.sgd(0.1), params, xs, ys, rng=RNG, num_rounds=10,
+      budget=fdx.LocalBudget.create(budget.get("local_steps"), budget.get("local_epochs")),
+      batch_size=3)
+  assert_trees_close(state.params, expected)
+  np.testing.assert_array_equal(metrics["client"], visits)
+  for cycle in range(2):  # every client once per cycle, in a fresh order
+    assert sorted(visits[4 * cycle:4 * cycle + 4]) == [0, 1, 2, 3]
+  assert visits[:4] != visits[4:8]
+
+
+def test_personalization_equals_sequential_reference():
+  model = fdx.logistic_regression()
+  xs, ys, data = make_data()
+  params = init_params(model)
+  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_steps=4,
+                    fine_tune_steps=5)
+  state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=3)
+  personal = jax.jit(algo.personalize)(state, data)
+  expected = reference.fine_tuned(model, optax.sgd(0.1), state.params, xs, ys, rng=RNG,
+                                  round_index=3, steps=5, batch_size=3)
+  for k in range(4):
+    assert_trees_close(jax.tree.map(lambda x: x[k], personal), expected[k])
+  moved = max(float(jnp.abs(p[0] - g).max()) for p, g in zip(
+      jax.tree.leaves(personal), jax.tree.leaves(state.params)))
+  assert moved > 1e-4
+  plain = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_steps=4)
+  assert plain.personalize is None
+  plain_state, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=3)
+  assert_trees_close(plain_state.params, state.params, atol=0)  # FT does not touch FedAvg
+
+
+def test_batched_runner_over_seeds_and_learning_rates_equals_separate_runs():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  make = lambda learning_rate, mu: fdx.fedprox(
+      model, optax.sgd(learning_rate), mu=mu, batch_size=3, local_steps=4)
+  grid = [(0, 0.05, 0.0), (1, 0.05, 0.1), (2, 0.2, 0.5)]
+  states, expected = [], []
+  for seed, lr, mu in grid:
+    key = jax.random.PRNGKey(seed)
+    algo = make(lr, mu)
+    state = algo.init(init_params(model, seed), data, key)
+    states.append(state)
+    expected.append(algo.run(state, data, num_rounds=3)[0].params)
+  runner = fdx.batched_runner(make, ("learning_rate", "mu"))
+  out, metrics = runner(fdx.stack_states(states), data, np.ones((3, 3, 4)),
+                        learning_rate=[g[1] for g in grid], mu=[g[2] for g in grid])
+  assert metrics["train_loss"].shape == (3, 3)
+  for g in range(3):
+    assert_trees_close(jax.tree.map(lambda x: x[g], out.params), expected[g])
+  with pytest.raises(ValueError, match=r"exactly \['learning_rate', 'mu'\]"):
+    runner(fdx.stack_states(states), data, np.ones((3, 3, 4)), learning_rate=[1, 2, 3])
+  with pytest.raises(ValueError, match=r"mu must have shape \[3\]"):
+    runner(fdx.stack_states(states), data, np.ones((3, 3, 4)), learning_rate=[1, 2, 3],
+           mu=[1, 2])
+
+
+def test_straggler_and_fine_tuning_arguments_are_checked():
+  model = fdx.logistic_regression()
+  with pytest.raises(ValueError, match=r"stragglers .* \[0, 1\], got 1.5"):
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3, stragglers=1.5)
+  with pytest.raises(ValueError, match=r"at least 2 local epochs .* got 1"):
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=1, stragglers=0.5)
+  with pytest.raises(ValueError, match=r"straggler_policy .* got 'wait'"):
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3,
+               straggler_policy="wait")
+  with pytest.raises(ValueError, match=r"fine_tune_steps .* got -1"):
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3, fine_tune_steps=-1)
