@@ -23,15 +23,20 @@ flags.DEFINE_string("workdir", None, "Where results go (created; resumed if it h
                     "same study).")
 flags.DEFINE_bool("quiet", False, "No progress display or log lines.")
 flags.DEFINE_bool("report", True, "Write the figures and report.html at the end.")
+flags.DEFINE_string(
+    "compilation_cache", os.path.join("~", ".cache", "fedjax_dx", "jax_cache"),
+    "JAX's persistent compilation cache directory: a repeated study loads its compiled "
+    "programs instead of compiling them again ('' turns it off).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fedjax_dx import _report
   from fedjax_dx import _study
 
+  if FLAGS.compilation_cache:
+    _study.enable_compilation_cache(os.path.expanduser(FLAGS.compilation_cache))
   if FLAGS.quiet:
     logging.getLogger().setLevel(logging.WARNING)
   try:
@@ -40,6 +45,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if FLAGS.report:
+    from fedjax_dx import _report  # seaborn and matplotlib: import only when drawing
     paths.update(_report.make_report(FLAGS.workdir))
   if not FLAGS.quiet:
     print(f"results: {os.path.abspath(paths['metrics'])}, "

@@ -11,7 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "heart_disease"
   # Methods, comma-separated: fedavg, fedavgm, fedprox, scaffold, fedadam, fedyogi,
-  # fedadagrad, and the baselines `centralized` and `local`.
+  # fedadagrad, fedavg_ft (FedAvg + local fine-tuning, evaluated per client), cyclic,
+  # and the baselines `centralized` and `local` (one model per hospital: local_0, ...).
   config.methods = "fedavg,fedprox,scaffold,fedadam,centralized,local"
 
   config.dataset = ml_collections.ConfigDict()
@@ -61,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 4
   config.local_steps = 20  # give local_steps > 0 or local_epochs > 0, not both
   config.local_epochs = 0
+  config.stragglers = 0.0  # share of each round's participants doing 1 .. budget-1 units
+  config.straggler_policy = "paper"  # paper (fedprox keeps partial work, others drop) |
+  # drop | keep
+  config.fine_tune_steps = 10  # fedavg_ft: local fine-tuning steps per client
   config.clients_per_round = 0  # clients sampled per round (0 = all take part)
   config.sampling = "uniform"  # uniform | size (probability proportional to n_k)
   config.rounds = 30
@@ -68,6 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.seed = 0
   config.num_seeds = 5  # seeds seed, seed+1, ...
+  config.batch_seeds = True  # train all seeds at once (one vmapped program per method)
+  config.fast_compile = False  # XLA backend optimisation level 0: faster compiles,
+  # slower steps (for small models, where compile time dominates)
+
+  # Per-method overrides of the fields above, e.g.
+  #   config.per_method.fedadam = ml_collections.ConfigDict({"learning_rate": 0.01})
+  config.per_method = ml_collections.ConfigDict()
 
   # Sweep: "field=v1,v2;field=v1,v2" over any field above (cartesian product).
   config.sweep = ""

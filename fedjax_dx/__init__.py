@@ -55,6 +55,7 @@ from fedjax_dx._local import train_clients
 from fedjax_dx._metrics import binary_auc
 from fedjax_dx._metrics import classification_metrics
 from fedjax_dx._metrics import evaluate
+from fedjax_dx._metrics import evaluate_personalized
 from fedjax_dx._metrics import evaluate_stacked
 from fedjax_dx._metrics import METRIC_NAMES
 from fedjax_dx._models import cnn
@@ -92,6 +93,7 @@ __all__ = (
     "ClientState",
     "epoch_order",
     "evaluate",
+    "evaluate_personalized",
     "evaluate_stacked",
     "coordinate_median",
     "fedavg",

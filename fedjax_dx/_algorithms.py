@@ -59,7 +59,9 @@ class Algorithm(NamedTuple):
       one round, pure and jittable.
     run: `(state, train_data, num_rounds=None, participation=None) -> (state, metrics)`;
       many rounds in one compiled `lax.scan` (`participation`: `[R, C]`); checks its
-      inputs before compiling. Metrics carry a leading rounds axis.
+      inputs before compiling. Metrics carry a leading rounds axis. `run.compiled` is
+      the jitted scan, `run.rounds` the same function not jitted (to vmap over seeds),
+      `run.check(state, data, participation)` the host-side checks.
     name: a short method name (e.g. "fedavg").
     personalize: `(state, train_data) -> [C, ...] params`, each client's own model
       (FedAvg + local fine-tuning), pure and jittable; None for methods that train one
@@ -126,9 +128,10 @@ def _participation_vector(participation, num_clients):
 def _make_run(apply: Callable, check: Callable) -> Callable:
   """Wraps `apply` into a jitted multi-round `lax.scan` with host-side checks."""
 
-  @jax.jit
-  def scan_rounds(state, data, participation):
+  def rounds(state, data, participation):
     return jax.lax.scan(lambda s, p: apply(s, data, p), state, participation)
+
+  scan_rounds = jax.jit(rounds)
 
   def run(state, data: ClientData, num_rounds: int | None = None, participation=None):
     if participation is None:
@@ -148,6 +151,7 @@ def _make_run(apply: Callable, check: Callable) -> Callable:
     return scan_rounds(state, data, jnp.asarray(participation))
 
   run.compiled = scan_rounds
+  run.rounds = rounds  # the same, not jitted (to vmap or jit with other rounds)
   run.check = check
   return run
 

@@ -28,7 +28,6 @@ from fedjax_dx import _models
 from fedjax_dx._data import ClientData
 
 Params = Any
-_UNROLL = 4  # local steps unrolled per scan iteration (less loop overhead)
 
 
 class LocalBudget(NamedTuple):
@@ -325,8 +324,10 @@ def train_client(trainer: LocalTrainer, params: Params, opt_state: optax.OptStat
   num_steps = trainer.num_steps(client.labels.shape[0])
   batches, end = trainer.client_batches(client, key, position, epochs_window, work)
   state = trainer.client_init(params, opt_state, anchor, correction)
+  # No unrolling: unroll=4 compiled 2x slower and ran no faster on CPU (W1 and W2 of
+  # benchmarks/throughput.py at 100 and 1000 clients).
   state, _ = jax.lax.scan(lambda s, b: (trainer.client_step(s, b), None), state,
-                          batches, unroll=min(num_steps, _UNROLL))
+                          batches)
   return trainer.client_final(state, end)
 
 

