@@ -44,6 +44,8 @@ from fedjax_dx._data import pool_clients
 from fedjax_dx._data import stack_clients
 from fedjax_dx._data import unstack_clients
 from fedjax_dx._local import Batch
+from fedjax_dx._local import BatchSlots
+from fedjax_dx._local import gather_batch
 from fedjax_dx._local import ClientOutput
 from fedjax_dx._local import ClientState
 from fedjax_dx._local import epoch_order
@@ -79,6 +81,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Algorithm",
     "Batch",
+    "BatchSlots",
     "batched_runner",
     "binary_auc",
     "centralized",
@@ -106,6 +109,7 @@ __all__ = (
     "trimmed_mean",
     "weighted_mean",
     "FederatedData",
+    "gather_batch",
     "from_flax",
     "global_params",
     "local_only",

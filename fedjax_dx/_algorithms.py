@@ -184,7 +184,7 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
            weighting: str = "num_examples", aggregator: str | Callable = "mean",
            prox_mu: float = 0.0, stragglers: float = 0.0,
            straggler_policy: str = "drop", fine_tune_steps: int = 0,
-           name: str = "fedavg") -> Algorithm:
+           cohort_size: int | None = None, name: str = "fedavg") -> Algorithm:
   """Federated averaging, with a pluggable server optimizer (FedOpt) and aggregator.
 
   Each round every client starts from the global model, trains locally (vmapped over
@@ -211,6 +211,11 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     fine_tune_steps: personalization (FedAvg + fine-tuning): `Algorithm.personalize`
       gives each client the global model after this many local steps of the client
       optimizer on its own training data; 0 for none.
+    cohort_size: with partial participation, train only the participants: each round
+      gathers the first `cohort_size` participating clients and trains just them, so
+      compute and memory follow the sampled clients, not all C (a round with more
+      participants than `cohort_size` is refused by `run`). None trains every client
+      and masks out the rest.
     name: method name in results.
 
   Returns:
@@ -227,7 +232,7 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
                     server_optimizer=server_optimizer, weighting=weighting,
                     aggregator=aggregator, prox_mu=prox_mu, stragglers=stragglers,
                     straggler_policy=straggler_policy, fine_tune_steps=fine_tune_steps,
-                    name=name)
+                    cohort_size=cohort_size, name=name)
 
 
 def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox",
@@ -275,7 +280,7 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
              local_steps: int | None = None, local_epochs: int | None = None,
              server_learning_rate: float = 1.0, weighting: str = "num_examples",
              stragglers: float = 0.0, straggler_policy: str = "keep",
-             name: str = "scaffold") -> Algorithm:
+             cohort_size: int | None = None, name: str = "scaffold") -> Algorithm:
   """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
 
   Each client's gradient is corrected by `c - c_k`; after `K_k` local steps it updates
@@ -289,7 +294,8 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
                     local_steps=local_steps, local_epochs=local_epochs,
                     server_optimizer=optax.sgd(server_learning_rate), weighting=weighting,
                     aggregator="mean", prox_mu=0.0, stragglers=stragglers,
-                    straggler_policy=straggler_policy, fine_tune_steps=0, name=name,
+                    straggler_policy=straggler_policy, fine_tune_steps=0,
+                    cohort_size=cohort_size, name=name,
                     scaffold_learning_rate=learning_rate)
 
 
@@ -298,7 +304,7 @@ _STRAGGLER_POLICIES = ("drop", "keep")
 
 def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs,
                server_optimizer, weighting, aggregator, prox_mu, stragglers,
-               straggler_policy, fine_tune_steps, name,
+               straggler_policy, fine_tune_steps, name, cohort_size=None,
                scaffold_learning_rate=None) -> Algorithm:
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
@@ -311,6 +317,10 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
                      f"{stragglers!r}")
   if not isinstance(fine_tune_steps, (int, np.integer)) or fine_tune_steps < 0:
     raise ValueError(f"fine_tune_steps must be an integer >= 0, got {fine_tune_steps!r}")
+  if cohort_size is not None and (not isinstance(cohort_size, (int, np.integer))
+                                  or cohort_size < 1):
+    raise ValueError(f"cohort_size must be a positive integer or None, got "
+                     f"{cohort_size!r}")
   combine = (_aggregation.make_aggregator(aggregator) if isinstance(aggregator, str)
              else aggregator)
   min_participants = getattr(combine, "min_participants", 1)
@@ -350,10 +360,6 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
   def apply(state: ServerState, data: ClientData, participation=None):
     num_clients = data.num_clients
     participation = _participation_vector(participation, num_clients)
-    correction = None
-    if uses_controls:
-      correction = jax.tree.map(lambda c, ck: c[None] - ck, state.control,
-                                state.client_controls)
     work, dropped = None, jnp.zeros((num_clients,), bool)
     if stragglers > 0:
       is_straggler, work = straggler_work(
@@ -361,14 +367,28 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           participation, stragglers, full_budget)
       if straggler_policy == "drop":
         dropped = is_straggler
+    keys = _keys(state, num_clients, budget)
+    if cohort_size is None or cohort_size >= num_clients:
+      cohort = jnp.arange(num_clients)
+      take = lambda x: x
+    else:  # train only the participants: gather them (first `cohort_size` of them)
+      cohort = jnp.argsort(participation <= 0, stable=True)[:cohort_size]
+      take = lambda x: x[cohort]
+    members = jax.tree.map(take, data)
+    member_participation = take(participation)
+    member_dropped = take(dropped)
+    correction = None
+    if uses_controls:
+      correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
+                                state.client_controls)
     out = _local.train_clients(
-        trainer, state.params, client_optimizer.init(state.params), data,
-        _keys(state, num_clients, budget), state.positions,
-        epochs_window=state.epochs_window, stacked=False,
-        anchor=state.params if use_prox else None, correction=correction, work=work)
-    sizes = data.num_examples.astype(jnp.float32)
+        trainer, state.params, client_optimizer.init(state.params), members, take(keys),
+        take(state.positions), epochs_window=state.epochs_window, stacked=False,
+        anchor=state.params if use_prox else None, correction=correction,
+        work=None if work is None else take(work))
+    sizes = members.num_examples.astype(jnp.float32)
     base = sizes if weighting == "num_examples" else (sizes > 0).astype(jnp.float32)
-    weights = jnp.where(dropped, 0.0, participation * base)
+    weights = jnp.where(member_dropped, 0.0, member_participation * base)
     total = weights.sum()
     weights = weights / jnp.where(total > 0, total, 1.0)
     deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
@@ -377,32 +397,36 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     pseudo_gradient = jax.tree.map(jnp.negative, update)
     updates, server_opt_state = server_optimizer.update(
         pseudo_gradient, state.server_opt_state, state.params)
-    took_part = participation > 0
+    member_took_part = member_participation > 0
     new_state = state.replace(
         params=optax.apply_updates(state.params, updates),
         server_opt_state=server_opt_state,
-        positions=jnp.where(took_part, out.position, state.positions),
+        positions=state.positions.at[cohort].set(
+            jnp.where(member_took_part, out.position, take(state.positions))),
         round=state.round + 1)
     if uses_controls:
-      trained = took_part & ~dropped & (out.steps_taken > 0)
+      trained = member_took_part & ~member_dropped & (out.steps_taken > 0)
       scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
 
-      def new_client_control(ck, c, delta):
+      def control_change(ck, c, delta):
         shape = (-1,) + (1,) * (delta.ndim - 1)
-        candidate = ck - c[None] - delta * scale.reshape(shape)
-        return jnp.where(trained.reshape(shape), candidate, ck)
+        candidate = -c[None] - delta * scale.reshape(shape)  # new c_k - old c_k
+        return jnp.where(trained.reshape(shape), candidate, jnp.zeros_like(ck))
 
-      client_controls = jax.tree.map(new_client_control, state.client_controls,
-                                     state.control, deltas)
+      changes = jax.tree.map(control_change, jax.tree.map(take, state.client_controls),
+                             state.control, deltas)
       num_with_data = jnp.maximum((data.num_examples > 0).sum(), 1)
-      control = jax.tree.map(
-          lambda c, new, old: c + (new - old).sum(0) / num_with_data,
-          state.control, client_controls, state.client_controls)
-      new_state = new_state.replace(control=control, client_controls=client_controls)
+      new_state = new_state.replace(
+          control=jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data, state.control,
+                               changes),
+          client_controls=jax.tree.map(lambda ck, d: ck.at[cohort].add(d),
+                                       state.client_controls, changes))
+    took_part = participation > 0
     with_data = data.num_examples > 0
     metrics = {
         "train_loss": jnp.where(total > 0, jnp.nansum(weights * out.train_loss), jnp.nan),
-        "client_train_loss": jnp.where(took_part, out.train_loss, jnp.nan),
+        "client_train_loss": jnp.full((num_clients,), jnp.nan).at[cohort].set(
+            jnp.where(member_took_part, out.train_loss, jnp.nan)),
         "num_participants": (took_part & with_data).sum(),
         "num_uploads": (took_part & ~dropped & with_data).sum(),
         "num_stragglers": (took_part & with_data & (
@@ -425,6 +449,14 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
 
   def check(state, data, participation):
     _check_run_inputs(state, data, participation)
+    if cohort_size is not None:
+      counts = (participation > 0).sum(axis=1)
+      over = np.flatnonzero(counts > cohort_size)
+      if over.size:
+        raise ValueError(
+            f"cohort_size={cohort_size} but round(s) {over[:5].tolist()} have "
+            f"{counts[over[:5]].tolist()} participants; raise cohort_size to at least "
+            f"{int(counts.max())}")
     if min_participants > 1:
       with_data = np.asarray(data.num_examples) > 0
       counts = ((participation > 0) & with_data[None, :]).sum(axis=1)

@@ -56,6 +56,18 @@ class Batch(NamedTuple):
   weight: jax.Array  # [B] float32: 1 for a real example of this round's budget, else 0
 
 
+class BatchSlots(NamedTuple):
+  """Which of a client's examples each local step of a round uses."""
+
+  slots: jax.Array  # [S, B] int32: example index of each batch position
+  weight: jax.Array  # [S, B] float32: 1 for a real example of this round's budget, else 0
+
+
+def gather_batch(client: "Client", slots: jax.Array, weight: jax.Array) -> Batch:
+  """One step's `Batch` from the client's examples at `slots` ([B])."""
+  return Batch(x=client.features[slots], y=client.labels[slots], weight=weight)
+
+
 class ClientState(NamedTuple):
   """Carry of one client's local training (one round)."""
 
@@ -150,11 +162,11 @@ def check_hyperparameter(value, name: str, *, minimum: float | None = None,
 class LocalTrainer(NamedTuple):
   """Pure functions of one client's local training, to be scanned and vmapped.
 
-  `client_batches` lays out the round's minibatches (`[S, B, ...]`), `client_init`
+  `client_batches` lays out the round's minibatches (`[S, B]` indices), `client_init`
   starts from the given model, `client_step` takes one batch, `client_final` reports.
   """
 
-  client_batches: Callable[..., tuple[Batch, jax.Array]]
+  client_batches: Callable[..., tuple[BatchSlots, jax.Array]]
   client_init: Callable[[Params, optax.OptState], ClientState]
   client_step: Callable[[ClientState, Batch], ClientState]
   client_final: Callable[[ClientState, jax.Array], ClientOutput]
@@ -191,7 +203,9 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
     return math.ceil(max_examples * budget.epochs / batch)
 
   def client_batches(client: Client, key, position, epochs_window: int, work=None):
-    """This round's minibatches `[S, B, ...]` and the stream position after them.
+    """This round's minibatch layout (`BatchSlots`, `[S, B]`) and the stream position
+    after it. Only indices: each step gathers its own examples (`gather_batch`), so a
+    round never materialises all its batches (S x B x features) at once.
 
     `work` (optional, traced int): the client does only this many of the budget's
     units (steps or epochs) this round, e.g. a straggler; the rest of the layout is
@@ -214,10 +228,9 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
     epoch = jnp.clip(positions // n_safe - first_epoch, 0, epochs_window - 1)
     slots = orders[epoch, positions % n_safe]
     weight = ((positions < limit) & (n > 0)).astype(jnp.float32)
-    x = client.features[slots].reshape((steps, batch) + client.features.shape[1:])
-    batches = Batch(x=x, y=client.labels[slots].reshape(steps, batch),
-                    weight=weight.reshape(steps, batch))
-    return batches, limit.astype(jnp.int32)
+    return (BatchSlots(slots=slots.reshape(steps, batch),
+                       weight=weight.reshape(steps, batch)),
+            limit.astype(jnp.int32))
 
   def client_init(params, opt_state, anchor=None, correction=None) -> ClientState:
     if use_prox and anchor is None:
@@ -321,13 +334,15 @@ def train_client(trainer: LocalTrainer, params: Params, opt_state: optax.OptStat
                  correction: Params = None, work: jax.Array | None = None
                  ) -> ClientOutput:
   """One client's local training for one round: batches, then a `lax.scan` of steps."""
-  num_steps = trainer.num_steps(client.labels.shape[0])
-  batches, end = trainer.client_batches(client, key, position, epochs_window, work)
+  layout, end = trainer.client_batches(client, key, position, epochs_window, work)
   state = trainer.client_init(params, opt_state, anchor, correction)
+
+  def step(state, slots_and_weight):
+    return trainer.client_step(state, gather_batch(client, *slots_and_weight)), None
+
   # No unrolling: unroll=4 compiled 2x slower and ran no faster on CPU (W1 and W2 of
   # benchmarks/throughput.py at 100 and 1000 clients).
-  state, _ = jax.lax.scan(lambda s, b: (trainer.client_step(s, b), None), state,
-                          batches)
+  state, _ = jax.lax.scan(step, state, (layout.slots, layout.weight))
   return trainer.client_final(state, end)
 
 

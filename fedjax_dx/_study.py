@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import functools
 import itertools
 import json
 import logging
@@ -126,31 +125,52 @@ def _set(config, field: str, value) -> None:
   node[leaf] = value
 
 
-def parse_sweep(config) -> list[tuple[str, list]]:
-  """`"dataset.alpha=0.1,0.5;rounds=10,20"` -> [(field, [values]), ...], typed."""
+def _caster(config, field: str) -> Callable:
+  if field in ("sweep", "name", "num_seeds", "seed"):
+    raise StudyError(f"config.sweep: {field!r} cannot be swept (use num_seeds for seeds)")
+  current = _get(config, field)
+  if isinstance(current, bool):
+    def cast(v):
+      try:
+        return {"true": True, "false": False}[v.lower()]
+      except KeyError:
+        raise ValueError(f"{field} takes true/false") from None
+    return cast
+  if isinstance(current, (int, float, str)):
+    return type(current)
+  raise StudyError(f"config.sweep: {field!r} is not a single value and cannot be swept")
+
+
+def parse_sweep(config) -> list[tuple[tuple[str, ...], list[tuple]]]:
+  """Parses `config.sweep` into [(fields, [value tuples]), ...], typed.
+
+  `"dataset.alpha=0.1,0.5;rounds=10,20"` sweeps the cartesian product; fields joined
+  by `+` move together, their values joined by `/`:
+  `"dataset.fedprox_alpha+dataset.fedprox_beta=0/0,0.5/0.5,1/1"` is three points.
+  """
   sweep = []
   for item in filter(None, (s.strip() for s in str(config.sweep).split(";"))):
     if "=" not in item:
       raise StudyError(
           f"config.sweep: {item!r} is not 'field=value1,value2' (items are separated by ';')")
-    field, values = (s.strip() for s in item.split("=", 1))
-    if field in ("sweep", "name", "num_seeds", "seed"):
-      raise StudyError(f"config.sweep: {field!r} cannot be swept (use num_seeds for seeds)")
-    current = _get(config, field)
-    if isinstance(current, bool):
-      cast = lambda v: {"true": True, "false": False}[v.lower()]
-    elif isinstance(current, (int, float, str)):
-      cast = type(current)
-    else:
-      raise StudyError(f"config.sweep: {field!r} is not a single value and cannot be swept")
-    try:
-      parsed = _split_list(values, f"sweep ({field})", cast)
-    except KeyError as e:
-      raise StudyError(f"config.sweep: {field} takes true/false, got {values!r}") from e
-    if not parsed:
-      raise StudyError(f"config.sweep: {field} has no values")
-    sweep.append((field, parsed))
-  fields = [f for f, _ in sweep]
+    left, values = (s.strip() for s in item.split("=", 1))
+    fields = tuple(f.strip() for f in left.split("+"))
+    casts = [_caster(config, f) for f in fields]
+    points = []
+    for text in filter(None, (v.strip() for v in values.split(","))):
+      parts = [p.strip() for p in text.split("/")] if len(fields) > 1 else [text]
+      if len(parts) != len(fields):
+        raise StudyError(
+            f"config.sweep: {text!r} gives {len(parts)} value(s) for the {len(fields)} "
+            f"fields {'+'.join(fields)} (join them with '/')")
+      try:
+        points.append(tuple(cast(p) for cast, p in zip(casts, parts)))
+      except ValueError as e:
+        raise StudyError(f"config.sweep: cannot read {text!r} for {left}: {e}") from e
+    if not points:
+      raise StudyError(f"config.sweep: {left} has no values")
+    sweep.append((fields, points))
+  fields = [f for group, _ in sweep for f in group]
   if len(set(fields)) != len(fields):
     raise StudyError(f"config.sweep: a field is swept twice: {fields}")
   return sweep
@@ -158,10 +178,13 @@ def parse_sweep(config) -> list[tuple[str, list]]:
 
 def sweep_points(config) -> list[dict[str, Any]]:
   sweep = parse_sweep(config)
-  if not sweep:
-    return [{}]
-  fields = [f for f, _ in sweep]
-  return [dict(zip(fields, combo)) for combo in itertools.product(*(v for _, v in sweep))]
+  points = []
+  for combo in itertools.product(*(values for _, values in sweep)):
+    point = {}
+    for (fields, _), values in zip(sweep, combo):
+      point.update(zip(fields, values))
+    points.append(point)
+  return points
 
 
 def column_name(field: str, fields: list[str]) -> str:
@@ -384,8 +407,10 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
   budget = dict(batch_size=config.batch_size,
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
+  # With sampling, train only each round's sampled clients (compute follows them).
   stragglers = dict(stragglers=config.stragglers,
-                    straggler_policy=_straggler_policy(config, method))
+                    straggler_policy=_straggler_policy(config, method),
+                    cohort_size=config.clients_per_round or None)
   common = dict(weighting="num_examples", aggregator=_aggregator(config), **stragglers,
                 **budget)
   server_sgd = optax.sgd(config.server_learning_rate)
@@ -421,7 +446,8 @@ _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
                    "server_learning_rate", "server_momentum", "mu", "fedopt_learning_rate",
                    "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
                    "num_byzantine", "batch_size", "local_steps", "local_epochs",
-                   "stragglers", "straggler_policy", "fine_tune_steps")
+                   "stragglers", "straggler_policy", "fine_tune_steps",
+                   "clients_per_round")
 
 
 class _LazyExecutable:

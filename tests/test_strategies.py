@@ -342,3 +342,38 @@ def test_straggler_and_fine_tuning_arguments_are_checked():
                straggler_policy="wait")
   with pytest.raises(ValueError, match=r"fine_tune_steps .* got -1"):
     fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3, fine_tune_steps=-1)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "scaffold", "fedprox_stragglers"])
+def test_training_only_the_cohort_equals_masking_everyone(method):
+  model = fdx.logistic_regression()
+  _, _, data = make_data(sizes=[7, 12, 3, 9, 5, 11])
+  params = init_params(model)
+  participation = fdx.sample_participation(3, 5, np.asarray(data.num_examples), 2)
+
+  def build(**kwargs):
+    if method == "scaffold":
+      return fdx.scaffold(model, 0.1, batch_size=3, local_steps=4, **kwargs)
+    if method == "fedprox_stragglers":
+      return fdx.fedprox(model, optax.sgd(0.1), mu=0.2, batch_size=3, local_epochs=3,
+                         stragglers=0.5, **kwargs)
+    return fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_steps=4, **kwargs)
+
+  results = {}
+  for name, kwargs in [("all", {}), ("cohort", dict(cohort_size=2))]:
+    algo = build(**kwargs)
+    results[name] = algo.run(algo.init(params, data, RNG), data, participation=participation)
+  (full, full_metrics), (cohort, cohort_metrics) = results["all"], results["cohort"]
+  assert_trees_close(cohort.params, full.params, atol=1e-6)
+  np.testing.assert_array_equal(cohort.positions, full.positions)
+  if method == "scaffold":
+    assert_trees_close(cohort.client_controls, full.client_controls, atol=1e-6)
+    assert_trees_close(cohort.control, full.control, atol=1e-6)
+  for key in ("num_participants", "num_uploads", "num_stragglers"):
+    np.testing.assert_array_equal(cohort_metrics[key], full_metrics[key])
+  np.testing.assert_allclose(cohort_metrics["client_train_loss"],
+                             full_metrics["client_train_loss"], rtol=1e-5)
+  too_small = build(cohort_size=1)
+  with pytest.raises(ValueError, match=r"cohort_size=1 but round\(s\) \[0, 1, 2, 3, 4\] "
+                                       r"have \[2, 2, 2, 2, 2\] participants"):
+    too_small.run(too_small.init(params, data, RNG), data, participation=participation)
