@@ -145,9 +145,11 @@ def make_report(workdir: str) -> dict[str, str]:
   # Sweeps: final metric vs each swept value; round time vs number of clients.
   final_pooled = last[last["client"] == "pooled"]
   for column in swept:
+    others = [c for c in swept if c != column and final_pooled[c].nunique() > 1]
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     sns.lineplot(data=final_pooled, x=column, y=metric, **hue(final_pooled["method"]),
-                 errorbar=("ci", 95), marker="o", ax=ax)
+                 style=others[0] if others else None, errorbar=("ci", 95), marker="o",
+                 ax=ax)
     if column in ("alpha",):
       ax.set_xscale("log")
     elif np.issubdtype(final_pooled[column].dtype, np.integer):
@@ -212,6 +214,11 @@ def _html(workdir, meta, summary, figures, metric) -> str:
     if f"{m}_mean" in summary:
       table[f"{m}_mean"] = [f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
                             for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+  table_path = os.path.join(workdir, "summary_table.md")
+  if os.path.isfile(table_path):
+    with open(table_path) as f:
+      parts.append(f"<h2>Final test {html.escape(_label(metric))} per test set</h2>"
+                   f"<pre>{html.escape(f.read())}</pre>")
   parts.append(f"<h2>Summary (final round, test sets, mean ± std over seeds; target "
                f"{html.escape(str(summary['target'].iloc[0]))})</h2>")
   parts.append(table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}"))

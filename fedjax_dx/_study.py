@@ -916,7 +916,57 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
   summary = summarize(frame, config)
   summary_path = os.path.join(workdir, "summary.csv")
   write_atomic(summary_path, summary.to_csv(index=False))
-  return {"metrics": metrics_path, "summary": summary_path}
+  table_path = os.path.join(workdir, "summary_table.md")
+  write_atomic(table_path, summary_table(summary, config.target_metric,
+                                         methods_order(config, summary)))
+  return {"metrics": metrics_path, "summary": summary_path, "table": table_path}
+
+
+def methods_order(config, summary) -> list[str]:
+  """Result method names in config order (`local` expands to local_0, local_1, ...)."""
+  order = []
+  for method in methods_of(config):
+    if method == "local":
+      order += sorted((m for m in set(summary["method"]) if m.startswith("local_")),
+                      key=lambda m: int(m.split("_")[1]))
+    else:
+      order.append(method)
+  return [m for m in order if m in set(summary["method"])]
+
+
+def summary_table(summary, metric: str, methods: list[str]) -> str:
+  """A Markdown table: one row per method (and swept point), one column per test set,
+  cells `mean ± std` over seeds of the final-round `metric`."""
+  swept = [c for c in summary.columns if c not in (
+      "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
+      "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
+      "seeds_reaching_target", "target") and not c.endswith(("_mean", "_std"))]
+  clients = summary.drop_duplicates("client")
+  clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
+                                  for c in clients["client"]]).sort_values("order")
+  names = clients["client_name"].tolist()
+
+  def cell(mean, std, seeds):
+    if mean != mean:  # NaN: undefined on this test set
+      return "–"
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 and std == std else f"{mean:.3f}"
+
+  header = [*swept, "method", *names]
+  lines = [f"Final test {metric}, mean ± std over seeds (n = "
+           f"{int(summary['num_seeds'].max())})", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  groups = summary.groupby(swept, sort=True, dropna=False) if swept else [((), summary)]
+  for key, group in groups:
+    key = key if isinstance(key, tuple) else (key,)
+    for method in methods:
+      rows = group[group["method"] == method].set_index("client_name")
+      if rows.empty:
+        continue
+      cells = [cell(rows.at[n, f"{metric}_mean"], rows.at[n, f"{metric}_std"],
+                    rows.at[n, "num_seeds"]) if n in rows.index else "–" for n in names]
+      lines.append("| " + " | ".join([*(f"{v:g}" if isinstance(v, float) else str(v)
+                                        for v in key), method, *cells]) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def swept_columns(frame) -> list[str]:

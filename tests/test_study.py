@@ -67,6 +67,14 @@ def test_end_to_end_tiny_study(tmp_path):
   final = metrics[(metrics["method"] == "fedavg") & (metrics["client"] == "pooled")
                   & (metrics["split"] == "test") & (metrics["round"] == 4)]
   assert pooled_fed["accuracy_mean"].iloc[0] == pytest.approx(final["accuracy"].mean())
+  table = (workdir / "summary_table.md").read_text().splitlines()
+  assert table[2] == "| method | hospital 0 | hospital 1 | hospital 2 | pooled |"
+  fed_row = next(line for line in table if line.startswith("| fedavg |"))
+  mean, std = pooled_fed["accuracy_mean"].iloc[0], pooled_fed["accuracy_std"].iloc[0]
+  assert fed_row.endswith(f"| {mean:.3f} ± {std:.3f} |")
+  assert [line.split(" | ")[0] for line in table[4:]] == [
+      "| fedavg", "| fedprox", "| scaffold", "| fedadam", "| centralized", "| local_0",
+      "| local_1", "| local_2"]
   for name in ("convergence.png", "communication.png", "comparison.png",
                "label_distribution.png", "report.html"):
     assert (workdir / name).stat().st_size > 1000, name
@@ -90,6 +98,7 @@ def test_end_to_end_tiny_study(tmp_path):
     ("--config.methods=fedavg_ft --config.fine_tune_steps=0",
      "config.fine_tune_steps = 0: expected an integer >= 1 for fedavg_ft"),
     ("--config.aggregator=krum", "krum needs at least 5 participating clients"),
+    ("--config.trim_fraction=0.5", "config.trim_fraction = 0.5: expected a number in"),
     ("--config.mu=-0.5", "config.mu = -0.5: expected a number >= 0 (FedProx)"),
     ("--config.aggregator=mode", "config.aggregator = 'mode'"),
 ])
