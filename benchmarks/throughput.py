@@ -33,6 +33,8 @@ import optax
 
 import fedjax_dx as fdx
 from fedjax_dx import _local
+from benchmarks.workloads import BATCH, LEARNING_RATE
+from benchmarks.workloads import make_data, workload
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "CSV file to write (columns documented in the module).")
@@ -50,36 +52,8 @@ flags.DEFINE_integer("cpu_devices", 0, "On the CPU backend, split the host into 
 flags.DEFINE_bool("breakdown", False, "Also time the vmapped round's parts: the per-epoch "
                   "shuffle alone, and the round with the shuffle replaced by a fixed order.")
 
-EXAMPLES_PER_CLIENT = 64
-NUM_FEATURES = 13
-BATCH = 16
-LEARNING_RATE = 0.05
 COLUMNS = ("workload", "form", "clients", "sec_per_round", "client_updates_per_s",
            "compile_s", "gflops", "peak_gflops")
-
-
-def workload(name: str) -> tuple[fdx.Model, float]:
-  """The model and its FLOPs per client update (forward + backward, 64 examples)."""
-  if name == "W1":
-    model = fdx.logistic_regression()
-    weights = NUM_FEATURES * 1
-  elif name == "W2":
-    model = fdx.mlp(hidden=(64, 64), num_classes=2, output="softmax")
-    weights = NUM_FEATURES * 64 + 64 * 64 + 64 * 2
-  else:
-    raise ValueError(f"--workloads: unknown workload {name!r}, expected W1 or W2")
-  return model, 6.0 * weights * EXAMPLES_PER_CLIENT
-
-
-def make_data(num_clients: int, seed: int = 0) -> fdx.ClientData:
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(num_clients, EXAMPLES_PER_CLIENT, NUM_FEATURES)).astype(np.float32)
-  w = rng.normal(size=NUM_FEATURES).astype(np.float32)
-  y = (x @ w + rng.normal(size=x.shape[:2]) > 0).astype(np.int32)
-  return fdx.ClientData(
-      features=jnp.asarray(x), labels=jnp.asarray(y),
-      mask=jnp.ones(y.shape, bool),
-      num_examples=jnp.full((num_clients,), EXAMPLES_PER_CLIENT, jnp.int32))
 
 
 def peak_matmul_gflops(size: int, repeats: int) -> float:

@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.num_seeds = 5  # seeds seed, seed+1, ...
   config.batch_seeds = True  # train all seeds at once (one vmapped program per method)
+  config.client_chunk = 0  # clients trained at a time: 0 all, -1 chosen from device
+  # memory, n groups of n (memory-bounded rounds; aggregator mean)
+  config.bucket_clients = False  # pad the client count to a power of two (a sweep over
+  # client counts compiles once per bucket)
   config.fast_compile = False  # XLA backend optimisation level 0: faster compiles,
   # slower steps (for small models, where compile time dominates)
 

@@ -68,6 +68,10 @@ from fedjax_dx._models import Model
 from fedjax_dx._models import per_example_loss
 from fedjax_dx._models import probabilities
 from fedjax_dx._sampling import sample_participation
+from fedjax_dx._scale import available_memory
+from fedjax_dx._scale import choose_client_chunk
+from fedjax_dx._scale import client_bucket
+from fedjax_dx._scale import round_memory
 from fedjax_dx._sharding import client_mesh
 from fedjax_dx._sharding import padded_client_count
 from fedjax_dx._sharding import replicate
@@ -80,6 +84,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "Algorithm",
+    "available_memory",
     "Batch",
     "BatchSlots",
     "batched_runner",
@@ -87,6 +92,8 @@ __all__ = (
     "centralized",
     "check_client_data",
     "classification_metrics",
+    "choose_client_chunk",
+    "client_bucket",
     "client_mesh",
     "cnn",
     "cyclic",
@@ -128,6 +135,7 @@ __all__ = (
     "pool_clients",
     "probabilities",
     "replicate",
+    "round_memory",
     "sample_participation",
     "ServerState",
     "shard_clients",

@@ -184,7 +184,8 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
            weighting: str = "num_examples", aggregator: str | Callable = "mean",
            prox_mu: float = 0.0, stragglers: float = 0.0,
            straggler_policy: str = "drop", fine_tune_steps: int = 0,
-           cohort_size: int | None = None, name: str = "fedavg") -> Algorithm:
+           cohort_size: int | None = None, client_chunk: int | None = None,
+           name: str = "fedavg") -> Algorithm:
   """Federated averaging, with a pluggable server optimizer (FedOpt) and aggregator.
 
   Each round every client starts from the global model, trains locally (vmapped over
@@ -216,6 +217,11 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
       compute and memory follow the sampled clients, not all C (a round with more
       participants than `cohort_size` is refused by `run`). None trains every client
       and masks out the rest.
+    client_chunk: memory-bounded rounds: train the (cohort's) clients in groups of this
+      many, one group after another (`lax.scan`), adding up the weighted updates, so
+      the round's memory grows with the group, not with the client count. Needs the
+      "mean" aggregator (robust aggregators need all updates at once). See
+      `choose_client_chunk` for a size that fits the device. None: all at once.
     name: method name in results.
 
   Returns:
@@ -232,7 +238,7 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
                     server_optimizer=server_optimizer, weighting=weighting,
                     aggregator=aggregator, prox_mu=prox_mu, stragglers=stragglers,
                     straggler_policy=straggler_policy, fine_tune_steps=fine_tune_steps,
-                    cohort_size=cohort_size, name=name)
+                    cohort_size=cohort_size, client_chunk=client_chunk, name=name)
 
 
 def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox",
@@ -280,7 +286,8 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
              local_steps: int | None = None, local_epochs: int | None = None,
              server_learning_rate: float = 1.0, weighting: str = "num_examples",
              stragglers: float = 0.0, straggler_policy: str = "keep",
-             cohort_size: int | None = None, name: str = "scaffold") -> Algorithm:
+             cohort_size: int | None = None, client_chunk: int | None = None,
+             name: str = "scaffold") -> Algorithm:
   """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
 
   Each client's gradient is corrected by `c - c_k`; after `K_k` local steps it updates
@@ -295,7 +302,7 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
                     server_optimizer=optax.sgd(server_learning_rate), weighting=weighting,
                     aggregator="mean", prox_mu=0.0, stragglers=stragglers,
                     straggler_policy=straggler_policy, fine_tune_steps=0,
-                    cohort_size=cohort_size, name=name,
+                    cohort_size=cohort_size, client_chunk=client_chunk, name=name,
                     scaffold_learning_rate=learning_rate)
 
 
@@ -305,7 +312,7 @@ _STRAGGLER_POLICIES = ("drop", "keep")
 def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs,
                server_optimizer, weighting, aggregator, prox_mu, stragglers,
                straggler_policy, fine_tune_steps, name, cohort_size=None,
-               scaffold_learning_rate=None) -> Algorithm:
+               client_chunk=None, scaffold_learning_rate=None) -> Algorithm:
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
   _local.check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
@@ -321,6 +328,14 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
                                   or cohort_size < 1):
     raise ValueError(f"cohort_size must be a positive integer or None, got "
                      f"{cohort_size!r}")
+  if client_chunk is not None:
+    if not isinstance(client_chunk, (int, np.integer)) or client_chunk < 1:
+      raise ValueError(f"client_chunk must be a positive integer or None, got "
+                       f"{client_chunk!r}")
+    if aggregator not in ("mean", _aggregation.weighted_mean):
+      raise ValueError(
+          f"client_chunk={client_chunk} needs aggregator='mean': a robust aggregator "
+          f"({aggregator!r}) needs every update at once; use client_chunk=None")
   combine = (_aggregation.make_aggregator(aggregator) if isinstance(aggregator, str)
              else aggregator)
   min_participants = getattr(combine, "min_participants", 1)
@@ -370,63 +385,106 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     keys = _keys(state, num_clients, budget)
     if cohort_size is None or cohort_size >= num_clients:
       cohort = jnp.arange(num_clients)
-      take = lambda x: x
     else:  # train only the participants: gather them (first `cohort_size` of them)
       cohort = jnp.argsort(participation <= 0, stable=True)[:cohort_size]
-      take = lambda x: x[cohort]
-    members = jax.tree.map(take, data)
-    member_participation = take(participation)
-    member_dropped = take(dropped)
-    correction = None
-    if uses_controls:
-      correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
-                                state.client_controls)
-    out = _local.train_clients(
-        trainer, state.params, client_optimizer.init(state.params), members, take(keys),
-        take(state.positions), epochs_window=state.epochs_window, stacked=False,
-        anchor=state.params if use_prox else None, correction=correction,
-        work=None if work is None else take(work))
-    sizes = members.num_examples.astype(jnp.float32)
+    sizes = data.num_examples.astype(jnp.float32)
     base = sizes if weighting == "num_examples" else (sizes > 0).astype(jnp.float32)
-    weights = jnp.where(member_dropped, 0.0, member_participation * base)
-    total = weights.sum()
-    weights = weights / jnp.where(total > 0, total, 1.0)
-    deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
+    raw_weights = jnp.where(dropped, 0.0, participation * base)
+    total = raw_weights.sum()
+    scale_weights = 1.0 / jnp.where(total > 0, total, 1.0)
+    anchor = state.params if use_prox else None
+
+    def train_group(members, everyone=False):
+      """Trains the clients `members` ([G] indices) from the global model."""
+      take = (lambda x: x) if everyone else (lambda x: x[members])
+      correction = None
+      if uses_controls:
+        correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
+                                  state.client_controls)
+      out = _local.train_clients(
+          trainer, state.params, client_optimizer.init(state.params),
+          jax.tree.map(take, data), take(keys), take(state.positions),
+          epochs_window=state.epochs_window, stacked=False, anchor=anchor,
+          correction=correction, work=None if work is None else take(work))
+      deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
+      changes = None
+      if uses_controls:
+        trained = (take(participation) > 0) & ~take(dropped) & (out.steps_taken > 0)
+        step_scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
+
+        def control_change(c, delta):  # new c_k - old c_k
+          shape = (-1,) + (1,) * (delta.ndim - 1)
+          change = -c[None] - delta * step_scale.reshape(shape)
+          return jnp.where(trained.reshape(shape), change, 0.0)
+
+        changes = jax.tree.map(control_change, state.control, deltas)
+      return out, deltas, changes, take(raw_weights) * scale_weights
+
+    if client_chunk is None or client_chunk >= cohort.shape[0]:
+      out, deltas, changes, weights = train_group(
+          cohort, everyone=cohort.shape[0] == num_clients)
+      update = combine(deltas, weights)
+      members = cohort
+    else:  # memory-bounded: a scan over groups of clients, summing weighted updates
+      num_groups = -(-cohort.shape[0] // client_chunk)
+      padded = num_groups * client_chunk
+      # Padding slots repeat the first member with weight 0 (and are not scattered back).
+      members = jnp.concatenate([cohort, jnp.full((padded - cohort.shape[0],),
+                                                  cohort[0])])
+      real = jnp.arange(padded) < cohort.shape[0]
+
+      def group_step(update_sum, group):
+        group_members, group_real = group
+        out, deltas, changes, weights = train_group(group_members)
+        weights = jnp.where(group_real, weights, 0.0)
+        update_sum = jax.tree.map(jnp.add, update_sum,
+                                  _aggregation.weighted_mean(deltas, weights))
+        if changes is not None:  # padding slots change no control variate
+          changes = jax.tree.map(
+              lambda d: jnp.where(group_real.reshape((-1,) + (1,) * (d.ndim - 1)), d,
+                                  0.0), changes)
+        small = (out.position, out.train_loss, out.steps_taken)
+        return update_sum, (small, changes)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      update, (small, changes) = jax.lax.scan(
+          group_step, zeros, (members.reshape(num_groups, client_chunk),
+                              real.reshape(num_groups, client_chunk)))
+      flat = lambda x: x.reshape((padded,) + x.shape[2:])
+      position, train_loss, steps_taken = map(flat, small)
+      out = _local.ClientOutput(params=None, opt_state=None, position=position,
+                                train_loss=train_loss, examples_seen=None,
+                                steps_taken=steps_taken)
+      changes = None if changes is None else jax.tree.map(flat, changes)
+      weights = jnp.where(real, raw_weights[members] * scale_weights, 0.0)
+      members = jnp.where(real, members, num_clients)  # out of range: dropped on scatter
     # Every participant dropped as a straggler: the model stays where it is.
-    update = jax.tree.map(lambda u: jnp.where(total > 0, u, 0.0), combine(deltas, weights))
+    update = jax.tree.map(lambda u: jnp.where(total > 0, u, 0.0), update)
     pseudo_gradient = jax.tree.map(jnp.negative, update)
     updates, server_opt_state = server_optimizer.update(
         pseudo_gradient, state.server_opt_state, state.params)
-    member_took_part = member_participation > 0
+    member_took_part = participation.at[members].get(mode="fill", fill_value=0.0) > 0
     new_state = state.replace(
         params=optax.apply_updates(state.params, updates),
         server_opt_state=server_opt_state,
-        positions=state.positions.at[cohort].set(
-            jnp.where(member_took_part, out.position, take(state.positions))),
+        positions=state.positions.at[members].set(
+            jnp.where(member_took_part, out.position,
+                      state.positions.at[members].get(mode="fill", fill_value=0)),
+            mode="drop"),
         round=state.round + 1)
     if uses_controls:
-      trained = member_took_part & ~member_dropped & (out.steps_taken > 0)
-      scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
-
-      def control_change(ck, c, delta):
-        shape = (-1,) + (1,) * (delta.ndim - 1)
-        candidate = -c[None] - delta * scale.reshape(shape)  # new c_k - old c_k
-        return jnp.where(trained.reshape(shape), candidate, jnp.zeros_like(ck))
-
-      changes = jax.tree.map(control_change, jax.tree.map(take, state.client_controls),
-                             state.control, deltas)
       num_with_data = jnp.maximum((data.num_examples > 0).sum(), 1)
       new_state = new_state.replace(
           control=jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data, state.control,
                                changes),
-          client_controls=jax.tree.map(lambda ck, d: ck.at[cohort].add(d),
+          client_controls=jax.tree.map(lambda ck, d: ck.at[members].add(d, mode="drop"),
                                        state.client_controls, changes))
     took_part = participation > 0
     with_data = data.num_examples > 0
     metrics = {
         "train_loss": jnp.where(total > 0, jnp.nansum(weights * out.train_loss), jnp.nan),
-        "client_train_loss": jnp.full((num_clients,), jnp.nan).at[cohort].set(
-            jnp.where(member_took_part, out.train_loss, jnp.nan)),
+        "client_train_loss": jnp.full((num_clients,), jnp.nan).at[members].set(
+            jnp.where(member_took_part, out.train_loss, jnp.nan), mode="drop"),
         "num_participants": (took_part & with_data).sum(),
         "num_uploads": (took_part & ~dropped & with_data).sum(),
         "num_stragglers": (took_part & with_data & (

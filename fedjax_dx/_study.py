@@ -44,7 +44,7 @@ METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate
                  "fedopt_tau", "aggregator", "trim_fraction", "num_byzantine",
                  "batch_size", "local_steps", "local_epochs", "clients_per_round",
                  "sampling", "rounds", "eval_every", "stragglers", "straggler_policy",
-                 "fine_tune_steps")
+                 "fine_tune_steps", "client_chunk")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
            "f1")
@@ -325,6 +325,14 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
        "1 .. budget-1)")
   need(method != "fedavg_ft" or config.fine_tune_steps >= 1, "fine_tune_steps",
        "an integer >= 1 for fedavg_ft (local fine-tuning steps per client)")
+  need(config.client_chunk >= -1, "client_chunk",
+       "0 (all clients at once), -1 (chosen from device memory) or a group size >= 1")
+  need(config.client_chunk == 0 or config.aggregator == "mean"
+       or method not in _CHUNKABLE, "client_chunk",
+       f"0 with aggregator {config.aggregator!r} (robust aggregators need every update "
+       "at once)")
+  need(not config.bucket_clients or method != "cyclic", "bucket_clients",
+       "false for cyclic (padding clients would take turns in its cycle)")
 
 
 def apply_point(config, point: dict[str, Any]):
@@ -396,6 +404,11 @@ def _aggregator(config):
   return config.aggregator
 
 
+# Strategies whose rounds can run in memory-bounded client chunks (`client_chunk`).
+_CHUNKABLE = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
+              "fedadagrad", "fedavg_ft")
+
+
 def _straggler_policy(config, method: str) -> str:
   if config.straggler_policy != "paper":
     return config.straggler_policy
@@ -410,7 +423,8 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
   # With sampling, train only each round's sampled clients (compute follows them).
   stragglers = dict(stragglers=config.stragglers,
                     straggler_policy=_straggler_policy(config, method),
-                    cohort_size=config.clients_per_round or None)
+                    cohort_size=config.clients_per_round or None,
+                    client_chunk=config.client_chunk if config.client_chunk > 0 else None)
   common = dict(weighting="num_examples", aggregator=_aggregator(config), **stragglers,
                 **budget)
   server_sgd = optax.sgd(config.server_learning_rate)
@@ -447,7 +461,7 @@ _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
                    "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
                    "num_byzantine", "batch_size", "local_steps", "local_epochs",
                    "stragglers", "straggler_policy", "fine_tune_steps",
-                   "clients_per_round")
+                   "clients_per_round", "client_chunk")
 
 
 class _LazyExecutable:
@@ -481,7 +495,7 @@ class _Cache:
   def __init__(self, options: dict[str, Any] | None = None):
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
-    self.runs, self.params = {}, {}
+    self.runs, self.params, self.chunks = {}, {}, {}
     self.pool, self.reported = None, set()
 
   def model(self, config, num_classes):
@@ -496,6 +510,34 @@ class _Cache:
     if key not in self.algorithms:
       self.algorithms[key] = build_method(config, method, model)
     return self.algorithms[key]
+
+  def fit_client_chunk(self, config, method, model, params, train, rng):
+    """`config` with `client_chunk` resolved: -1 becomes the largest group that fits in
+    device memory (0 when all clients fit at once); a given size is checked to fit."""
+    key = (method, json.dumps({f: _to_plain(config[f]) for f in _COMPILE_FIELDS},
+                              sort_keys=True), id(model),
+           str([(x.shape, str(x.dtype)) for x in jax.tree.leaves(train)]))
+    if key not in self.chunks:
+      one_seed = jax.tree.map(lambda x: x[0], params)
+
+      def make(client_chunk):
+        variant = copy.deepcopy(config)
+        variant.client_chunk = client_chunk
+        return build_method(variant, method, model)
+
+      from fedjax_dx import _scale
+      try:
+        chosen = _scale.choose_client_chunk(
+            make, one_seed, train, rng,
+            requested=config.client_chunk if config.client_chunk > 0 else None)
+      except ValueError as e:
+        raise StudyError(f"config.client_chunk = {config.client_chunk} ({method}): {e}")
+      self.chunks[key] = chosen or 0
+    if self.chunks[key] == config.client_chunk:
+      return config
+    variant = copy.deepcopy(config)
+    variant.client_chunk = self.chunks[key]
+    return variant
 
   def initial_params(self, model, keys, example):
     """Each seed's initial model `[S, ...]` (one compiled init, shared by methods)."""
@@ -566,10 +608,22 @@ class _Cache:
       self.pool = None
 
   def dataset(self, config):
-    key = json.dumps(_to_plain(config.dataset), sort_keys=True) + f"|{config.seed}"
+    key = (json.dumps(_to_plain(config.dataset), sort_keys=True)
+           + f"|{config.seed}|{config.bucket_clients}")
     if key not in self.data:
-      self.data[key] = load_data(config)
+      data, names, counts = load_data(config)
+      if config.bucket_clients:  # pad to a power of two: one compile per bucket
+        bucket = _scale_bucket(data.num_clients)
+        data = _data.FederatedData(train=_data.pad_clients(data.train, bucket),
+                                   test=_data.pad_clients(data.test, bucket),
+                                   num_classes=data.num_classes)
+      self.data[key] = (data, names, counts)
     return self.data[key]
+
+
+def _scale_bucket(num_clients: int) -> int:
+  from fedjax_dx import _scale
+  return _scale.client_bucket(num_clients)
 
 
 def _to_plain(value):
@@ -627,15 +681,18 @@ class MethodRun:
   every `eval_every` rounds and returns the result rows of each seed."""
 
   def __init__(self, config, method, data, names, cache, seeds, swept):
-    self.config, self.method, self.data, self.names = config, method, data, names
+    self.data, self.names = data, names
     self.seeds, self.swept, self.cache = list(seeds), swept, cache
     self.model = model = cache.model(config, data.num_classes)
-    self.algo = algo = cache.algorithm(config, method, model)
     self.train = train = (_data.pool_clients(data.train) if method == "centralized"
                           else data.train)
     sizes = np.asarray(data.train.num_examples)
     keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
     params = cache.initial_params(model, keys[:, 0], data.train.features[0, :1])
+    if method in _CHUNKABLE and config.client_chunk != 0:
+      config = cache.fit_client_chunk(config, method, model, params, train, keys[0, 1])
+    self.config, self.method = config, method
+    self.algo = algo = cache.algorithm(config, method, model)
     # One batched init for all seeds (the data is not batched, so init's host checks run).
     self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
                                                                           keys[:, 1])
@@ -687,14 +744,14 @@ class MethodRun:
       for split, result in zip(("train", "test"), results):
         for s, seed in enumerate(seeds):
           one = _seed_slice(result, s)
-          base = dict(seed=seed, round=round_index, num_clients=data.num_clients,
+          base = dict(seed=seed, round=round_index, num_clients=len(self.names),
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
                       batched_seeds=len(seeds),
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
-            for m in range(data.num_clients):
+            for m in range(len(self.names)):  # real clients (not bucket padding)
               rows[seed].extend(_metric_rows(one, self.names,
                                              prefix=dict(base, method=f"local_{m}"),
                                              model_index=m))

@@ -82,3 +82,22 @@ def test_same_config_and_seed_are_bitwise_identical_across_processes():
     assert result.returncode == 0, result.stderr
     digests.append(result.stdout.strip().splitlines()[-1])
   assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+def test_scale_benchmark_writes_csv_and_figure(tmp_path):
+  out, figure = tmp_path / "scale.csv", tmp_path / "scale.png"
+  result = run_module("benchmarks.scale", "--clients=4,40", "--workloads=W1",
+                      "--repeats=1", "--chunk=16", f"--out={out}", f"--figure={figure}")
+  assert result.returncode == 0, result.stderr
+  with open(out) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["form"], r["clients"], r["client_chunk"]) for r in rows] == [
+      ("unchunked", "4", "0"), ("unchunked", "40", "0"), ("chunked", "40", "16")]
+  assert all(float(r["memory_bytes"]) > 0 and float(r["sec_per_round"]) > 0
+             for r in rows)
+  assert figure.stat().st_size > 1000
+
+
+def test_scale_benchmark_rejects_an_unknown_workload():
+  result = run_module("benchmarks.scale", "--workloads=W7")
+  assert result.returncode != 0 and "W7" in result.stderr

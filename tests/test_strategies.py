@@ -377,3 +377,73 @@ def test_training_only_the_cohort_equals_masking_everyone(method):
   with pytest.raises(ValueError, match=r"cohort_size=1 but round\(s\) \[0, 1, 2, 3, 4\] "
                                        r"have \[2, 2, 2, 2, 2\] participants"):
     too_small.run(too_small.init(params, data, RNG), data, participation=participation)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "scaffold", "fedprox_stragglers_cohort"])
+def test_memory_bounded_rounds_equal_the_unchunked_round(method):
+  model = fdx.mlp(hidden=(5,), num_classes=2)
+  _, _, data = make_data(sizes=[7, 12, 3, 9, 5, 11, 4])
+  params = init_params(model)
+  participation = np.ones((4, 7), np.float32)
+  participation[1, [2, 5]] = 0
+
+  def build(**kwargs):
+    if method == "scaffold":
+      return fdx.scaffold(model, 0.1, batch_size=3, local_steps=4, **kwargs)
+    if method == "fedprox_stragglers_cohort":
+      return fdx.fedprox(model, optax.sgd(0.1), mu=0.2, batch_size=3, local_epochs=3,
+                         stragglers=0.5, cohort_size=7, **kwargs)
+    return fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_steps=4,
+                      server_optimizer=optax.adam(0.05), **kwargs)
+
+  results = {}
+  for chunk in (None, 3, 1):  # 7 clients: groups of 3 (one padded) and of 1
+    algo = build(client_chunk=chunk)
+    results[chunk] = algo.run(algo.init(params, data, RNG), data,
+                              participation=participation)
+  full, full_metrics = results[None]
+  for chunk in (3, 1):
+    state, metrics = results[chunk]
+    assert_trees_close(state.params, full.params, atol=1e-6)
+    np.testing.assert_array_equal(state.positions, full.positions)
+    if method == "scaffold":
+      assert_trees_close(state.client_controls, full.client_controls, atol=1e-6)
+      assert_trees_close(state.control, full.control, atol=1e-6)
+    np.testing.assert_allclose(metrics["client_train_loss"],
+                               full_metrics["client_train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["train_loss"], full_metrics["train_loss"],
+                               rtol=1e-5)
+
+
+def test_memory_bounded_rounds_refuse_robust_aggregators():
+  with pytest.raises(ValueError, match=r"client_chunk=4 needs aggregator='mean'"):
+    fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2, local_steps=2,
+               aggregator="median", client_chunk=4)
+
+
+def test_client_chunk_is_chosen_from_memory_and_a_chunk_that_does_not_fit_is_refused():
+  model = fdx.mlp(hidden=(16,), num_classes=2)
+  _, _, data = make_data(sizes=[20] * 12)
+  params = init_params(model)
+  make = lambda client_chunk: fdx.fedavg(model, optax.sgd(0.1), batch_size=4,
+                                         local_steps=5, client_chunk=client_chunk)
+  one = fdx.round_memory(make, params, data, RNG, 1)
+  four = fdx.round_memory(make, params, data, RNG, 4)
+  per_client = (four["temporaries"] - one["temporaries"]) / 3
+  assert per_client > 0
+  fixed = one["arguments"] + one["outputs"] + one["temporaries"] - per_client
+  budget = fixed + 5.5 * per_client  # room for 5 clients at a time, not 6
+  chunk = fdx.choose_client_chunk(make, params, data, RNG, memory_bytes=budget,
+                                  headroom=1.0)
+  assert chunk == 5
+  assert fdx.round_memory(make, params, data, RNG, chunk)["temporaries"] <= (
+      budget - one["arguments"] - one["outputs"])
+  assert fdx.choose_client_chunk(make, params, data, RNG, memory_bytes=10**12) is None
+  with pytest.raises(ValueError, match=r"client_chunk=8 needs about .* at most 5 clients "
+                                       r"per chunk fit"):
+    fdx.choose_client_chunk(make, params, data, RNG, memory_bytes=budget, headroom=1.0,
+                            requested=8)
+  with pytest.raises(ValueError, match=r"even one client per chunk needs"):
+    fdx.choose_client_chunk(make, params, data, RNG, memory_bytes=fixed, headroom=1.0)
+  assert [fdx.client_bucket(n) for n in (1, 2, 3, 5, 8, 9, 1000)] == [1, 2, 4, 8, 8, 16,
+                                                                      1024]

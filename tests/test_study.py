@@ -276,3 +276,34 @@ def test_compilation_cache_is_filled_and_changes_no_result(tmp_path):
   a = pd.read_json(tmp_path / "first" / "metrics.jsonl", lines=True).drop(columns=timing)
   b = pd.read_json(tmp_path / "second" / "metrics.jsonl", lines=True).drop(columns=timing)
   pd.testing.assert_frame_equal(a, b)
+
+
+def test_chunked_and_bucketed_studies_equal_the_plain_one(tmp_path):
+  common = dict(methods="fedavg,scaffold,local", num_seeds=1,
+                sweep="dataset.num_clients=3,4")
+  plain = _study_frame(tmp_path, "plain", **common)
+  chunked = _study_frame(tmp_path, "chunked", client_chunk=2, **common)
+  auto = _study_frame(tmp_path, "auto", client_chunk=-1, bucket_clients=True, **common)
+  columns = ["method", "seed", "round", "num_clients", "client", "split", "loss",
+             "accuracy", "auc", "cumulative_bytes"]
+  for other in (chunked, auto):
+    pd.testing.assert_frame_equal(other[columns], plain[columns], rtol=1e-5)
+  # Both points fall in the 4-client bucket: the second one compiles nothing new.
+  second = auto[(auto["num_clients"] == 4) & (auto["method"] == "fedavg")]
+  assert (second["compile_s"] == 0).all()
+  first = auto[(auto["num_clients"] == 3) & (auto["method"] == "fedavg")]
+  assert (first["compile_s"] > 0).all()
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(client_chunk=-2), "config.client_chunk = -2: expected 0"),
+    (dict(client_chunk=2, aggregator="median"), "config.client_chunk = 2: expected 0 with"),
+    (dict(methods="cyclic", bucket_clients=True), "config.bucket_clients = True"),
+])
+def test_bad_scale_fields_are_named(tmp_path, changes, message):
+  config = test_config.get_config()
+  for field, value in changes.items():
+    config[field] = value
+  with pytest.raises(_study.StudyError, match=message.replace("(", r"\(")):
+    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  assert not (tmp_path / "x").exists()
