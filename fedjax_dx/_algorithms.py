@@ -420,9 +420,10 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         changes = jax.tree.map(control_change, state.control, deltas)
       return out, deltas, changes, take(raw_weights) * scale_weights
 
+    everyone = cohort.shape[0] == num_clients and (
+        client_chunk is None or client_chunk >= num_clients)
     if client_chunk is None or client_chunk >= cohort.shape[0]:
-      out, deltas, changes, weights = train_group(
-          cohort, everyone=cohort.shape[0] == num_clients)
+      out, deltas, changes, weights = train_group(cohort, everyone=everyone)
       update = combine(deltas, weights)
       members = cohort
     else:  # memory-bounded: a scan over groups of clients, summing weighted updates
@@ -463,28 +464,32 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     pseudo_gradient = jax.tree.map(jnp.negative, update)
     updates, server_opt_state = server_optimizer.update(
         pseudo_gradient, state.server_opt_state, state.params)
-    member_took_part = participation.at[members].get(mode="fill", fill_value=0.0) > 0
+    if everyone:  # no gathers or scatters: they would cross devices when sharded
+      get, put = (lambda full: full), (lambda full, new: new)
+      add = jnp.add
+    else:  # out-of-range members (chunk padding) read as 0 and are never written
+      get = lambda full: full.at[members].get(mode="fill", fill_value=0)
+      put = lambda full, new: full.at[members].set(new, mode="drop")
+      add = lambda full, new: full.at[members].add(new, mode="drop")
+    member_took_part = get(participation) > 0
     new_state = state.replace(
         params=optax.apply_updates(state.params, updates),
         server_opt_state=server_opt_state,
-        positions=state.positions.at[members].set(
-            jnp.where(member_took_part, out.position,
-                      state.positions.at[members].get(mode="fill", fill_value=0)),
-            mode="drop"),
+        positions=put(state.positions, jnp.where(member_took_part, out.position,
+                                                  get(state.positions))),
         round=state.round + 1)
     if uses_controls:
       num_with_data = jnp.maximum((data.num_examples > 0).sum(), 1)
       new_state = new_state.replace(
           control=jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data, state.control,
                                changes),
-          client_controls=jax.tree.map(lambda ck, d: ck.at[members].add(d, mode="drop"),
-                                       state.client_controls, changes))
+          client_controls=jax.tree.map(add, state.client_controls, changes))
     took_part = participation > 0
     with_data = data.num_examples > 0
     metrics = {
         "train_loss": jnp.where(total > 0, jnp.nansum(weights * out.train_loss), jnp.nan),
-        "client_train_loss": jnp.full((num_clients,), jnp.nan).at[members].set(
-            jnp.where(member_took_part, out.train_loss, jnp.nan), mode="drop"),
+        "client_train_loss": put(jnp.full((num_clients,), jnp.nan),
+                                 jnp.where(member_took_part, out.train_loss, jnp.nan)),
         "num_participants": (took_part & with_data).sum(),
         "num_uploads": (took_part & ~dropped & with_data).sum(),
         "num_stragglers": (took_part & with_data & (
