@@ -156,13 +156,18 @@ def _make_run(apply: Callable, check: Callable) -> Callable:
   return run
 
 
-def _check_run_inputs(state, data: ClientData, participation: np.ndarray) -> None:
+def _check_clients_and_participation(state, data: ClientData,
+                                     participation: np.ndarray) -> None:
   if state.positions.shape[0] != data.num_clients:
     raise ValueError(
         f"data has {data.num_clients} clients but the state was initialised for "
         f"{state.positions.shape[0]}")
   if np.any((participation < 0) | ~np.isfinite(participation)):
     raise ValueError("participation must hold finite values >= 0 (1 = takes part)")
+
+
+def _check_run_inputs(state, data: ClientData, participation: np.ndarray) -> None:
+  _check_clients_and_participation(state, data, participation)
   with_data = np.asarray(data.num_examples) > 0
   active = (participation > 0) & with_data[None, :]
   empty_rounds = np.flatnonzero(~active.any(axis=1))
@@ -589,15 +594,9 @@ def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation,
                "client": k}
     return new_state, metrics
 
-  def check(state, data, participation):
-    if state.positions.shape[0] != data.num_clients:
-      raise ValueError(
-          f"data has {data.num_clients} clients but the state was initialised for "
-          f"{state.positions.shape[0]}")
-    if np.any((participation < 0) | ~np.isfinite(participation)):
-      raise ValueError("participation must hold finite values >= 0 (1 = takes part)")
-
-  return Algorithm(init=init, apply=apply, run=_make_run(apply, check), name=name)
+  # A round whose client sits out is allowed: the model just waits.
+  return Algorithm(init=init, apply=apply,
+                   run=_make_run(apply, _check_clients_and_participation), name=name)
 
 
 def cyclic_order(key: jax.Array, cycle: jax.Array, num_clients: int) -> jax.Array:
