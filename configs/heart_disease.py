@@ -78,6 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
   # memory, n groups of n (memory-bounded rounds; aggregator mean)
   config.bucket_clients = False  # pad the client count to a power of two (a sweep over
   # client counts compiles once per bucket)
+  # Client-level differential privacy (fedavg family): none | central | local.
+  config.dp = "none"
+  config.dp_clip = 1.0  # L2 norm each client's update is clipped to
+  config.dp_noise = 1.0  # noise multiplier z (noise std = z * dp_clip)
+  config.dp_target_epsilon = 0.0  # > 0: choose dp_noise to reach this epsilon
+  config.dp_delta = 1e-5
+  config.dp_accountant = "rdp"  # rdp | pld (dp-accounting)
   config.fast_compile = False  # XLA backend optimisation level 0: faster compiles,
   # slower steps (for small models, where compile time dominates)
 

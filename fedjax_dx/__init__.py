@@ -67,6 +67,9 @@ from fedjax_dx._models import mlp
 from fedjax_dx._models import Model
 from fedjax_dx._models import per_example_loss
 from fedjax_dx._models import probabilities
+from fedjax_dx._privacy import clip_updates
+from fedjax_dx._privacy import epsilon as privacy_epsilon
+from fedjax_dx._privacy import noise_for_epsilon
 from fedjax_dx._sampling import sample_participation
 from fedjax_dx._scale import available_memory
 from fedjax_dx._scale import choose_client_chunk
@@ -94,6 +97,7 @@ __all__ = (
     "classification_metrics",
     "choose_client_chunk",
     "client_bucket",
+    "clip_updates",
     "client_mesh",
     "cnn",
     "cyclic",
@@ -128,11 +132,13 @@ __all__ = (
     "METRIC_NAMES",
     "mlp",
     "Model",
+    "noise_for_epsilon",
     "pad_clients",
     "pad_examples",
     "padded_client_count",
     "per_example_loss",
     "pool_clients",
+    "privacy_epsilon",
     "probabilities",
     "replicate",
     "round_memory",

@@ -17,6 +17,7 @@ import optax
 from fedjax_dx import _aggregation
 from fedjax_dx import _local
 from fedjax_dx import _models
+from fedjax_dx import _privacy
 from fedjax_dx._data import ClientData, check_client_data
 
 Params = Any
@@ -89,6 +90,7 @@ def _side_key(state, purpose: int):
 
 
 _STRAGGLER_KEY, _FINE_TUNE_KEY, _CYCLE_KEY = 2, 3, 4
+_NOISE_KEY = _CYCLE_KEY  # DP noise; cyclic never adds noise, so the two never meet
 
 
 def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
@@ -190,7 +192,8 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
            prox_mu: float = 0.0, stragglers: float = 0.0,
            straggler_policy: str = "drop", fine_tune_steps: int = 0,
            cohort_size: int | None = None, client_chunk: int | None = None,
-           name: str = "fedavg") -> Algorithm:
+           dp_clip: float | None = None, dp_noise: float = 0.0, dp_mode: str = "central",
+           dp_expected_clients: int | None = None, name: str = "fedavg") -> Algorithm:
   """Federated averaging, with a pluggable server optimizer (FedOpt) and aggregator.
 
   Each round every client starts from the global model, trains locally (vmapped over
@@ -227,6 +230,15 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
       the round's memory grows with the group, not with the client count. Needs the
       "mean" aggregator (robust aggregators need all updates at once). See
       `choose_client_chunk` for a size that fits the device. None: all at once.
+    dp_clip: client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each
+      client's update is clipped to this L2 norm and every participant counts alike.
+      None: no clipping.
+    dp_noise: the noise multiplier z: "central" adds N(0, (z dp_clip)^2) to the sum of
+      clipped updates at the server; "local" has each client add it to its own update
+      before sending. `fedjax_dx.privacy_epsilon` turns z into epsilon.
+    dp_mode: "central" or "local".
+    dp_expected_clients: the fixed denominator of the DP average (the expected number
+      of participants); None divides by the actual number.
     name: method name in results.
 
   Returns:
@@ -243,7 +255,9 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
                     server_optimizer=server_optimizer, weighting=weighting,
                     aggregator=aggregator, prox_mu=prox_mu, stragglers=stragglers,
                     straggler_policy=straggler_policy, fine_tune_steps=fine_tune_steps,
-                    cohort_size=cohort_size, client_chunk=client_chunk, name=name)
+                    cohort_size=cohort_size, client_chunk=client_chunk, dp_clip=dp_clip,
+                    dp_noise=dp_noise, dp_mode=dp_mode,
+                    dp_expected_clients=dp_expected_clients, name=name)
 
 
 def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox",
@@ -317,7 +331,8 @@ _STRAGGLER_POLICIES = ("drop", "keep")
 def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs,
                server_optimizer, weighting, aggregator, prox_mu, stragglers,
                straggler_policy, fine_tune_steps, name, cohort_size=None,
-               client_chunk=None, scaffold_learning_rate=None) -> Algorithm:
+               client_chunk=None, dp_clip=None, dp_noise=0.0, dp_mode="central",
+               dp_expected_clients=None, scaffold_learning_rate=None) -> Algorithm:
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
   _local.check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
@@ -333,6 +348,21 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
                                   or cohort_size < 1):
     raise ValueError(f"cohort_size must be a positive integer or None, got "
                      f"{cohort_size!r}")
+  if dp_clip is not None:
+    if not dp_clip > 0:
+      raise ValueError(f"dp_clip (clipping norm) must be > 0, got {dp_clip!r}")
+    if not dp_noise >= 0:
+      raise ValueError(f"dp_noise (noise multiplier) must be >= 0, got {dp_noise!r}")
+    if dp_mode not in _privacy.DP_MODES:
+      raise ValueError(f"dp_mode must be one of {_privacy.DP_MODES}, got {dp_mode!r}")
+    if scaffold_learning_rate is not None:
+      raise ValueError("SCAFFOLD with DP is not supported (its control variates would "
+                       "leak unclipped updates)")
+    if dp_expected_clients is not None and dp_expected_clients < 1:
+      raise ValueError(f"dp_expected_clients must be >= 1, got {dp_expected_clients!r}")
+  elif dp_noise:
+    raise ValueError(f"dp_noise={dp_noise} needs dp_clip (noise is scaled to the "
+                     "clipping norm)")
   if client_chunk is not None:
     if not isinstance(client_chunk, (int, np.integer)) or client_chunk < 1:
       raise ValueError(f"client_chunk must be a positive integer or None, got "
@@ -393,11 +423,14 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     else:  # train only the participants: gather them (first `cohort_size` of them)
       cohort = jnp.argsort(participation <= 0, stable=True)[:cohort_size]
     sizes = data.num_examples.astype(jnp.float32)
-    base = sizes if weighting == "num_examples" else (sizes > 0).astype(jnp.float32)
+    base = (sizes if weighting == "num_examples" and dp_clip is None
+            else (sizes > 0).astype(jnp.float32))  # DP: every client counts alike
     raw_weights = jnp.where(dropped, 0.0, participation * base)
     total = raw_weights.sum()
-    scale_weights = 1.0 / jnp.where(total > 0, total, 1.0)
+    denominator = total if dp_expected_clients is None else float(dp_expected_clients)
+    scale_weights = 1.0 / jnp.where(total > 0, denominator, 1.0)
     anchor = state.params if use_prox else None
+    noise_key = jax.random.fold_in(_side_key(state, _NOISE_KEY), state.round)
 
     def train_group(members, everyone=False):
       """Trains the clients `members` ([G] indices) from the global model."""
@@ -412,6 +445,15 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           epochs_window=state.epochs_window, stacked=False, anchor=anchor,
           correction=correction, work=None if work is None else take(work))
       deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
+      clipped = jnp.zeros(out.position.shape, bool)
+      if dp_clip is not None:
+        deltas, clipped = _privacy.clip_updates(deltas, dp_clip)
+        if dp_mode == "local" and dp_noise > 0:  # each client noises what it sends
+          client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+              noise_key, take(jnp.arange(num_clients)))
+          deltas = jax.vmap(lambda k, d: jax.tree.map(
+              jnp.add, d, _privacy.gaussian_like(k, d, dp_noise * dp_clip)))(
+                  client_keys, deltas)
       changes = None
       if uses_controls:
         trained = (take(participation) > 0) & ~take(dropped) & (out.steps_taken > 0)
@@ -423,12 +465,12 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           return jnp.where(trained.reshape(shape), change, 0.0)
 
         changes = jax.tree.map(control_change, state.control, deltas)
-      return out, deltas, changes, take(raw_weights) * scale_weights
+      return out, deltas, changes, take(raw_weights) * scale_weights, clipped
 
     everyone = cohort.shape[0] == num_clients and (
         client_chunk is None or client_chunk >= num_clients)
     if client_chunk is None or client_chunk >= cohort.shape[0]:
-      out, deltas, changes, weights = train_group(cohort, everyone=everyone)
+      out, deltas, changes, weights, clipped = train_group(cohort, everyone=everyone)
       update = combine(deltas, weights)
       members = cohort
     else:  # memory-bounded: a scan over groups of clients, summing weighted updates
@@ -441,7 +483,7 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
 
       def group_step(update_sum, group):
         group_members, group_real = group
-        out, deltas, changes, weights = train_group(group_members)
+        out, deltas, changes, weights, clipped = train_group(group_members)
         weights = jnp.where(group_real, weights, 0.0)
         update_sum = jax.tree.map(jnp.add, update_sum,
                                   _aggregation.weighted_mean(deltas, weights))
@@ -449,7 +491,7 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           changes = jax.tree.map(
               lambda d: jnp.where(group_real.reshape((-1,) + (1,) * (d.ndim - 1)), d,
                                   0.0), changes)
-        small = (out.position, out.train_loss, out.steps_taken)
+        small = (out.position, out.train_loss, out.steps_taken, clipped)
         return update_sum, (small, changes)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -457,13 +499,17 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           group_step, zeros, (members.reshape(num_groups, client_chunk),
                               real.reshape(num_groups, client_chunk)))
       flat = lambda x: x.reshape((padded,) + x.shape[2:])
-      position, train_loss, steps_taken = map(flat, small)
+      position, train_loss, steps_taken, clipped = map(flat, small)
       out = _local.ClientOutput(params=None, opt_state=None, position=position,
                                 train_loss=train_loss, examples_seen=None,
                                 steps_taken=steps_taken)
       changes = None if changes is None else jax.tree.map(flat, changes)
       weights = jnp.where(real, raw_weights[members] * scale_weights, 0.0)
       members = jnp.where(real, members, num_clients)  # out of range: dropped on scatter
+    if dp_clip is not None and dp_mode == "central" and dp_noise > 0:
+      # Central DP: the server noises the sum (sensitivity dp_clip), then averages.
+      update = jax.tree.map(jnp.add, update, _privacy.gaussian_like(
+          noise_key, update, dp_noise * dp_clip * scale_weights))
     # Every participant dropped as a straggler: the model stays where it is.
     update = jax.tree.map(lambda u: jnp.where(total > 0, u, 0.0), update)
     pseudo_gradient = jax.tree.map(jnp.negative, update)
@@ -499,6 +545,8 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         "num_uploads": (took_part & ~dropped & with_data).sum(),
         "num_stragglers": (took_part & with_data & (
             jnp.zeros((), bool) if work is None else work < full_budget)).sum(),
+        "clip_fraction": (clipped & member_took_part).sum() / jnp.maximum(
+            member_took_part.sum(), 1),
     }
     return new_state, metrics
 

@@ -44,7 +44,8 @@ METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate
                  "fedopt_tau", "aggregator", "trim_fraction", "num_byzantine",
                  "batch_size", "local_steps", "local_epochs", "clients_per_round",
                  "sampling", "rounds", "eval_every", "stragglers", "straggler_policy",
-                 "fine_tune_steps", "client_chunk")
+                 "fine_tune_steps", "client_chunk", "dp", "dp_clip", "dp_noise",
+                 "dp_target_epsilon", "dp_delta", "dp_accountant")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
            "f1")
@@ -333,6 +334,18 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
        "at once)")
   need(not config.bucket_clients or method != "cyclic", "bucket_clients",
        "false for cyclic (padding clients would take turns in its cycle)")
+  need(config.dp in ("none", "central", "local"), "dp", "none, central or local")
+  if config.dp != "none" and method in _PRIVATE:
+    need(config.dp_clip > 0, "dp_clip", "a clipping norm > 0")
+    need(config.dp_noise >= 0, "dp_noise", "a noise multiplier >= 0")
+    need(0 < config.dp_delta < 1, "dp_delta", "a number in (0, 1)")
+    need(config.dp_target_epsilon >= 0, "dp_target_epsilon",
+         "an epsilon > 0 (or 0: use dp_noise)")
+    need(config.dp_accountant in ("rdp", "pld"), "dp_accountant", "rdp or pld")
+    need(config.aggregator == "mean", "aggregator", "mean with dp (clipped updates are "
+         "averaged)")
+  need(config.dp == "none" or method != "scaffold", "dp",
+       "none for scaffold (its control variates would leak unclipped updates)")
 
 
 def apply_point(config, point: dict[str, Any]):
@@ -409,6 +422,19 @@ _CHUNKABLE = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
               "fedadagrad", "fedavg_ft")
 
 
+# Strategies that can run with client-level DP (`config.dp`).
+_PRIVATE = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+            "fedavg_ft")
+
+
+def dp_sampling_rate(config, num_with_data: int) -> float:
+  """The chance that a client takes part in a round (1 for local DP: no amplification
+  is claimed when each client noises its own update)."""
+  if config.dp == "local" or not config.clients_per_round:
+    return 1.0
+  return config.clients_per_round / num_with_data
+
+
 def _straggler_policy(config, method: str) -> str:
   if config.straggler_policy != "paper":
     return config.straggler_policy
@@ -421,12 +447,14 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
   # With sampling, train only each round's sampled clients (compute follows them).
+  private = (dict(dp_clip=config.dp_clip, dp_noise=config.dp_noise, dp_mode=config.dp)
+             if config.dp != "none" and method in _PRIVATE else {})
   stragglers = dict(stragglers=config.stragglers,
                     straggler_policy=_straggler_policy(config, method),
                     cohort_size=config.clients_per_round or None,
                     client_chunk=config.client_chunk if config.client_chunk > 0 else None)
   common = dict(weighting="num_examples", aggregator=_aggregator(config), **stragglers,
-                **budget)
+                **private, **budget)
   server_sgd = optax.sgd(config.server_learning_rate)
   if method in ("fedavg", "fedavg_ft"):
     return _algorithms.fedavg(
@@ -461,7 +489,7 @@ _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
                    "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
                    "num_byzantine", "batch_size", "local_steps", "local_epochs",
                    "stragglers", "straggler_policy", "fine_tune_steps",
-                   "clients_per_round", "client_chunk")
+                   "clients_per_round", "client_chunk", "dp", "dp_clip", "dp_noise")
 
 
 class _LazyExecutable:
@@ -621,6 +649,15 @@ class _Cache:
     return self.data[key]
 
 
+def _privacy_noise(config, sampling_rate: float) -> float:
+  from fedjax_dx import _privacy
+  try:
+    return _privacy.noise_for_epsilon(config.dp_target_epsilon, config.dp_delta,
+                                      sampling_rate, config.rounds, config.dp_accountant)
+  except ValueError as e:
+    raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
+
+
 def _scale_bucket(num_clients: int) -> int:
   from fedjax_dx import _scale
   return _scale.client_bucket(num_clients)
@@ -691,6 +728,12 @@ class MethodRun:
     params = cache.initial_params(model, keys[:, 0], data.train.features[0, :1])
     if method in _CHUNKABLE and config.client_chunk != 0:
       config = cache.fit_client_chunk(config, method, model, params, train, keys[0, 1])
+    self.private = config.dp != "none" and method in _PRIVATE
+    if self.private:
+      self.sampling_rate = dp_sampling_rate(config, int(np.sum(sizes > 0)))
+      if config.dp_target_epsilon > 0:
+        config = copy.deepcopy(config)
+        config.dp_noise = _privacy_noise(config, self.sampling_rate)
     self.config, self.method = config, method
     self.algo = algo = cache.algorithm(config, method, model)
     # One batched init for all seeds (the data is not batched, so init's host checks run).
@@ -725,6 +768,19 @@ class MethodRun:
       return jax.tree.map(lambda x: x[:, 0], self.states.params)
     return self.states.params
 
+  def _privacy_columns(self, round_index: int) -> dict[str, Any]:
+    """epsilon spent after `round_index` rounds (dp-accounting), for private methods."""
+    if not self.private:
+      return {}
+    from fedjax_dx import _privacy
+    config = self.config
+    eps = 0.0 if round_index == 0 else _privacy.epsilon(
+        config.dp_noise, self.sampling_rate, round_index, config.dp_delta,
+        config.dp_accountant)
+    return {"epsilon": None if math.isinf(eps) else round(eps, 6),
+            "dp_delta": config.dp_delta, "dp_noise": round(config.dp_noise, 6),
+            "dp_clip": config.dp_clip, "dp_mode": config.dp}
+
   def execute(self, progress) -> dict[int, list[dict]]:
     for program in self.programs.values():
       program.compile(self.cache.options)  # waits for the worker thread
@@ -748,7 +804,7 @@ class MethodRun:
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
-                      batched_seeds=len(seeds),
+                      batched_seeds=len(seeds), **self._privacy_columns(round_index),
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
@@ -873,6 +929,8 @@ def _check_data_dependent(config, cache: _Cache) -> None:
         raise StudyError(
             f"config.{prefix}clients_per_round = {mc.clients_per_round}: cannot sample "
             f"more clients than exist ({with_data} with data){where}")
+      if mc.dp != "none" and method in _PRIVATE and mc.dp_target_epsilon > 0:
+        _privacy_noise(mc, dp_sampling_rate(mc, with_data))  # reachable?
       participants = mc.clients_per_round or with_data
       if (method in STRATEGIES and method not in ("scaffold", "cyclic")
           and mc.aggregator == "krum" and participants < 2 * mc.num_byzantine + 3):
@@ -997,7 +1055,7 @@ def summary_table(summary, metric: str, methods: list[str]) -> str:
   swept = [c for c in summary.columns if c not in (
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
-      "seeds_reaching_target", "target") and not c.endswith(("_mean", "_std"))]
+      "seeds_reaching_target", "target", "epsilon") and not c.endswith(("_mean", "_std"))]
   clients = summary.drop_duplicates("client")
   clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
                                   for c in clients["client"]]).sort_values("order")
@@ -1030,7 +1088,8 @@ def swept_columns(frame) -> list[str]:
   """Columns of swept values (num_clients counts when it varies)."""
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
-           "compile_s", "batched_seeds", *METRICS}
+           "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
+           "dp_mode", *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns if c not in fixed]
 
@@ -1049,6 +1108,8 @@ def summarize(frame, config):
   summary["cumulative_bytes"] = grouped["cumulative_bytes"].mean()
   summary["wall_s_mean"] = grouped["wall_s"].mean()
   summary["compile_s_mean"] = grouped["compile_s"].mean()
+  if "epsilon" in final:  # privacy spent by the end (private methods only)
+    summary["epsilon"] = grouped["epsilon"].max()
   target, value = config.target_metric, config.target_value
   reached = test[test[target] >= value]
   first = reached.groupby(keys + ["seed"], dropna=False).agg(

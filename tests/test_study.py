@@ -307,3 +307,47 @@ def test_bad_scale_fields_are_named(tmp_path, changes, message):
   with pytest.raises(_study.StudyError, match=message.replace("(", r"\(")):
     _study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
+
+
+def test_private_study_reaches_its_target_epsilon(tmp_path):
+  frame = _study_frame(tmp_path, "dp", methods="fedavg,centralized", num_seeds=1,
+                       dp="central", dp_target_epsilon=3.0, dp_clip=0.5,
+                       clients_per_round=2)
+  fed = frame[(frame["method"] == "fedavg") & (frame["client"] == "pooled")
+              & (frame["split"] == "test")].sort_values("round")
+  assert fed["epsilon"].iloc[0] == 0.0
+  assert fed["epsilon"].is_monotonic_increasing
+  assert fed["epsilon"].iloc[-1] == pytest.approx(3.0, rel=1e-2)
+  z = fed["dp_noise"].iloc[-1]
+  assert z > 0 and fed["epsilon"].iloc[-1] == pytest.approx(
+      fdx_epsilon(z, 2 / 3, 4, 1e-5), rel=1e-4)
+  central = frame[frame["method"] == "centralized"]
+  assert central["epsilon"].isna().all()  # the non-private reference
+  summary = pd.read_csv(tmp_path / "dp" / "summary.csv")
+  assert summary[summary["method"] == "fedavg"]["epsilon"].iloc[0] == pytest.approx(
+      3.0, rel=1e-2)
+
+
+def fdx_epsilon(*args):
+  import fedjax_dx as fdx
+  return fdx.privacy_epsilon(*args)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(dp="central", dp_delta=1.5), "config.dp_delta = 1.5: expected a number in (0, 1)"),
+    (dict(dp="central", dp_clip=0.0), "config.dp_clip = 0.0: expected a clipping norm > 0"),
+    (dict(dp="maybe"), "config.dp = 'maybe': expected none, central or local"),
+    (dict(dp="central", dp_target_epsilon=1e-4),
+     "config.dp_target_epsilon = 0.0001: target epsilon 0.0001 is not reached"),
+    (dict(dp="central", methods="scaffold"), "config.dp = 'central': expected none for "
+     "scaffold"),
+])
+def test_bad_privacy_fields_are_named(tmp_path, changes, message):
+  config = test_config.get_config()
+  config.methods = "fedavg"
+  for field, value in changes.items():
+    config[field] = value
+  with pytest.raises(_study.StudyError, match=message.replace("(", r"\(").replace(
+      ")", r"\)")):
+    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  assert not (tmp_path / "x").exists()
