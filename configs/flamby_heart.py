@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   })
 
   config.fast_compile = True  # compile time dominates a 13 -> 1 model
+  config.membership_audit = False  # not part of FLamby's protocol
   config.seed = 42
   config.num_seeds = 5  # 42, 43, 44, 45, 46
   config.target_metric = "accuracy"

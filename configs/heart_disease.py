@@ -85,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dp_target_epsilon = 0.0  # > 0: choose dp_noise to reach this epsilon
   config.dp_delta = 1e-5
   config.dp_accountant = "rdp"  # rdp | pld (dp-accounting)
+  config.membership_audit = True  # loss-threshold membership inference on the final
+  # global model (pooled train = members vs pooled test): mia_auc, mia_tpr_at_1pct_fpr
   config.fast_compile = False  # XLA backend optimisation level 0: faster compiles,
   # slower steps (for small models, where compile time dominates)
 

@@ -69,6 +69,7 @@ from fedjax_dx._models import per_example_loss
 from fedjax_dx._models import probabilities
 from fedjax_dx._privacy import clip_updates
 from fedjax_dx._privacy import epsilon as privacy_epsilon
+from fedjax_dx._privacy import membership_inference
 from fedjax_dx._privacy import noise_for_epsilon
 from fedjax_dx._sampling import sample_participation
 from fedjax_dx._scale import available_memory
@@ -129,6 +130,7 @@ __all__ = (
     "LocalState",
     "LocalTrainer",
     "logistic_regression",
+    "membership_inference",
     "METRIC_NAMES",
     "mlp",
     "Model",

@@ -131,3 +131,44 @@ def gaussian_like(key: jax.Array, tree: Any, stddev) -> Any:
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(treedef, [
       stddev * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def membership_inference(model, params, members, non_members) -> dict[str, jax.Array]:
+  """The loss-threshold membership-inference attack (Yeom et al., 2018) on one model.
+
+  The attacker guesses "member" when an example's loss is low. Its success over all
+  thresholds is the ROC AUC of the score `-loss` with training examples (`members`) as
+  positives and held-out examples (`non_members`) as negatives; 0.5 means the model
+  leaks nothing this attack can see. Also the true-positive rate at a 1% false-positive
+  rate (the threshold that 1% of non-members pass), the figure that matters for the
+  few patients most exposed.
+
+  Args:
+    model: the model.
+    params: one model's parameters.
+    members: `ClientData` it was trained on (all clients pooled by the attack).
+    non_members: `ClientData` it never saw (e.g. the test split).
+
+  Returns:
+    `{"auc": [], "tpr_at_1pct_fpr": []}`.
+  """
+  from fedjax_dx import _metrics
+  from fedjax_dx import _models
+
+  def scores(data):
+    features = data.features.reshape((-1,) + data.features.shape[2:])
+    logits = model.apply(params, features)
+    losses = _models.per_example_loss(model, logits, data.labels.reshape(-1))
+    return -losses, data.mask.reshape(-1)
+
+  member_scores, member_mask = scores(members)
+  other_scores, other_mask = scores(non_members)
+  all_scores = jnp.concatenate([member_scores, other_scores])
+  is_member = jnp.concatenate([jnp.ones_like(member_mask), jnp.zeros_like(other_mask)])
+  mask = jnp.concatenate([member_mask, other_mask])
+  auc = _metrics.binary_auc(all_scores, is_member, mask)
+  # The threshold passed by 1% of non-members: the 99th percentile of their scores.
+  threshold = jnp.nanquantile(jnp.where(other_mask, other_scores, jnp.nan), 0.99)
+  passed = (member_scores > threshold) & member_mask
+  tpr = passed.sum() / jnp.maximum(member_mask.sum(), 1)
+  return {"auc": auc, "tpr_at_1pct_fpr": tpr}

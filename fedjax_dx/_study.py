@@ -523,7 +523,7 @@ class _Cache:
   def __init__(self, options: dict[str, Any] | None = None):
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
-    self.runs, self.params, self.chunks = {}, {}, {}
+    self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
     self.pool, self.reported = None, set()
 
   def model(self, config, num_classes):
@@ -634,6 +634,16 @@ class _Cache:
     if self.pool is not None:
       self.pool.shutdown()
       self.pool = None
+
+  def attack(self, model):
+    """The membership-inference audit of a seeds axis of global models (jitted)."""
+    if id(model) not in self.attacks:
+      from fedjax_dx import _privacy
+      self.attacks[id(model)] = (model, jax.jit(jax.vmap(
+          lambda params, train, test: _privacy.membership_inference(model, params, train,
+                                                                    test),
+          in_axes=(0, None, None))))
+    return self.attacks[id(model)][1]
 
   def dataset(self, config):
     key = (json.dumps(_to_plain(config.dataset), sort_keys=True)
@@ -814,10 +824,14 @@ class MethodRun:
           else:
             rows[seed].extend(_metric_rows(one, self.names,
                                            prefix=dict(base, method=method)))
+            if split == "test" and attack is not None:  # on the pooled test row
+              rows[seed][-1].update({f"mia_{k}": _clean(v[s]) for k, v in attack.items()})
 
+    attack = None
     evaluate_now(0, zeros, zeros)
     while done < config.rounds:
       chunk = min(config.eval_every, config.rounds - done)
+      final = done + chunk == config.rounds
       start = time.perf_counter()
       self.states, metrics = self.programs[chunk](
           self.states, self.train, jnp.asarray(self.participation[:, done:done + chunk]))
@@ -836,6 +850,9 @@ class MethodRun:
         bytes_up = bytes_down = zeros
       cumulative += bytes_up + bytes_down
       done += chunk
+      if final and config.membership_audit and self.kind == "global":
+        attack = jax.device_get(self.cache.attack(self.model)(
+            self._evaluated_models(), data.train, data.test))
       evaluate_now(done, bytes_up, bytes_down)
       progress(done * len(seeds))
     return rows
@@ -1055,7 +1072,8 @@ def summary_table(summary, metric: str, methods: list[str]) -> str:
   swept = [c for c in summary.columns if c not in (
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
-      "seeds_reaching_target", "target", "epsilon") and not c.endswith(("_mean", "_std"))]
+      "seeds_reaching_target", "target", "epsilon", "mia_auc_mean",
+      "mia_tpr_at_1pct_fpr_mean") and not c.endswith(("_mean", "_std"))]
   clients = summary.drop_duplicates("client")
   clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
                                   for c in clients["client"]]).sort_values("order")
@@ -1089,7 +1107,7 @@ def swept_columns(frame) -> list[str]:
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
            "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
-           "dp_mode", *METRICS}
+           "dp_mode", "mia_auc", "mia_tpr_at_1pct_fpr", *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns if c not in fixed]
 
@@ -1110,6 +1128,9 @@ def summarize(frame, config):
   summary["compile_s_mean"] = grouped["compile_s"].mean()
   if "epsilon" in final:  # privacy spent by the end (private methods only)
     summary["epsilon"] = grouped["epsilon"].max()
+  for column in ("mia_auc", "mia_tpr_at_1pct_fpr"):  # the audit of the final model
+    if column in final:
+      summary[f"{column}_mean"] = grouped[column].mean()
   target, value = config.target_metric, config.target_value
   reached = test[test[target] >= value]
   first = reached.groupby(keys + ["seed"], dropna=False).agg(

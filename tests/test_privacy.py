@@ -93,3 +93,33 @@ def test_noise_has_the_stated_size(mode):
   assert noise.size > 800
   assert np.std(noise) == pytest.approx(expected, rel=0.1)
   assert abs(np.mean(noise)) < 4 * expected / np.sqrt(noise.size)
+
+
+def test_membership_inference_attack_matches_sklearn_and_sees_overfitting():
+  from sklearn.metrics import roc_auc_score
+  rng = np.random.default_rng(0)
+  sizes = [6, 9]
+  xs = [rng.normal(size=(n, 5)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 2, n) for n in sizes]
+  txs = [rng.normal(size=(n, 5)).astype(np.float32) for n in (7, 4)]
+  tys = [rng.integers(0, 2, n) for n in (7, 4)]
+  train = fdx.stack_clients(xs, ys, num_classes=2)
+  test = fdx.stack_clients(txs, tys, num_classes=2)
+  model = fdx.mlp(hidden=(32,), num_classes=2)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  # Overfit on the 15 training examples (random labels: only memorising helps).
+  local = fdx.centralized(model, optax.adam(0.05), batch_size=15, local_steps=300)
+  pooled = fdx.pool_clients(train)
+  state, _ = local.run(local.init(params, pooled, RNG), pooled, num_rounds=1)
+  fitted = fdx.global_params(state)
+  for p in (params, fitted):
+    result = fdx.membership_inference(model, p, train, test)
+    loss = lambda x, y: np.asarray(fdx.per_example_loss(
+        model, model.apply(p, jnp.asarray(x)), jnp.asarray(y)))
+    member = -np.concatenate([loss(x, y) for x, y in zip(xs, ys)])
+    other = -np.concatenate([loss(x, y) for x, y in zip(txs, tys)])
+    want = roc_auc_score(np.r_[np.ones(15), np.zeros(11)], np.r_[member, other])
+    assert float(result["auc"]) == pytest.approx(want, abs=1e-6)
+    threshold = np.quantile(other, 0.99)
+    assert float(result["tpr_at_1pct_fpr"]) == pytest.approx(np.mean(member > threshold))
+  assert float(fdx.membership_inference(model, fitted, train, test)["auc"]) > 0.9

@@ -351,3 +351,21 @@ def test_bad_privacy_fields_are_named(tmp_path, changes, message):
       ")", r"\)")):
     _study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
+
+
+def test_membership_audit_on_the_final_global_models(tmp_path):
+  frame = _study_frame(tmp_path, "audit", methods="fedavg,centralized,local",
+                       num_seeds=2)
+  final = frame["round"] == frame["round"].max()
+  audited = frame[final & (frame["client"] == "pooled") & (frame["split"] == "test")
+                  & frame["method"].isin(["fedavg", "centralized"])]
+  assert len(audited) == 4  # 2 methods x 2 seeds
+  assert audited["mia_auc"].between(0, 1).all()
+  assert audited["mia_tpr_at_1pct_fpr"].between(0, 1).all()
+  others = frame[~(final & (frame["client"] == "pooled") & (frame["split"] == "test")
+                   & frame["method"].isin(["fedavg", "centralized"]))]
+  assert others["mia_auc"].isna().all()  # earlier rounds, other rows, local models
+  summary = pd.read_csv(tmp_path / "audit" / "summary.csv", dtype={"client": str})
+  row = summary[(summary["method"] == "fedavg") & (summary["client"] == "pooled")]
+  assert row["mia_auc_mean"].iloc[0] == pytest.approx(
+      audited[audited["method"] == "fedavg"]["mia_auc"].mean())
