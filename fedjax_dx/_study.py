@@ -32,7 +32,9 @@ from fedjax_dx import _algorithms
 from fedjax_dx import _data
 from fedjax_dx import _metrics
 from fedjax_dx import _models
+from fedjax_dx import _privacy
 from fedjax_dx import _sampling
+from fedjax_dx import _scale
 from fedjax_dx import _synthetic
 
 BASELINES = ("centralized", "local")
@@ -553,7 +555,6 @@ class _Cache:
         variant.client_chunk = client_chunk
         return build_method(variant, method, model)
 
-      from fedjax_dx import _scale
       try:
         chosen = _scale.choose_client_chunk(
             make, one_seed, train, rng,
@@ -638,7 +639,6 @@ class _Cache:
   def attack(self, model):
     """The membership-inference audit of a seeds axis of global models (jitted)."""
     if id(model) not in self.attacks:
-      from fedjax_dx import _privacy
       self.attacks[id(model)] = (model, jax.jit(jax.vmap(
           lambda params, train, test: _privacy.membership_inference(model, params, train,
                                                                     test),
@@ -651,7 +651,7 @@ class _Cache:
     if key not in self.data:
       data, names, counts = load_data(config)
       if config.bucket_clients:  # pad to a power of two: one compile per bucket
-        bucket = _scale_bucket(data.num_clients)
+        bucket = _scale.client_bucket(data.num_clients)
         data = _data.FederatedData(train=_data.pad_clients(data.train, bucket),
                                    test=_data.pad_clients(data.test, bucket),
                                    num_classes=data.num_classes)
@@ -660,17 +660,11 @@ class _Cache:
 
 
 def _privacy_noise(config, sampling_rate: float) -> float:
-  from fedjax_dx import _privacy
   try:
     return _privacy.noise_for_epsilon(config.dp_target_epsilon, config.dp_delta,
                                       sampling_rate, config.rounds, config.dp_accountant)
   except ValueError as e:
     raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
-
-
-def _scale_bucket(num_clients: int) -> int:
-  from fedjax_dx import _scale
-  return _scale.client_bucket(num_clients)
 
 
 def _to_plain(value):
@@ -782,7 +776,6 @@ class MethodRun:
     """epsilon spent after `round_index` rounds (dp-accounting), for private methods."""
     if not self.private:
       return {}
-    from fedjax_dx import _privacy
     config = self.config
     eps = 0.0 if round_index == 0 else _privacy.epsilon(
         config.dp_noise, self.sampling_rate, round_index, config.dp_delta,
@@ -807,6 +800,7 @@ class MethodRun:
     def evaluate_now(round_index, bytes_up, bytes_down):
       results = jax.device_get(
           self.evaluator(self._evaluated_models(), data.train, data.test))
+      privacy = self._privacy_columns(round_index)  # one accountant call per evaluation
       for split, result in zip(("train", "test"), results):
         for s, seed in enumerate(seeds):
           one = _seed_slice(result, s)
@@ -814,7 +808,7 @@ class MethodRun:
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
-                      batched_seeds=len(seeds), **self._privacy_columns(round_index),
+                      batched_seeds=len(seeds), **privacy,
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
@@ -856,12 +850,6 @@ class MethodRun:
       evaluate_now(done, bytes_up, bytes_down)
       progress(done * len(seeds))
     return rows
-
-
-def run_method(config, method, data, names, cache, seeds, swept,
-               progress) -> dict[int, list[dict]]:
-  """Prepares, compiles and executes one method for `seeds` (see `MethodRun`)."""
-  return MethodRun(config, method, data, names, cache, seeds, swept).execute(progress)
 
 
 # --------------------------------------------------------------------------- running
