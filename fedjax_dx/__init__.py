@@ -14,9 +14,11 @@ Example:
   >>> fdx.evaluate(model, state.params, data.test)["pooled"]["accuracy"]
 """
 
+from fedjax_dx._algorithms import adaptive_update_noise
 from fedjax_dx._algorithms import Algorithm
 from fedjax_dx._algorithms import batched_runner
 from fedjax_dx._algorithms import centralized
+from fedjax_dx._algorithms import choose_share
 from fedjax_dx._algorithms import cyclic
 from fedjax_dx._algorithms import cyclic_order
 from fedjax_dx._algorithms import fedavg
@@ -35,6 +37,9 @@ from fedjax_dx._algorithms import local_only
 from fedjax_dx._algorithms import ServerState
 from fedjax_dx._algorithms import stack_states
 from fedjax_dx._algorithms import straggler_work
+from fedjax_dx._compression import stochastic_quantize
+from fedjax_dx._compression import top_k
+from fedjax_dx._compression import upload_bytes
 from fedjax_dx._data import check_client_data
 from fedjax_dx._data import ClientData
 from fedjax_dx._data import FederatedData
@@ -69,6 +74,8 @@ from fedjax_dx._models import per_example_loss
 from fedjax_dx._models import probabilities
 from fedjax_dx._privacy import clip_updates
 from fedjax_dx._privacy import epsilon as privacy_epsilon
+from fedjax_dx._privacy import example_level_epsilon
+from fedjax_dx._privacy import example_level_noise
 from fedjax_dx._privacy import membership_inference
 from fedjax_dx._privacy import noise_for_epsilon
 from fedjax_dx._sampling import sample_participation
@@ -83,10 +90,12 @@ from fedjax_dx._sharding import shard_clients
 from fedjax_dx._synthetic import synthetic_binary
 from fedjax_dx._synthetic import synthetic_fedprox
 from fedjax_dx import _partition as partition
+from fedjax_dx import _secagg as secagg
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "adaptive_update_noise",
     "Algorithm",
     "available_memory",
     "Batch",
@@ -94,6 +103,7 @@ __all__ = (
     "batched_runner",
     "binary_auc",
     "centralized",
+    "choose_share",
     "check_client_data",
     "classification_metrics",
     "choose_client_chunk",
@@ -110,6 +120,8 @@ __all__ = (
     "evaluate",
     "evaluate_personalized",
     "evaluate_stacked",
+    "example_level_epsilon",
+    "example_level_noise",
     "coordinate_median",
     "fedavg",
     "fedavgm",
@@ -145,15 +157,19 @@ __all__ = (
     "replicate",
     "round_memory",
     "sample_participation",
+    "secagg",
     "ServerState",
     "shard_clients",
     "stack_clients",
     "stack_states",
+    "stochastic_quantize",
     "straggler_work",
     "synthetic_binary",
     "synthetic_fedprox",
+    "top_k",
     "partition",
     "train_client",
     "train_clients",
     "unstack_clients",
+    "upload_bytes",
 )

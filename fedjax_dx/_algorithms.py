@@ -10,14 +10,17 @@ from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from fedjax_dx import _aggregation
+from fedjax_dx import _compression
 from fedjax_dx import _local
 from fedjax_dx import _models
 from fedjax_dx import _privacy
+from fedjax_dx import _secagg
 from fedjax_dx._data import ClientData, check_client_data
 
 Params = Any
@@ -37,6 +40,8 @@ class ServerState:
   control: Params = None  # SCAFFOLD: server control variate c (same tree as params)
   client_controls: Params = None  # SCAFFOLD: [C, ...] each client's control variate c_k
   fine_tune_window: int = flax.struct.field(pytree_node=False, default=0)  # personalization
+  clip_norm: jax.Array = None  # [] float32: adaptive DP clipping's current norm
+  client_residuals: jax.Array = None  # [C, P] float32: compression error feedback
 
 
 @flax.struct.dataclass
@@ -91,6 +96,34 @@ def _side_key(state, purpose: int):
 
 _STRAGGLER_KEY, _FINE_TUNE_KEY, _CYCLE_KEY = 2, 3, 4
 _NOISE_KEY = _CYCLE_KEY  # DP noise; cyclic never adds noise, so the two never meet
+# fold_in tags of the round's noise key (client ids, also folded in, stay below them).
+_SGD_TAG, _COMPRESS_TAG, _SECAGG_TAG, _DROPOUT_TAG, _COUNT_TAG = (
+    0xD0000001, 0xD0000002, 0xD0000003, 0xD0000004, 0xD0000005)
+
+
+def choose_share(key: jax.Array, eligible: jax.Array, fraction) -> jax.Array:
+  """`round(fraction * m)` of the `m` eligible clients (`[C]` bool), uniformly."""
+  scores = jnp.where(eligible, jax.random.uniform(key, eligible.shape), 2.0)
+  rank = jnp.argsort(jnp.argsort(scores))
+  return eligible & (rank < jnp.round(fraction * eligible.sum()).astype(jnp.int32))
+
+
+def adaptive_update_noise(noise_multiplier, count_noise):
+  """The update noise of adaptive clipping (Andrew et al., 2021, Theorem 1): with the
+  unclipped count noised at std `count_noise` (sensitivity 1/2), updates noised at the
+  returned multiplier make the pair a Gaussian mechanism of `noise_multiplier`."""
+  if not isinstance(noise_multiplier, jax.core.Tracer) and not (
+      2 * count_noise > noise_multiplier):
+    raise ValueError(
+        f"adaptive clipping with noise multiplier {noise_multiplier} needs "
+        f"dp_count_noise > {noise_multiplier / 2:g} (the count's noise must be more than "
+        f"half the update noise), got {count_noise:g}; raise dp_count_noise or use "
+        "fixed clipping")
+  return (noise_multiplier**-2 - (2 * count_noise)**-2)**-0.5
+
+
+def _num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
@@ -112,11 +145,7 @@ def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
   """
   choose_key, work_key = jax.random.split(key)
   num_clients = participation.shape[0]
-  taking_part = participation > 0
-  scores = jnp.where(taking_part, jax.random.uniform(choose_key, (num_clients,)), 2.0)
-  rank = jnp.argsort(jnp.argsort(scores))
-  num_stragglers = jnp.round(fraction * taking_part.sum()).astype(jnp.int32)
-  is_straggler = taking_part & (rank < num_stragglers)
+  is_straggler = choose_share(choose_key, participation > 0, fraction)
   partial = jax.random.randint(work_key, (num_clients,), 1, full_budget)
   return is_straggler, jnp.where(is_straggler, partial, full_budget).astype(jnp.int32)
 
@@ -193,7 +222,14 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
            straggler_policy: str = "drop", fine_tune_steps: int = 0,
            cohort_size: int | None = None, client_chunk: int | None = None,
            dp_clip: float | None = None, dp_noise: float = 0.0, dp_mode: str = "central",
-           dp_expected_clients: int | None = None, name: str = "fedavg") -> Algorithm:
+           dp_expected_clients: int | None = None,
+           dp_adaptive_quantile: float | None = None, dp_clip_learning_rate: float = 0.2,
+           dp_count_noise: float | None = None, compression: str = "none",
+           compression_bits: int = 8, topk_fraction: float = 0.01,
+           error_feedback: bool = True, secure_aggregation: bool = False,
+           secagg_bits: int = 32, secagg_bound: float | None = None,
+           secagg_dropout: float = 0.0, secagg_tolerance: float = 0.3,
+           name: str = "fedavg") -> Algorithm:
   """Federated averaging, with a pluggable server optimizer (FedOpt) and aggregator.
 
   Each round every client starts from the global model, trains locally (vmapped over
@@ -230,15 +266,44 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
       the round's memory grows with the group, not with the client count. Needs the
       "mean" aggregator (robust aggregators need all updates at once). See
       `choose_client_chunk` for a size that fits the device. None: all at once.
-    dp_clip: client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each
-      client's update is clipped to this L2 norm and every participant counts alike.
-      None: no clipping.
+    dp_clip: the clipping norm of differential privacy. Client level (DP-FedAvg,
+      McMahan et al. 2018, `dp_mode` "central" or "local"): each client's update is
+      clipped to this L2 norm and every participant counts alike. Example level
+      (`dp_mode="example"`, DP-SGD inside local training): each example's gradient is
+      clipped to it. None: no clipping.
     dp_noise: the noise multiplier z: "central" adds N(0, (z dp_clip)^2) to the sum of
       clipped updates at the server; "local" has each client add it to its own update
-      before sending. `fedjax_dx.privacy_epsilon` turns z into epsilon.
-    dp_mode: "central" or "local".
+      before sending; "example" adds it to every local step's sum of clipped example
+      gradients. `fedjax_dx.privacy_epsilon` turns z into epsilon.
+    dp_mode: "central", "local" or "example".
     dp_expected_clients: the fixed denominator of the DP average (the expected number
       of participants); None divides by the actual number.
+    dp_adaptive_quantile: adaptive clipping (Andrew et al., 2021; central mode): the
+      clipping norm starts at `dp_clip` and follows this quantile of the clients'
+      update norms, `C <- C exp(-dp_clip_learning_rate (b - quantile))`, `b` the noised
+      share of unclipped updates. The count gets noise `dp_count_noise` (default
+      expected participants / 20) and the update noise shrinks so that the pair is
+      still a Gaussian mechanism of multiplier `dp_noise` (so the budget is unchanged).
+    dp_clip_learning_rate: adaptive clipping's geometric step size.
+    dp_count_noise: adaptive clipping's noise std on the unclipped count.
+    compression: what clients upload: "none", "quantize" (`compression_bits`-bit
+      stochastic quantization, unbiased) or "topk" (the `topk_fraction` largest
+      entries); see `fedjax_dx.upload_bytes` for the size.
+    compression_bits: 1, 2, 4, 8 or 16.
+    topk_fraction: share of the update's entries top-k keeps.
+    error_feedback: with compression, each client keeps what compression dropped and
+      adds it to its next update (state `client_residuals`).
+    secure_aggregation: the server sees only masked integer updates (`_secagg`,
+      Bonawitz et al. 2017): weighted updates are encoded in fixed point modulo
+      `2^secagg_bits`, masked pairwise, and only their sum is recovered. Needs the
+      "mean" aggregator.
+    secagg_bits: bits of the modulus (8 .. 32).
+    secagg_bound: each coordinate of an update is clipped to `[-bound, bound]` before
+      encoding (default `dp_clip`, else 1.0).
+    secagg_dropout: share of each round's senders that drop out after masking
+      (simulated); the survivors' sum is recovered.
+    secagg_tolerance: the largest share of dropouts the protocol survives (its secret
+      sharing threshold); a round with more discards its update (`secagg_failed`).
     name: method name in results.
 
   Returns:
@@ -257,7 +322,15 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
                     straggler_policy=straggler_policy, fine_tune_steps=fine_tune_steps,
                     cohort_size=cohort_size, client_chunk=client_chunk, dp_clip=dp_clip,
                     dp_noise=dp_noise, dp_mode=dp_mode,
-                    dp_expected_clients=dp_expected_clients, name=name)
+                    dp_expected_clients=dp_expected_clients,
+                    dp_adaptive_quantile=dp_adaptive_quantile,
+                    dp_clip_learning_rate=dp_clip_learning_rate,
+                    dp_count_noise=dp_count_noise, compression=compression,
+                    compression_bits=compression_bits, topk_fraction=topk_fraction,
+                    error_feedback=error_feedback, secure_aggregation=secure_aggregation,
+                    secagg_bits=secagg_bits, secagg_bound=secagg_bound,
+                    secagg_dropout=secagg_dropout, secagg_tolerance=secagg_tolerance,
+                    name=name)
 
 
 def fedprox(model, client_optimizer, *, mu: float, name: str = "fedprox",
@@ -332,7 +405,12 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
                server_optimizer, weighting, aggregator, prox_mu, stragglers,
                straggler_policy, fine_tune_steps, name, cohort_size=None,
                client_chunk=None, dp_clip=None, dp_noise=0.0, dp_mode="central",
-               dp_expected_clients=None, scaffold_learning_rate=None) -> Algorithm:
+               dp_expected_clients=None, dp_adaptive_quantile=None,
+               dp_clip_learning_rate=0.2, dp_count_noise=None, compression="none",
+               compression_bits=8, topk_fraction=0.01, error_feedback=True,
+               secure_aggregation=False, secagg_bits=32, secagg_bound=None,
+               secagg_dropout=0.0, secagg_tolerance=0.3,
+               scaffold_learning_rate=None) -> Algorithm:
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
   _local.check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
@@ -360,9 +438,48 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
                        "leak unclipped updates)")
     if dp_expected_clients is not None and dp_expected_clients < 1:
       raise ValueError(f"dp_expected_clients must be >= 1, got {dp_expected_clients!r}")
+    if dp_adaptive_quantile is not None:
+      if dp_mode != "central":
+        raise ValueError(f"adaptive clipping (dp_adaptive_quantile) needs dp_mode="
+                         f"'central', got {dp_mode!r}")
+      if not 0 < dp_adaptive_quantile < 1:
+        raise ValueError(f"dp_adaptive_quantile must lie in (0, 1), got "
+                         f"{dp_adaptive_quantile!r}")
+      if not dp_clip_learning_rate > 0:
+        raise ValueError(f"dp_clip_learning_rate must be > 0, got "
+                         f"{dp_clip_learning_rate!r}")
+      if dp_count_noise is not None and not dp_count_noise > 0:
+        raise ValueError(f"dp_count_noise must be > 0, got {dp_count_noise!r}")
   elif dp_noise:
     raise ValueError(f"dp_noise={dp_noise} needs dp_clip (noise is scaled to the "
                      "clipping norm)")
+  elif dp_adaptive_quantile is not None:
+    raise ValueError("dp_adaptive_quantile needs dp_clip (the initial clipping norm)")
+  compress = _compression.compressor(compression, bits=compression_bits,
+                                     topk_fraction=topk_fraction)
+  compressing = compression != "none"
+  client_level_dp = dp_clip is not None and dp_mode != "example"
+  if secure_aggregation:
+    if not isinstance(secagg_bits, (int, np.integer)) or not 8 <= secagg_bits <= 32:
+      raise ValueError(f"secagg_bits must be an integer in [8, 32], got {secagg_bits!r}")
+    if aggregator not in ("mean", _aggregation.weighted_mean):
+      raise ValueError(f"secure aggregation reveals only the sum of updates, so it needs "
+                       f"aggregator='mean', got {aggregator!r}")
+    if compressing:
+      raise ValueError(f"secure aggregation already quantizes updates to secagg_bits="
+                       f"{secagg_bits}; use compression='none' with it, got "
+                       f"{compression!r}")
+    if not 0 <= secagg_tolerance < 1:
+      raise ValueError(f"secagg_tolerance must lie in [0, 1), got {secagg_tolerance!r}")
+    if not 0 <= secagg_dropout <= 1:
+      raise ValueError(f"secagg_dropout must lie in [0, 1], got {secagg_dropout!r}")
+    if secagg_bound is None:
+      secagg_bound = dp_clip if client_level_dp else 1.0
+    if not secagg_bound > 0:
+      raise ValueError(f"secagg_bound must be > 0, got {secagg_bound!r}")
+  if scaffold_learning_rate is not None and (compressing or secure_aggregation):
+    raise ValueError("SCAFFOLD with compression or secure aggregation is not supported "
+                     "(its control variates travel uncompressed and unmasked)")
   if client_chunk is not None:
     if not isinstance(client_chunk, (int, np.integer)) or client_chunk < 1:
       raise ValueError(f"client_chunk must be a positive integer or None, got "
@@ -381,8 +498,14 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         f"stragglers={stragglers} needs a budget of at least 2 local "
         f"{'steps' if budget.steps else 'epochs'} (stragglers do 1 .. budget-1), got "
         f"{full_budget}")
-  trainer = _local.local_trainer(model, client_optimizer, batch_size=batch_size,
-                                 budget=budget, prox_mu=prox_mu)
+  example_dp = dp_clip is not None and dp_mode == "example"
+  trainer = _local.local_trainer(
+      model, client_optimizer, batch_size=batch_size, budget=budget, prox_mu=prox_mu,
+      example_clip=dp_clip if example_dp else None,
+      example_noise=dp_noise if example_dp else 0.0)
+  adaptive = client_level_dp and dp_adaptive_quantile is not None
+  keeps_residuals = compressing and error_feedback
+  flat_updates = compressing or secure_aggregation
   fine_tune_budget = _local.LocalBudget(steps=int(fine_tune_steps))
   fine_tuner = (_local.local_trainer(model, client_optimizer, batch_size=batch_size,
                                      budget=fine_tune_budget)
@@ -405,7 +528,10 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         client_controls=stacked_zeros if uses_controls else None,
         fine_tune_window=(_local.epochs_window(fine_tune_budget, batch_size,
                                                data.num_examples)
-                          if fine_tune_steps else 0))
+                          if fine_tune_steps else 0),
+        clip_norm=jnp.asarray(dp_clip, jnp.float32) if adaptive else None,
+        client_residuals=(jnp.zeros((data.num_clients, _num_params(params)), jnp.float32)
+                          if keeps_residuals else None))
 
   def apply(state: ServerState, data: ClientData, participation=None):
     num_clients = data.num_clients
@@ -423,14 +549,33 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     else:  # train only the participants: gather them (first `cohort_size` of them)
       cohort = jnp.argsort(participation <= 0, stable=True)[:cohort_size]
     sizes = data.num_examples.astype(jnp.float32)
-    base = (sizes if weighting == "num_examples" and dp_clip is None
-            else (sizes > 0).astype(jnp.float32))  # DP: every client counts alike
+    base = (sizes if weighting == "num_examples" and not client_level_dp
+            else (sizes > 0).astype(jnp.float32))  # client-level DP: all count alike
     raw_weights = jnp.where(dropped, 0.0, participation * base)
     total = raw_weights.sum()
     denominator = total if dp_expected_clients is None else float(dp_expected_clients)
     scale_weights = 1.0 / jnp.where(total > 0, denominator, 1.0)
     anchor = state.params if use_prox else None
     noise_key = jax.random.fold_in(_side_key(state, _NOISE_KEY), state.round)
+    tagged = lambda tag: jax.random.fold_in(noise_key, tag)
+    clip_norm = state.clip_norm if adaptive else dp_clip
+    update_noise = dp_noise
+    if adaptive and _local.is_active(dp_noise):
+      count_noise = (dp_count_noise if dp_count_noise is not None
+                     else (dp_expected_clients or num_clients) / 20)
+      update_noise = adaptive_update_noise(dp_noise, count_noise)
+    sending = (participation > 0) & ~dropped & (data.num_examples > 0)
+    secagg_dropped = jnp.zeros((num_clients,), bool)
+    if secure_aggregation:
+      if secagg_dropout > 0:
+        secagg_dropped = choose_share(tagged(_DROPOUT_TAG), sending, secagg_dropout)
+      arrived = sending & ~secagg_dropped
+      secagg_failed = secagg_dropped.sum() > _secagg.max_dropouts(sending.sum(),
+                                                                 secagg_tolerance)
+      secagg_scale = _secagg.fixed_point_scale(
+          secagg_bound, (raw_weights * scale_weights).sum(), sending.sum(), secagg_bits)
+    flat_size = _num_params(state.params)
+    unravel = jax.flatten_util.ravel_pytree(state.params)[1]
 
     def train_group(members, everyone=False):
       """Trains the clients `members` ([G] indices) from the global model."""
@@ -439,21 +584,34 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
       if uses_controls:
         correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
                                   state.client_controls)
+      member_keys = lambda tag: _local.client_keys(tagged(tag), num_clients)[members]
       out = _local.train_clients(
           trainer, state.params, client_optimizer.init(state.params),
           jax.tree.map(take, data), take(keys), take(state.positions),
           epochs_window=state.epochs_window, stacked=False, anchor=anchor,
-          correction=correction, work=None if work is None else take(work))
+          correction=correction, work=None if work is None else take(work),
+          noise_keys=member_keys(_SGD_TAG) if example_dp else None)
       deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
       clipped = jnp.zeros(out.position.shape, bool)
-      if dp_clip is not None:
-        deltas, clipped = _privacy.clip_updates(deltas, dp_clip)
-        if dp_mode == "local" and dp_noise > 0:  # each client noises what it sends
+      if client_level_dp:
+        deltas, clipped = _privacy.clip_updates(deltas, clip_norm)
+        if dp_mode == "local" and _local.is_active(dp_noise):  # each client noises
           client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
               noise_key, take(jnp.arange(num_clients)))
           deltas = jax.vmap(lambda k, d: jax.tree.map(
               jnp.add, d, _privacy.gaussian_like(k, d, dp_noise * dp_clip)))(
                   client_keys, deltas)
+      residuals = None
+      if flat_updates:  # compression and secure aggregation see one vector per client
+        deltas = jax.vmap(lambda d: jax.flatten_util.ravel_pytree(d)[0])(deltas)
+      if compressing:
+        if keeps_residuals:
+          deltas = deltas + take(state.client_residuals)
+        sent = jax.vmap(compress)(member_keys(_COMPRESS_TAG), deltas)
+        if keeps_residuals:  # what compression dropped waits for the next round
+          residuals = jnp.where(take(sending)[:, None], deltas - sent,
+                                take(state.client_residuals))
+        deltas = sent
       changes = None
       if uses_controls:
         trained = (take(participation) > 0) & ~take(dropped) & (out.steps_taken > 0)
@@ -465,13 +623,28 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           return jnp.where(trained.reshape(shape), change, 0.0)
 
         changes = jax.tree.map(control_change, state.control, deltas)
-      return out, deltas, changes, take(raw_weights) * scale_weights, clipped
+      weights = take(raw_weights) * scale_weights
+      if secure_aggregation:  # what the server receives: the sum of masked vectors
+        encoded = jax.vmap(_secagg.encode, in_axes=(0, 0, 0, None, None, None))(
+            member_keys(_SECAGG_TAG), deltas, weights, secagg_scale, secagg_bound,
+            secagg_bits)
+        masked = jax.vmap(_secagg.mask, in_axes=(None, 0, 0, None, None, None))(
+            tagged(_SECAGG_TAG), encoded, members, cohort, sending[cohort], secagg_bits)
+        deltas = jnp.where(take(arrived)[:, None], masked, jnp.uint32(0))
+      return out, deltas, changes, weights, clipped, residuals
+
+    def partial_sum(deltas, weights):
+      if secure_aggregation:
+        return deltas.sum(0, dtype=jnp.uint32)
+      return _aggregation.weighted_mean(deltas, weights)
 
     everyone = cohort.shape[0] == num_clients and (
         client_chunk is None or client_chunk >= num_clients)
     if client_chunk is None or client_chunk >= cohort.shape[0]:
-      out, deltas, changes, weights, clipped = train_group(cohort, everyone=everyone)
-      update = combine(deltas, weights)
+      out, deltas, changes, weights, clipped, residuals = train_group(
+          cohort, everyone=everyone)
+      update = (partial_sum(deltas, weights) if flat_updates
+                else combine(deltas, weights))
       members = cohort
     else:  # memory-bounded: a scan over groups of clients, summing weighted updates
       num_groups = -(-cohort.shape[0] // client_chunk)
@@ -483,19 +656,25 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
 
       def group_step(update_sum, group):
         group_members, group_real = group
-        out, deltas, changes, weights, clipped = train_group(group_members)
+        out, deltas, changes, weights, clipped, residuals = train_group(group_members)
         weights = jnp.where(group_real, weights, 0.0)
-        update_sum = jax.tree.map(jnp.add, update_sum,
-                                  _aggregation.weighted_mean(deltas, weights))
+        if secure_aggregation:  # a padding slot repeats a member: it must not count twice
+          deltas = jnp.where(group_real[:, None], deltas, jnp.uint32(0))
+        update_sum = jax.tree.map(jnp.add, update_sum, partial_sum(deltas, weights))
         if changes is not None:  # padding slots change no control variate
           changes = jax.tree.map(
               lambda d: jnp.where(group_real.reshape((-1,) + (1,) * (d.ndim - 1)), d,
                                   0.0), changes)
         small = (out.position, out.train_loss, out.steps_taken, clipped)
-        return update_sum, (small, changes)
+        return update_sum, (small, changes, residuals)
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      update, (small, changes) = jax.lax.scan(
+      if secure_aggregation:
+        zeros = jnp.zeros((flat_size,), jnp.uint32)
+      elif flat_updates:
+        zeros = jnp.zeros((flat_size,), jnp.float32)
+      else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+      update, (small, changes, residuals) = jax.lax.scan(
           group_step, zeros, (members.reshape(num_groups, client_chunk),
                               real.reshape(num_groups, client_chunk)))
       flat = lambda x: x.reshape((padded,) + x.shape[2:])
@@ -504,12 +683,24 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
                                 train_loss=train_loss, examples_seen=None,
                                 steps_taken=steps_taken)
       changes = None if changes is None else jax.tree.map(flat, changes)
+      residuals = None if residuals is None else flat(residuals)
       weights = jnp.where(real, raw_weights[members] * scale_weights, 0.0)
       members = jnp.where(real, members, num_clients)  # out of range: dropped on scatter
-    if dp_clip is not None and dp_mode == "central" and dp_noise > 0:
-      # Central DP: the server noises the sum (sensitivity dp_clip), then averages.
+    if secure_aggregation:  # the server removes the masks it can rebuild, then decodes
+      survivors_sum = _secagg.unmask(tagged(_SECAGG_TAG), update, cohort, arrived[cohort],
+                                     sending[cohort] & secagg_dropped[cohort],
+                                     secagg_bits)
+      update = _secagg.decode(survivors_sum, secagg_scale, secagg_bits)
+      if dp_expected_clients is None:  # the survivors' weighted mean
+        arrived_weight = jnp.where(arrived, raw_weights, 0.0).sum()
+        update = update * total / jnp.maximum(arrived_weight, 1e-30)
+      update = jnp.where(secagg_failed, 0.0, update)
+    if flat_updates:
+      update = unravel(update)
+    if client_level_dp and dp_mode == "central" and _local.is_active(dp_noise):
+      # Central DP: the server noises the sum (sensitivity: the clipping norm).
       update = jax.tree.map(jnp.add, update, _privacy.gaussian_like(
-          noise_key, update, dp_noise * dp_clip * scale_weights))
+          noise_key, update, update_noise * clip_norm * scale_weights))
     # Every participant dropped as a straggler: the model stays where it is.
     update = jax.tree.map(lambda u: jnp.where(total > 0, u, 0.0), update)
     pseudo_gradient = jax.tree.map(jnp.negative, update)
@@ -535,6 +726,20 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           control=jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data, state.control,
                                changes),
           client_controls=jax.tree.map(add, state.client_controls, changes))
+    if keeps_residuals:
+      new_state = new_state.replace(client_residuals=put(state.client_residuals,
+                                                         residuals))
+    member_sent = get(sending)
+    unclipped = (member_sent & ~clipped).sum()
+    if adaptive:  # the noised share of unclipped updates moves the norm to the quantile
+      count = unclipped.astype(jnp.float32)
+      if _local.is_active(dp_noise):
+        count = count + count_noise * jax.random.normal(tagged(_COUNT_TAG))
+      share = count / jnp.where(total > 0, denominator, 1.0)
+      new_state = new_state.replace(clip_norm=jnp.where(
+          total > 0,
+          clip_norm * jnp.exp(-dp_clip_learning_rate * (share - dp_adaptive_quantile)),
+          clip_norm))
     took_part = participation > 0
     with_data = data.num_examples > 0
     metrics = {
@@ -542,12 +747,17 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         "client_train_loss": put(jnp.full((num_clients,), jnp.nan),
                                  jnp.where(member_took_part, out.train_loss, jnp.nan)),
         "num_participants": (took_part & with_data).sum(),
-        "num_uploads": (took_part & ~dropped & with_data).sum(),
+        "num_uploads": (sending & ~secagg_dropped).sum(),
         "num_stragglers": (took_part & with_data & (
             jnp.zeros((), bool) if work is None else work < full_budget)).sum(),
         "clip_fraction": (clipped & member_took_part).sum() / jnp.maximum(
             member_took_part.sum(), 1),
     }
+    if adaptive:
+      metrics["clip_norm"] = clip_norm
+    if secure_aggregation:
+      metrics["secagg_dropped"] = secagg_dropped.sum()
+      metrics["secagg_failed"] = secagg_failed
     return new_state, metrics
 
   def personalize(state: ServerState, data: ClientData):

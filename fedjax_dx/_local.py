@@ -78,6 +78,7 @@ class ClientState(NamedTuple):
   steps_taken: jax.Array  # [] int32: steps that held at least one real example
   anchor: Params = None  # FedProx: the global model the proximal term pulls towards
   correction: Params = None  # SCAFFOLD: c - c_k, added to every gradient
+  noise_key: jax.Array = None  # [2] uint32: DP-SGD's noise key (split every step)
 
 
 class ClientOutput(NamedTuple):
@@ -176,7 +177,8 @@ class LocalTrainer(NamedTuple):
 
 
 def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation, *,
-                  batch_size: int, budget: LocalBudget, prox_mu: float = 0.0
+                  batch_size: int, budget: LocalBudget, prox_mu: float = 0.0,
+                  example_clip: float | None = None, example_noise: float = 0.0
                   ) -> LocalTrainer:
   """Builds the client_init / client_step / client_final of local training.
 
@@ -187,6 +189,11 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
     budget: local steps or local epochs per round.
     prox_mu: FedProx's proximal weight: the loss gets `(mu/2) ||w - anchor||^2`, i.e.
       every gradient gets `mu (w - anchor)` (needs `anchor` at `client_init`).
+    example_clip: example-level DP-SGD (Abadi et al., 2016): every example's gradient
+      is clipped to this L2 norm, the clipped gradients are summed, Gaussian noise of
+      std `example_noise * example_clip` is added, and the sum is divided by
+      `batch_size` (needs a `noise_key` at `client_init`). None: plain gradients.
+    example_noise: DP-SGD's noise multiplier (>= 0).
 
   Returns:
     A `LocalTrainer`; `train_clients` runs it for every client at once.
@@ -194,6 +201,10 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
+  if example_clip is not None:
+    check_hyperparameter(example_clip, "example_clip (DP-SGD clipping norm)", above=0.0)
+    check_hyperparameter(example_noise, "example_noise (DP-SGD noise multiplier)",
+                         minimum=0.0)
   use_prox = is_active(prox_mu)
   batch = int(batch_size)
 
@@ -232,14 +243,40 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
                        weight=weight.reshape(steps, batch)),
             limit.astype(jnp.int32))
 
-  def client_init(params, opt_state, anchor=None, correction=None) -> ClientState:
+  def client_init(params, opt_state, anchor=None, correction=None,
+                  noise_key=None) -> ClientState:
     if use_prox and anchor is None:
       raise ValueError("prox_mu > 0 needs the anchor (global) model at client_init")
+    if example_clip is not None and noise_key is None:
+      raise ValueError("example-level DP-SGD needs a noise_key at client_init")
     return ClientState(params=params, opt_state=opt_state,
                        loss_sum=jnp.zeros((), jnp.float32),
                        examples_seen=jnp.zeros((), jnp.int32),
                        steps_taken=jnp.zeros((), jnp.int32),
-                       anchor=anchor if use_prox else None, correction=correction)
+                       anchor=anchor if use_prox else None, correction=correction,
+                       noise_key=noise_key if example_clip is not None else None)
+
+  def private_gradient(state: ClientState, batch: Batch, count):
+    """DP-SGD: per-example gradients (vmap), each clipped, summed, noised, / B."""
+    def example_loss(params, x, y):
+      return _models.per_example_loss(model, model.apply(params, x[None]), y[None])[0]
+
+    losses, per_example = jax.vmap(jax.value_and_grad(example_loss),
+                                   in_axes=(None, 0, 0))(state.params, batch.x, batch.y)
+    leaves = jax.tree.leaves(per_example)
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                         for g in leaves))
+    factor = batch.weight * jnp.minimum(1.0, example_clip / jnp.maximum(norms, 1e-12))
+    summed = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1), per_example)
+    noise_key, step_key = jax.random.split(state.noise_key)
+    leaves, treedef = jax.tree.flatten(summed)
+    keys = jax.random.split(step_key, len(leaves))
+    noisy = jax.tree.unflatten(treedef, [
+        g + example_noise * example_clip * jax.random.normal(k, g.shape, g.dtype)
+        for g, k in zip(leaves, keys)])
+    grads = jax.tree.map(lambda g: g / batch.weight.shape[0], noisy)  # fixed B
+    loss = (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
+    return loss, grads, noise_key
 
   def client_step(state: ClientState, batch: Batch) -> ClientState:
     count = batch.weight.sum()
@@ -248,7 +285,11 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
       losses = _models.per_example_loss(model, model.apply(params, batch.x), batch.y)
       return (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    if example_clip is not None:
+      loss, grads, noise_key = private_gradient(state, batch, count)
+      state = state._replace(noise_key=noise_key)
+    else:
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
     if use_prox:
       grads = jax.tree.map(lambda g, w, a: g + prox_mu * (w - a), grads, state.params,
                            state.anchor)
@@ -293,8 +334,8 @@ def epochs_window(budget: LocalBudget, batch_size: int, num_examples: np.ndarray
 def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                   data: ClientData, keys: jax.Array, positions: jax.Array, *,
                   epochs_window: int, stacked: bool, anchor: Params = None,
-                  correction: Params = None, work: jax.Array | None = None
-                  ) -> ClientOutput:
+                  correction: Params = None, work: jax.Array | None = None,
+                  noise_keys: jax.Array | None = None) -> ClientOutput:
   """Runs local training of every client in parallel (`lax.scan` inside `vmap`).
 
   Args:
@@ -311,31 +352,32 @@ def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptSta
     correction: SCAFFOLD's per-client gradient correction `[C, ...]`, or None.
     work: `[C]` int32, the budget units (steps or epochs) each client does this round
       (stragglers do fewer), or None for the full budget.
+    noise_keys: `[C, 2]` uint32, each client's DP-SGD noise key (this round's), or None.
 
   Returns:
     `ClientOutput` with a leading clients axis on every field.
   """
   def one_client(params, opt_state, features, labels, num_examples, key, position,
-                 correction, work):
+                 correction, work, noise_key):
     return train_client(trainer, params, opt_state,
                         Client(features, labels, num_examples), key, position,
                         epochs_window=epochs_window, anchor=anchor,
-                        correction=correction, work=work)
+                        correction=correction, work=work, noise_key=noise_key)
 
   model_axis = 0 if stacked else None
-  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0, 0, 0))(
+  return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0, 0, 0, 0))(
       params, opt_state, data.features, data.labels, data.num_examples, keys, positions,
-      correction, work)
+      correction, work, noise_keys)
 
 
 def train_client(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                  client: Client, key: jax.Array, position: jax.Array, *,
                  epochs_window: int, anchor: Params = None,
-                 correction: Params = None, work: jax.Array | None = None
-                 ) -> ClientOutput:
+                 correction: Params = None, work: jax.Array | None = None,
+                 noise_key: jax.Array | None = None) -> ClientOutput:
   """One client's local training for one round: batches, then a `lax.scan` of steps."""
   layout, end = trainer.client_batches(client, key, position, epochs_window, work)
-  state = trainer.client_init(params, opt_state, anchor, correction)
+  state = trainer.client_init(params, opt_state, anchor, correction, noise_key)
 
   def step(state, slots_and_weight):
     return trainer.client_step(state, gather_batch(client, *slots_and_weight)), None

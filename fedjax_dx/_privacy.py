@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 ACCOUNTANTS = ("rdp", "pld")
-DP_MODES = ("central", "local")
+DP_MODES = ("central", "local", "example")
 MAX_NOISE_MULTIPLIER = 1000.0
 
 
@@ -106,6 +106,50 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float,
   return calibrate("pld", rdp_noise / 4, rdp_noise)
 
 
+def _example_level_groups(batch_size: int, num_examples, steps):
+  """The distinct (sampling rate, steps) pairs of the clients with data and steps."""
+  import numpy as np
+  sizes = np.asarray(num_examples)
+  steps = np.broadcast_to(np.asarray(steps), sizes.shape)
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  pairs = {(min(1.0, batch_size / int(n)), int(k)) for n, k in zip(sizes, steps)
+           if n > 0 and k > 0}
+  if not pairs:
+    raise ValueError("no client has both examples and local steps")
+  return sorted(pairs)
+
+
+def example_level_epsilon(noise_multiplier: float, batch_size: int, num_examples,
+                          steps, delta: float, accountant: str = "rdp") -> float:
+  """epsilon of example-level DP-SGD in federated training: the worst hospital's.
+
+  Each hospital runs DP-SGD on its own patients: its `steps[k]` noised steps sample
+  batches of `batch_size` of its `num_examples[k]` examples, accounted as Poisson
+  sampling at rate `batch_size / n_k` (the usual approximation of shuffled batches).
+  A patient belongs to one hospital, so the guarantee is the largest epsilon over
+  hospitals (the smallest ones, with the highest sampling rate, spend most).
+
+  Args:
+    noise_multiplier: DP-SGD's noise std / per-example clipping norm.
+    batch_size: examples per local step.
+    num_examples: `[C]` training examples per hospital.
+    steps: `[C]` (or one number) noised local steps each hospital has taken.
+    delta: the delta of the guarantee.
+    accountant: "rdp" or "pld".
+  """
+  return max(epsilon(noise_multiplier, rate, k, delta, accountant)
+             for rate, k in _example_level_groups(batch_size, num_examples, steps))
+
+
+def example_level_noise(target_epsilon: float, batch_size: int, num_examples, steps,
+                        delta: float, accountant: str = "rdp") -> float:
+  """The noise multiplier at which every hospital's DP-SGD spends at most
+  `target_epsilon` (the largest of the per-hospital calibrations)."""
+  return max(noise_for_epsilon(target_epsilon, delta, rate, k, accountant)
+             for rate, k in _example_level_groups(batch_size, num_examples, steps))
+
+
 def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -133,7 +177,20 @@ def gaussian_like(key: jax.Array, tree: Any, stddev) -> Any:
       stddev * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
-def membership_inference(model, params, members, non_members) -> dict[str, jax.Array]:
+def _attack_scores(scores, member_mask, other_scores, other_mask):
+  from fedjax_dx import _metrics
+  all_scores = jnp.concatenate([scores, other_scores])
+  is_member = jnp.concatenate([jnp.ones_like(member_mask), jnp.zeros_like(other_mask)])
+  auc = _metrics.binary_auc(all_scores, is_member, jnp.concatenate([member_mask,
+                                                                    other_mask]))
+  # The threshold passed by 1% of non-members: the 99th percentile of their scores.
+  threshold = jnp.nanquantile(jnp.where(other_mask, other_scores, jnp.nan), 0.99)
+  passed = (scores > threshold) & member_mask
+  return auc, passed.sum() / jnp.maximum(member_mask.sum(), 1)
+
+
+def membership_inference(model, params, members, non_members,
+                         reference_params=None) -> dict[str, jax.Array]:
   """The loss-threshold membership-inference attack (Yeom et al., 2018) on one model.
 
   The attacker guesses "member" when an example's loss is low. Its success over all
@@ -143,32 +200,38 @@ def membership_inference(model, params, members, non_members) -> dict[str, jax.A
   rate (the threshold that 1% of non-members pass), the figure that matters for the
   few patients most exposed.
 
+  The calibrated variant (difficulty calibration, Watson et al., ICLR 2022, without
+  shadow models) scores `loss_reference(x) - loss(x)`: how much training lowered the
+  example's loss, so examples that are easy for any model stop looking like members.
+  The reference is a model that saw none of the examples, such as the initial model.
+
   Args:
     model: the model.
     params: one model's parameters.
     members: `ClientData` it was trained on (all clients pooled by the attack).
     non_members: `ClientData` it never saw (e.g. the test split).
+    reference_params: parameters of a model that saw neither set (the starting model
+      of training), for the calibrated attack; None: the plain attack only.
 
   Returns:
-    `{"auc": [], "tpr_at_1pct_fpr": []}`.
+    `{"auc": [], "tpr_at_1pct_fpr": []}`, plus `calibrated_auc` and
+    `calibrated_tpr_at_1pct_fpr` with `reference_params`.
   """
-  from fedjax_dx import _metrics
   from fedjax_dx import _models
 
-  def scores(data):
+  def losses(p, data):
     features = data.features.reshape((-1,) + data.features.shape[2:])
-    logits = model.apply(params, features)
-    losses = _models.per_example_loss(model, logits, data.labels.reshape(-1))
-    return -losses, data.mask.reshape(-1)
+    return _models.per_example_loss(model, model.apply(p, features),
+                                    data.labels.reshape(-1))
 
-  member_scores, member_mask = scores(members)
-  other_scores, other_mask = scores(non_members)
-  all_scores = jnp.concatenate([member_scores, other_scores])
-  is_member = jnp.concatenate([jnp.ones_like(member_mask), jnp.zeros_like(other_mask)])
-  mask = jnp.concatenate([member_mask, other_mask])
-  auc = _metrics.binary_auc(all_scores, is_member, mask)
-  # The threshold passed by 1% of non-members: the 99th percentile of their scores.
-  threshold = jnp.nanquantile(jnp.where(other_mask, other_scores, jnp.nan), 0.99)
-  passed = (member_scores > threshold) & member_mask
-  tpr = passed.sum() / jnp.maximum(member_mask.sum(), 1)
-  return {"auc": auc, "tpr_at_1pct_fpr": tpr}
+  member_mask, other_mask = members.mask.reshape(-1), non_members.mask.reshape(-1)
+  member_loss, other_loss = losses(params, members), losses(params, non_members)
+  auc, tpr = _attack_scores(-member_loss, member_mask, -other_loss, other_mask)
+  result = {"auc": auc, "tpr_at_1pct_fpr": tpr}
+  if reference_params is not None:
+    auc, tpr = _attack_scores(losses(reference_params, members) - member_loss,
+                              member_mask,
+                              losses(reference_params, non_members) - other_loss,
+                              other_mask)
+    result.update(calibrated_auc=auc, calibrated_tpr_at_1pct_fpr=tpr)
+  return result

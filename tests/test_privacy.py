@@ -123,3 +123,136 @@ def test_membership_inference_attack_matches_sklearn_and_sees_overfitting():
     threshold = np.quantile(other, 0.99)
     assert float(result["tpr_at_1pct_fpr"]) == pytest.approx(np.mean(member > threshold))
   assert float(fdx.membership_inference(model, fitted, train, test)["auc"]) > 0.9
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_dp_sgd_clips_each_example_and_matches_a_per_example_loop():
+  model = fdx.mlp(hidden=(8,), num_classes=2)
+  xs, ys, data = make_data()
+  params = init_params(model)
+  # A huge clip and no noise: DP-SGD is plain SGD (local steps: every batch is full).
+  plain = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=3)
+  want, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=2)
+  free = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=3, dp_clip=1e6,
+                    dp_mode="example")
+  got, _ = free.run(free.init(params, data, RNG), data, num_rounds=2)
+  assert_trees_close(got.params, want.params, atol=1e-6)
+  # A small clip: one step of one client against a loop over its examples.
+  clip, batch = 0.05, 3
+  trainer = fdx.local_trainer(model, optax.sgd(1.0), batch_size=batch,
+                              budget=fdx.LocalBudget(steps=1), example_clip=clip)
+  x, y = jnp.asarray(xs[1][:batch]), jnp.asarray(ys[1][:batch])
+  state = trainer.client_init(params, optax.sgd(1.0).init(params),
+                              noise_key=jax.random.PRNGKey(0))
+  stepped = trainer.client_step(state, fdx.Batch(x=x, y=y, weight=jnp.ones(batch)))
+  total = np.zeros_like(_flat(params))
+  for i in range(batch):
+    g = _flat(jax.grad(lambda p: fdx.per_example_loss(
+        model, model.apply(p, x[i:i + 1]), y[i:i + 1])[0])(params))
+    total += g * min(1.0, clip / np.linalg.norm(g))
+  np.testing.assert_allclose(_flat(stepped.params), _flat(params) - total / batch,
+                             atol=1e-6)
+
+
+def test_dp_sgd_noise_has_the_stated_size():
+  model = fdx.mlp(hidden=(128,), num_classes=2)
+  _, _, data = make_data()
+  params = init_params(model)
+  # One step at learning rate 1: the update is -(clipped sum + N(0, (zC)^2)) / B; the
+  # clipped part has norm <= C spread over ~1,000 parameters, negligible next to it.
+  trainer = fdx.local_trainer(model, optax.sgd(1.0), batch_size=3,
+                              budget=fdx.LocalBudget(steps=1), example_clip=0.01,
+                              example_noise=3.0)
+  state = trainer.client_init(params, optax.sgd(1.0).init(params),
+                              noise_key=jax.random.PRNGKey(1))
+  x = data.features[0, :3]
+  stepped = trainer.client_step(state, fdx.Batch(x=x, y=data.labels[0, :3],
+                                                 weight=jnp.ones(3)))
+  noise = _flat(stepped.params) - _flat(params)
+  assert np.std(noise) == pytest.approx(3.0 * 0.01 / 3, rel=0.1)
+  # Each step draws new noise: the noise key moves on.
+  assert not np.array_equal(np.asarray(stepped.noise_key), np.asarray(state.noise_key))
+
+
+def test_example_level_epsilon_is_the_worst_hospitals():
+  sizes, steps = [100, 400, 0], [50, 200, 0]
+  each = [fdx.privacy_epsilon(1.2, 10 / 100, 50, 1e-5),
+          fdx.privacy_epsilon(1.2, 10 / 400, 200, 1e-5)]
+  assert fdx.example_level_epsilon(1.2, 10, sizes, steps, 1e-5) == pytest.approx(max(each))
+  z = fdx.example_level_noise(3.0, 10, sizes, steps, 1e-5)
+  assert fdx.example_level_epsilon(z, 10, sizes, steps, 1e-5) == pytest.approx(3.0,
+                                                                                rel=1e-2)
+  with pytest.raises(ValueError, match="no client has both examples and local steps"):
+    fdx.example_level_epsilon(1.0, 10, [0, 5], [3, 0], 1e-5)
+
+
+def test_adaptive_clipping_follows_the_quantile_of_update_norms():
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  clip, eta, quantile = 0.05, 0.3, 0.5
+  algo = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4, dp_clip=clip,
+                    dp_adaptive_quantile=quantile, dp_clip_learning_rate=eta)
+  state = algo.init(params, data, RNG)
+  local = fdx.local_only(model, optax.sgd(0.5), batch_size=3, local_steps=4)
+  lstate, _ = local.run(local.init(params, data, RNG), data, num_rounds=1)
+  norms = [np.linalg.norm(_flat(jax.tree.map(lambda p, g: p[k] - g, lstate.params,
+                                             params))) for k in range(4)]
+  state, metrics = algo.apply(state, data)
+  share = np.mean(np.asarray(norms) <= clip)
+  assert float(metrics["clip_norm"]) == pytest.approx(clip)
+  assert float(state.clip_norm) == pytest.approx(clip * np.exp(-eta * (share - quantile)),
+                                                 rel=1e-6)
+  # Over rounds, without noise, the norm settles between the updates' norms so that
+  # about half are clipped.
+  state, metrics = algo.run(state, data, num_rounds=60)
+  metrics = jax.tree.map(lambda m: m[-1], metrics)
+  assert 0.25 <= float(metrics["clip_fraction"]) <= 0.75
+
+
+def test_adaptive_clipping_keeps_the_budget_of_its_noise_multiplier():
+  # The update and count noises compose to the stated multiplier (Andrew et al.).
+  z, sigma_b = 1.0, 2.0
+  z_update = fdx.adaptive_update_noise(z, sigma_b)
+  assert (z_update**-2 + (2 * sigma_b)**-2)**-0.5 == pytest.approx(z)
+  assert z_update > z
+  with pytest.raises(ValueError, match=r"needs dp_count_noise > 0.5"):
+    fdx.adaptive_update_noise(1.0, 0.4)
+  with pytest.raises(ValueError, match=r"adaptive clipping .* needs dp_mode='central'"):
+    fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2, local_steps=1,
+               dp_clip=1.0, dp_mode="local", dp_adaptive_quantile=0.5)
+  with pytest.raises(ValueError, match=r"dp_adaptive_quantile must lie in \(0, 1\)"):
+    fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2, local_steps=1,
+               dp_clip=1.0, dp_adaptive_quantile=1.5)
+
+
+def test_calibrated_attack_scores_the_loss_drop():
+  from sklearn.metrics import roc_auc_score
+  rng = np.random.default_rng(3)
+  xs = [rng.normal(size=(n, 5)).astype(np.float32) for n in (8, 6)]
+  ys = [rng.integers(0, 2, len(x)) for x in xs]
+  txs = [rng.normal(size=(n, 5)).astype(np.float32) for n in (5, 9)]
+  tys = [rng.integers(0, 2, len(x)) for x in txs]
+  train = fdx.stack_clients(xs, ys, num_classes=2)
+  test = fdx.stack_clients(txs, tys, num_classes=2)
+  model = fdx.mlp(hidden=(16,), num_classes=2)
+  start = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  pooled = fdx.pool_clients(train)
+  algo = fdx.centralized(model, optax.adam(0.05), batch_size=14, local_steps=100)
+  state, _ = algo.run(algo.init(start, pooled, RNG), pooled, num_rounds=1)
+  fitted = fdx.global_params(state)
+  result = fdx.membership_inference(model, fitted, train, test, reference_params=start)
+  loss = lambda p, x, y: np.asarray(fdx.per_example_loss(
+      model, model.apply(p, jnp.asarray(x)), jnp.asarray(y)))
+  drop = lambda xs, ys: np.concatenate([loss(start, x, y) - loss(fitted, x, y)
+                                        for x, y in zip(xs, ys)])
+  member, other = drop(xs, ys), drop(txs, tys)
+  want = roc_auc_score(np.r_[np.ones(14), np.zeros(14)], np.r_[member, other])
+  assert float(result["calibrated_auc"]) == pytest.approx(want, abs=1e-6)
+  threshold = np.quantile(other, 0.99)
+  assert float(result["calibrated_tpr_at_1pct_fpr"]) == pytest.approx(
+      np.mean(member > threshold))
+  assert float(result["calibrated_auc"]) > 0.8
