@@ -78,15 +78,32 @@ def get_config() -> ml_collections.ConfigDict:
   # memory, n groups of n (memory-bounded rounds; aggregator mean)
   config.bucket_clients = False  # pad the client count to a power of two (a sweep over
   # client counts compiles once per bucket)
-  # Client-level differential privacy (fedavg family): none | central | local.
+  # Differential privacy (fedavg family): none | central | local (client level: each
+  # hospital's update clipped and noised) | example (DP-SGD: each patient's gradient).
   config.dp = "none"
-  config.dp_clip = 1.0  # L2 norm each client's update is clipped to
+  config.dp_clip = 1.0  # L2 norm each client's update (example's gradient) is clipped to
   config.dp_noise = 1.0  # noise multiplier z (noise std = z * dp_clip)
   config.dp_target_epsilon = 0.0  # > 0: choose dp_noise to reach this epsilon
   config.dp_delta = 1e-5
   config.dp_accountant = "rdp"  # rdp | pld (dp-accounting)
+  config.dp_adaptive_quantile = 0.0  # central: > 0 adapts the clip to this quantile of
+  # update norms (Andrew et al. 2021), starting at dp_clip
+  config.dp_clip_learning_rate = 0.2  # adaptive clipping's geometric step
+  config.dp_count_noise = 0.0  # adaptive clipping's count noise (0: participants / 20)
+  # Update compression (fedavg family): none | quantize | topk; bytes counted exactly.
+  config.compression = "none"
+  config.compression_bits = 8  # quantize: 1, 2, 4, 8 or 16 bits, stochastic rounding
+  config.topk_fraction = 0.01  # topk: share of entries kept
+  config.error_feedback = True  # clients keep what compression dropped for next round
+  # Secure aggregation (simulated Bonawitz et al. 2017; the server sees only the sum).
+  config.secure_aggregation = False
+  config.secagg_bits = 32  # modulus 2^bits of the fixed-point encoding
+  config.secagg_bound = 0.0  # coordinate clip before encoding (0: dp_clip or 1.0)
+  config.secagg_dropout = 0.0  # share of senders dropping out after masking
+  config.secagg_tolerance = 0.3  # largest dropout share the protocol recovers from
   config.membership_audit = True  # loss-threshold membership inference on the final
-  # global model (pooled train = members vs pooled test): mia_auc, mia_tpr_at_1pct_fpr
+  # global model (pooled train = members vs pooled test): mia_auc, mia_tpr_at_1pct_fpr,
+  # and the difficulty-calibrated attack against the initial model (mia_calibrated_*)
   config.fast_compile = False  # XLA backend optimisation level 0: faster compiles,
   # slower steps (for small models, where compile time dominates)
 

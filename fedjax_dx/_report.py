@@ -67,6 +67,52 @@ def _centralized_line(ax, level: float) -> None:
              label=f"centralized (final) {level:.3f}")
 
 
+def _privacy_utility(final_pooled, metric, colors, plt, sns):
+  """Utility and attack success versus epsilon (private runs), with the non-private
+  runs of the study (e.g. FedAvg without DP, centralized) as reference lines."""
+  if "epsilon" not in final_pooled or not final_pooled["epsilon"].notna().any():
+    return None
+  private = final_pooled[final_pooled["epsilon"].notna()]
+  references = final_pooled[final_pooled["epsilon"].isna()
+                            & (final_pooled["method"] != "local")]
+  attacks = [c for c in ("mia_auc", "mia_calibrated_auc") if c in final_pooled]
+  fig, axes = plt.subplots(1, 2 if attacks else 1, figsize=(13 if attacks else 8, 4.4),
+                           squeeze=False)
+  utility = axes[0, 0]
+  order = [m for m in colors if m in set(private["method"])]
+  sns.lineplot(data=private, x="epsilon", y=metric, hue="method", hue_order=order,
+               palette=colors, marker="o", errorbar=("ci", 95), ax=utility)
+  non_private = lambda method: ("" if method == "centralized" else " (no DP)")
+  for method, rows in references.groupby("method", sort=False):
+    level = rows[metric].mean()
+    utility.axhline(level, color=colors.get(method, "black"), linestyle="--",
+                    linewidth=1.2, label=f"{method}{non_private(method)} {level:.3f}")
+  utility.set_xscale("log")
+  _finish(utility, "epsilon spent by the end of training (log scale)",
+          f"final pooled test {_label(metric)}", "Utility versus privacy")
+  if attacks:
+    attack = axes[0, 1]
+    melted = private.melt(id_vars=["method", "epsilon"], value_vars=attacks,
+                          var_name="attack", value_name="attack_auc").dropna()
+    names = {"mia_auc": "loss threshold", "mia_calibrated_auc": "calibrated"}
+    melted["attack"] = melted["attack"].map(names)
+    sns.lineplot(data=melted, x="epsilon", y="attack_auc", hue="method",
+                 hue_order=order, palette=colors, style="attack", marker="o",
+                 errorbar=("ci", 95), ax=attack)
+    for method, rows in references.groupby("method", sort=False):
+      if rows["mia_auc"].notna().any():
+        level = rows["mia_auc"].mean()
+        attack.axhline(level, color=colors.get(method, "black"), linestyle="--",
+                       linewidth=1.2,
+                       label=f"{method}{non_private(method)} loss attack {level:.3f}")
+    attack.axhline(0.5, color="grey", linestyle=":", linewidth=1.2,
+                   label="chance (0.5)")
+    attack.set_xscale("log")
+    _finish(attack, "epsilon (log scale)", "membership-inference AUC",
+            "Attack success versus privacy")
+  return fig
+
+
 def make_report(workdir: str) -> dict[str, str]:
   """Draws every figure that the results support; returns {name: path}."""
   import pandas as pd
@@ -170,6 +216,11 @@ def make_report(workdir: str) -> dict[str, str]:
     _finish(ax, "number of clients", "wall time per round (ms, compile excluded)",
             "Round time versus clients (mean over seeds)")
     figures["round_time"] = _save(fig, os.path.join(fig_dir, "round_time.png"))
+
+  privacy = _privacy_utility(final_pooled, metric, colors, plt, sns)
+  if privacy is not None:
+    figures["privacy_utility"] = _save(privacy, os.path.join(fig_dir,
+                                                             "privacy_utility.png"))
 
   # Label distribution of the partition (first point).
   partition_path = os.path.join(workdir, "partition.json")

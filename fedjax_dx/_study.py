@@ -29,12 +29,14 @@ import numpy as np
 import optax
 
 from fedjax_dx import _algorithms
+from fedjax_dx import _compression
 from fedjax_dx import _data
 from fedjax_dx import _metrics
 from fedjax_dx import _models
 from fedjax_dx import _privacy
 from fedjax_dx import _sampling
 from fedjax_dx import _scale
+from fedjax_dx import _secagg
 from fedjax_dx import _synthetic
 
 BASELINES = ("centralized", "local")
@@ -47,8 +49,14 @@ METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate
                  "batch_size", "local_steps", "local_epochs", "clients_per_round",
                  "sampling", "rounds", "eval_every", "stragglers", "straggler_policy",
                  "fine_tune_steps", "client_chunk", "dp", "dp_clip", "dp_noise",
-                 "dp_target_epsilon", "dp_delta", "dp_accountant")
+                 "dp_target_epsilon", "dp_delta", "dp_accountant", "dp_adaptive_quantile",
+                 "dp_clip_learning_rate", "dp_count_noise", "compression",
+                 "compression_bits", "topk_fraction", "error_feedback",
+                 "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
+                 "secagg_tolerance")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
+MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_calibrated_auc",
+               "mia_calibrated_tpr_at_1pct_fpr")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
            "f1")
 
@@ -336,9 +344,18 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
        "at once)")
   need(not config.bucket_clients or method != "cyclic", "bucket_clients",
        "false for cyclic (padding clients would take turns in its cycle)")
-  need(config.dp in ("none", "central", "local"), "dp", "none, central or local")
+  need(config.dp in ("none", "central", "local", "example"), "dp",
+       "none, central, local (client level) or example (DP-SGD)")
   if config.dp != "none" and method in _PRIVATE:
     need(config.dp_clip > 0, "dp_clip", "a clipping norm > 0")
+    need(config.dp_adaptive_quantile == 0 or 0 < config.dp_adaptive_quantile < 1,
+         "dp_adaptive_quantile", "0 (fixed clipping) or a quantile in (0, 1)")
+    need(config.dp_adaptive_quantile == 0 or config.dp == "central",
+         "dp_adaptive_quantile", "0 unless dp = 'central' (adaptive clipping is for "
+         "central client-level DP)")
+    need(config.dp_clip_learning_rate > 0, "dp_clip_learning_rate", "a number > 0")
+    need(config.dp_count_noise >= 0, "dp_count_noise",
+         "a noise std > 0 (or 0: expected participants / 20)")
     need(config.dp_noise >= 0, "dp_noise", "a noise multiplier >= 0")
     need(0 < config.dp_delta < 1, "dp_delta", "a number in (0, 1)")
     need(config.dp_target_epsilon >= 0, "dp_target_epsilon",
@@ -348,6 +365,27 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
          "averaged)")
   need(config.dp == "none" or method != "scaffold", "dp",
        "none for scaffold (its control variates would leak unclipped updates)")
+  need(config.compression in _compression.COMPRESSIONS, "compression",
+       "none, quantize or topk")
+  need(config.compression_bits in _compression.QUANTIZE_BITS, "compression_bits",
+       f"one of {_compression.QUANTIZE_BITS}")
+  need(0 < config.topk_fraction <= 1, "topk_fraction", "a share in (0, 1]")
+  need(8 <= config.secagg_bits <= 32, "secagg_bits", "an integer in [8, 32]")
+  need(config.secagg_bound >= 0, "secagg_bound",
+       "a coordinate bound > 0 (or 0: dp_clip with client-level DP, else 1)")
+  need(0 <= config.secagg_tolerance < 1, "secagg_tolerance", "a share in [0, 1)")
+  need(0 <= config.secagg_dropout <= config.secagg_tolerance, "secagg_dropout",
+       f"a share in [0, secagg_tolerance = {config.secagg_tolerance}] (more dropouts "
+       "than the protocol tolerates would fail every round)")
+  if config.secure_aggregation:
+    need(config.compression == "none", "compression",
+         "none with secure_aggregation (it already quantizes to secagg_bits)")
+    need(config.aggregator == "mean", "aggregator",
+         "mean with secure_aggregation (the server sees only the sum)")
+  need(method in _PRIVATE or method in BASELINES + ("cyclic",) or (
+      config.compression == "none" and not config.secure_aggregation), "compression",
+       f"none and secure_aggregation false for {method} (its extra state travels "
+       "uncompressed and unmasked)")
 
 
 def apply_point(config, point: dict[str, Any]):
@@ -449,8 +487,21 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
   # With sampling, train only each round's sampled clients (compute follows them).
-  private = (dict(dp_clip=config.dp_clip, dp_noise=config.dp_noise, dp_mode=config.dp)
+  private = (dict(dp_clip=config.dp_clip, dp_noise=config.dp_noise, dp_mode=config.dp,
+                  dp_adaptive_quantile=config.dp_adaptive_quantile or None,
+                  dp_clip_learning_rate=config.dp_clip_learning_rate,
+                  dp_count_noise=config.dp_count_noise or None)
              if config.dp != "none" and method in _PRIVATE else {})
+  if method in _PRIVATE:  # update compression and secure aggregation
+    private.update(compression=config.compression,
+                   compression_bits=config.compression_bits,
+                   topk_fraction=config.topk_fraction,
+                   error_feedback=config.error_feedback,
+                   secure_aggregation=config.secure_aggregation,
+                   secagg_bits=config.secagg_bits,
+                   secagg_bound=config.secagg_bound or None,
+                   secagg_dropout=config.secagg_dropout,
+                   secagg_tolerance=config.secagg_tolerance)
   stragglers = dict(stragglers=config.stragglers,
                     straggler_policy=_straggler_policy(config, method),
                     cohort_size=config.clients_per_round or None,
@@ -491,7 +542,11 @@ _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
                    "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
                    "num_byzantine", "batch_size", "local_steps", "local_epochs",
                    "stragglers", "straggler_policy", "fine_tune_steps",
-                   "clients_per_round", "client_chunk", "dp", "dp_clip", "dp_noise")
+                   "clients_per_round", "client_chunk", "dp", "dp_clip", "dp_noise",
+                   "dp_adaptive_quantile", "dp_clip_learning_rate", "dp_count_noise",
+                   "compression", "compression_bits", "topk_fraction", "error_feedback",
+                   "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
+                   "secagg_tolerance")
 
 
 class _LazyExecutable:
@@ -640,9 +695,9 @@ class _Cache:
     """The membership-inference audit of a seeds axis of global models (jitted)."""
     if id(model) not in self.attacks:
       self.attacks[id(model)] = (model, jax.jit(jax.vmap(
-          lambda params, train, test: _privacy.membership_inference(model, params, train,
-                                                                    test),
-          in_axes=(0, None, None))))
+          lambda params, start, train, test: _privacy.membership_inference(
+              model, params, train, test, reference_params=start),
+          in_axes=(0, 0, None, None))))
     return self.attacks[id(model)][1]
 
   def dataset(self, config):
@@ -663,6 +718,15 @@ def _privacy_noise(config, sampling_rate: float) -> float:
   try:
     return _privacy.noise_for_epsilon(config.dp_target_epsilon, config.dp_delta,
                                       sampling_rate, config.rounds, config.dp_accountant)
+  except ValueError as e:
+    raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
+
+
+def _example_noise(config, sizes, steps) -> float:
+  try:
+    return _privacy.example_level_noise(config.dp_target_epsilon, config.batch_size,
+                                        sizes, steps, config.dp_delta,
+                                        config.dp_accountant)
   except ValueError as e:
     raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
 
@@ -733,27 +797,29 @@ class MethodRun:
     if method in _CHUNKABLE and config.client_chunk != 0:
       config = cache.fit_client_chunk(config, method, model, params, train, keys[0, 1])
     self.private = config.dp != "none" and method in _PRIVATE
+    self.sizes, self._epsilons = sizes, {}
+    participation = self._participation(config, method, seeds, train.num_clients)
     if self.private:
       self.sampling_rate = dp_sampling_rate(config, int(np.sum(sizes > 0)))
       if config.dp_target_epsilon > 0:
         config = copy.deepcopy(config)
-        config.dp_noise = _privacy_noise(config, self.sampling_rate)
+        if config.dp == "example":
+          config.dp_noise = _example_noise(config, sizes, self._local_steps(
+              config, participation.max(0).sum(0)))
+        else:
+          config.dp_noise = _privacy_noise(config, self.sampling_rate)
     self.config, self.method = config, method
     self.algo = algo = cache.algorithm(config, method, model)
     # One batched init for all seeds (the data is not batched, so init's host checks run).
     self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
                                                                           keys[:, 1])
-    participation = []
     one_seed = self.states.replace(positions=self.states.positions[0])  # for the checks
-    for seed in seeds:
-      rounds_participation = np.ones((config.rounds, train.num_clients), np.float32)
-      if method in STRATEGIES and method != "cyclic" and config.clients_per_round:
-        rounds_participation = _sampling.sample_participation(
-            seed, config.rounds, sizes, config.clients_per_round, by=config.sampling)
+    for rounds_participation in participation:
       algo.run.check(one_seed, train, rounds_participation)
-      participation.append(rounds_participation)
-    self.participation = np.stack(participation)  # [S, R, C]
+    self.participation = participation  # [S, R, C]
+    self.initial_params = params  # [S, ...]: the calibrated attack's reference models
     self.param_bytes = _tree_bytes(jax.tree.map(lambda x: x[0], params))
+    self.num_params = int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(params)))
     self.data_bytes = int(sizes.sum()) * (
         int(np.prod(data.train.feature_shape)) * 4 + 4)  # float32 features + int32 label
     self.kind = {"local": "stacked", "fedavg_ft": "personalized"}.get(method, "global")
@@ -772,17 +838,80 @@ class MethodRun:
       return jax.tree.map(lambda x: x[:, 0], self.states.params)
     return self.states.params
 
-  def _privacy_columns(self, round_index: int) -> dict[str, Any]:
-    """epsilon spent after `round_index` rounds (dp-accounting), for private methods."""
+  def _participation(self, config, method, seeds, num_clients) -> np.ndarray:
+    """Each seed's participation schedule `[S, R, C]` (sampled clients per round)."""
+    schedules = []
+    for seed in seeds:
+      rounds_participation = np.ones((config.rounds, num_clients), np.float32)
+      if method in STRATEGIES and method != "cyclic" and config.clients_per_round:
+        rounds_participation = _sampling.sample_participation(
+            seed, config.rounds, self.sizes, config.clients_per_round,
+            by=config.sampling)
+      schedules.append(rounds_participation)
+    return np.stack(schedules)
+
+  def _local_steps(self, config, rounds_taken_part) -> np.ndarray:
+    """Noised local steps each client has taken after `rounds_taken_part` ([C])
+    rounds (the full budget: stragglers' shorter rounds only spend less)."""
+    if config.local_steps:
+      return config.local_steps * np.asarray(rounds_taken_part, np.int64)
+    per_round = np.ceil(self.sizes * config.local_epochs / config.batch_size)
+    return (per_round * np.asarray(rounds_taken_part)).astype(np.int64)
+
+  def _privacy_columns(self, round_index: int, seed_index: int) -> dict[str, Any]:
+    """epsilon spent after `round_index` rounds (dp-accounting), for private methods:
+    client level from the rounds, example level from each hospital's DP-SGD steps."""
     if not self.private:
       return {}
     config = self.config
-    eps = 0.0 if round_index == 0 else _privacy.epsilon(
-        config.dp_noise, self.sampling_rate, round_index, config.dp_delta,
-        config.dp_accountant)
+    if round_index == 0:
+      eps = 0.0
+    elif config.dp == "example":
+      taken = self.participation[seed_index, :round_index].astype(bool).sum(0)
+      steps = self._local_steps(config, taken)
+      key = tuple(steps.tolist())
+      if key not in self._epsilons:
+        self._epsilons[key] = _privacy.example_level_epsilon(
+            config.dp_noise, config.batch_size, self.sizes, steps, config.dp_delta,
+            config.dp_accountant)
+      eps = self._epsilons[key]
+    else:
+      key = round_index
+      if key not in self._epsilons:
+        self._epsilons[key] = _privacy.epsilon(
+            config.dp_noise, self.sampling_rate, round_index, config.dp_delta,
+            config.dp_accountant)
+      eps = self._epsilons[key]
     return {"epsilon": None if math.isinf(eps) else round(eps, 6),
             "dp_delta": config.dp_delta, "dp_noise": round(config.dp_noise, 6),
             "dp_clip": config.dp_clip, "dp_mode": config.dp}
+
+  def _round_bytes(self, metrics) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes up and down per seed of the rounds behind `metrics` ([S, R] counts):
+    the model down to each participant; up, each upload's exact size (compressed, or
+    the masked vector plus the secure-aggregation protocol's messages)."""
+    config, num_seeds = self.config, len(self.seeds)
+    per_round = lambda name: np.asarray(metrics[name]).reshape(num_seeds, -1)
+    participants, uploads = per_round("num_participants"), per_round("num_uploads")
+    copies = 2 if self.method == "scaffold" else 1  # SCAFFOLD adds its control variates
+    down = copies * self.param_bytes * participants.sum(1)
+    if self.method in _PRIVATE and config.secure_aggregation:
+      dropped = per_round("secagg_dropped")
+      up = np.zeros(num_seeds, np.int64)
+      for s in range(num_seeds):
+        for sent, lost in zip(uploads[s] + dropped[s], dropped[s]):
+          protocol_up, protocol_down = _secagg.round_bytes(
+              self.num_params, config.secagg_bits, int(sent), int(lost))
+          up[s] += protocol_up
+          down[s] += protocol_down
+      return up, down
+    if self.method in _PRIVATE:
+      each = _compression.upload_bytes(config.compression, self.num_params,
+                                        bits=config.compression_bits,
+                                        topk_fraction=config.topk_fraction)
+    else:
+      each = copies * self.param_bytes
+    return each * uploads.sum(1), down
 
   def execute(self, progress) -> dict[int, list[dict]]:
     for program in self.programs.values():
@@ -800,7 +929,7 @@ class MethodRun:
     def evaluate_now(round_index, bytes_up, bytes_down):
       results = jax.device_get(
           self.evaluator(self._evaluated_models(), data.train, data.test))
-      privacy = self._privacy_columns(round_index)  # one accountant call per evaluation
+      privacy = [self._privacy_columns(round_index, s) for s in range(len(seeds))]
       for split, result in zip(("train", "test"), results):
         for s, seed in enumerate(seeds):
           one = _seed_slice(result, s)
@@ -808,7 +937,7 @@ class MethodRun:
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
-                      batched_seeds=len(seeds), **privacy,
+                      batched_seeds=len(seeds), **privacy[s],
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
@@ -832,11 +961,7 @@ class MethodRun:
       jax.block_until_ready(self.states)
       wall += time.perf_counter() - start
       if method in STRATEGIES:  # models sent down to participants and back up
-        copies = 2 if method == "scaffold" else 1  # SCAFFOLD adds its control variates
-        bytes_down = (copies * self.param_bytes
-                      * np.asarray(metrics["num_participants"]).reshape(len(seeds), -1).sum(1))
-        bytes_up = (copies * self.param_bytes
-                    * np.asarray(metrics["num_uploads"]).reshape(len(seeds), -1).sum(1))
+        bytes_up, bytes_down = self._round_bytes(metrics)
       elif method == "centralized":  # the raw data moves once
         bytes_up = np.full(len(seeds), self.data_bytes if done == 0 else 0)
         bytes_down = zeros
@@ -846,7 +971,7 @@ class MethodRun:
       done += chunk
       if final and config.membership_audit and self.kind == "global":
         attack = jax.device_get(self.cache.attack(self.model)(
-            self._evaluated_models(), data.train, data.test))
+            self._evaluated_models(), self.initial_params, data.train, data.test))
       evaluate_now(done, bytes_up, bytes_down)
       progress(done * len(seeds))
     return rows
@@ -935,7 +1060,13 @@ def _check_data_dependent(config, cache: _Cache) -> None:
             f"config.{prefix}clients_per_round = {mc.clients_per_round}: cannot sample "
             f"more clients than exist ({with_data} with data){where}")
       if mc.dp != "none" and method in _PRIVATE and mc.dp_target_epsilon > 0:
-        _privacy_noise(mc, dp_sampling_rate(mc, with_data))  # reachable?
+        if mc.dp == "example":  # reachable with every client in every round?
+          sizes = np.asarray(data.train.num_examples)
+          steps = (mc.local_steps * mc.rounds if mc.local_steps else
+                   np.ceil(sizes * mc.local_epochs / mc.batch_size) * mc.rounds)
+          _example_noise(mc, sizes, np.asarray(steps, np.int64))
+        else:
+          _privacy_noise(mc, dp_sampling_rate(mc, with_data))  # reachable?
       participants = mc.clients_per_round or with_data
       if (method in STRATEGIES and method not in ("scaffold", "cyclic")
           and mc.aggregator == "krum" and participants < 2 * mc.num_byzantine + 3):
@@ -1060,8 +1191,7 @@ def summary_table(summary, metric: str, methods: list[str]) -> str:
   swept = [c for c in summary.columns if c not in (
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
-      "seeds_reaching_target", "target", "epsilon", "mia_auc_mean",
-      "mia_tpr_at_1pct_fpr_mean") and not c.endswith(("_mean", "_std"))]
+      "seeds_reaching_target", "target", "epsilon") and not c.endswith(("_mean", "_std"))]
   clients = summary.drop_duplicates("client")
   clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
                                   for c in clients["client"]]).sort_values("order")
@@ -1095,7 +1225,7 @@ def swept_columns(frame) -> list[str]:
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
            "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
-           "dp_mode", "mia_auc", "mia_tpr_at_1pct_fpr", *METRICS}
+           "dp_mode", *MIA_COLUMNS, *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns if c not in fixed]
 
@@ -1116,7 +1246,7 @@ def summarize(frame, config):
   summary["compile_s_mean"] = grouped["compile_s"].mean()
   if "epsilon" in final:  # privacy spent by the end (private methods only)
     summary["epsilon"] = grouped["epsilon"].max()
-  for column in ("mia_auc", "mia_tpr_at_1pct_fpr"):  # the audit of the final model
+  for column in MIA_COLUMNS:  # the audit of the final model
     if column in final:
       summary[f"{column}_mean"] = grouped[column].mean()
   target, value = config.target_metric, config.target_value

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,7 +337,22 @@ def fdx_epsilon(*args):
 @pytest.mark.parametrize("changes,message", [
     (dict(dp="central", dp_delta=1.5), "config.dp_delta = 1.5: expected a number in (0, 1)"),
     (dict(dp="central", dp_clip=0.0), "config.dp_clip = 0.0: expected a clipping norm > 0"),
-    (dict(dp="maybe"), "config.dp = 'maybe': expected none, central or local"),
+    (dict(dp="maybe"), "config.dp = 'maybe': expected none, central, local (client level) "
+     "or example"),
+    (dict(dp="local", dp_adaptive_quantile=0.5),
+     "config.dp_adaptive_quantile = 0.5: expected 0 unless dp = 'central'"),
+    (dict(dp="example", dp_target_epsilon=1e-4),
+     "config.dp_target_epsilon = 0.0001: target epsilon 0.0001 is not reached"),
+    (dict(compression="gzip"), "config.compression = 'gzip': expected none, quantize"),
+    (dict(compression="quantize", compression_bits=3),
+     "config.compression_bits = 3: expected one of (1, 2, 4, 8, 16)"),
+    (dict(secure_aggregation=True, compression="topk"),
+     "config.compression = 'topk': expected none with secure_aggregation"),
+    (dict(secure_aggregation=True, secagg_dropout=0.5),
+     "config.secagg_dropout = 0.5: expected a share in [0, secagg_tolerance = 0.3]"),
+    (dict(compression="topk", methods="scaffold"),
+     "config.compression = 'topk': expected none and secure_aggregation false for "
+     "scaffold"),
     (dict(dp="central", dp_target_epsilon=1e-4),
      "config.dp_target_epsilon = 0.0001: target epsilon 0.0001 is not reached"),
     (dict(dp="central", methods="scaffold"), "config.dp = 'central': expected none for "
@@ -347,8 +363,7 @@ def test_bad_privacy_fields_are_named(tmp_path, changes, message):
   config.methods = "fedavg"
   for field, value in changes.items():
     config[field] = value
-  with pytest.raises(_study.StudyError, match=message.replace("(", r"\(").replace(
-      ")", r"\)")):
+  with pytest.raises(_study.StudyError, match=re.escape(message)):
     _study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
 
@@ -369,3 +384,36 @@ def test_membership_audit_on_the_final_global_models(tmp_path):
   row = summary[(summary["method"] == "fedavg") & (summary["client"] == "pooled")]
   assert row["mia_auc_mean"].iloc[0] == pytest.approx(
       audited[audited["method"] == "fedavg"]["mia_auc"].mean())
+
+
+def test_example_level_dp_compression_and_secagg_in_the_harness(tmp_path):
+  import fedjax_dx as fdx
+  frame = _study_frame(tmp_path, "dpsgd", methods="fedavg", num_seeds=1, dp="example",
+                       dp_target_epsilon=8.0, dp_clip=1.0)
+  fed = frame[(frame["client"] == "pooled") & (frame["split"] == "test")].sort_values(
+      "round")
+  sizes = [30] * 3  # synthetic: 40 examples per client, 30 of them for training
+  # 4 rounds x 3 local steps of batch 4 for every hospital: the worst one spends 8.
+  assert fed["epsilon"].iloc[-1] == pytest.approx(8.0, rel=1e-2)
+  assert fed["epsilon"].iloc[-1] == pytest.approx(fdx.example_level_epsilon(
+      fed["dp_noise"].iloc[-1], 4, sizes, [12] * 3, 1e-5), rel=1e-4)
+  assert (fed["dp_mode"] == "example").all()
+  # Compression: each of the 3 uploads per round is 14 levels of 4 bits + the scale.
+  packed = _study_frame(tmp_path, "q4", methods="fedavg", num_seeds=1,
+                        compression="quantize", compression_bits=4)
+  row = packed[(packed["client"] == "pooled") & (packed["split"] == "test")
+               & (packed["round"] == 2)]
+  assert row["bytes_up"].iloc[0] == 2 * 3 * (7 + 4)
+  assert row["bytes_down"].iloc[0] == 2 * 3 * 14 * 4
+  # Secure aggregation: the protocol's messages on top of 32-bit masked vectors, and
+  # the same model as plain FedAvg up to fixed-point rounding.
+  secure = _study_frame(tmp_path, "secagg", methods="fedavg", num_seeds=1,
+                        secure_aggregation=True, secagg_bound=5.0)
+  plain = _study_frame(tmp_path, "plain", methods="fedavg", num_seeds=1)
+  row = secure[(secure["client"] == "pooled") & (secure["split"] == "test")
+               & (secure["round"] == 2)]
+  up, down = fdx.secagg.round_bytes(14, 32, 3, 0)
+  assert row["bytes_up"].iloc[0] == 2 * up
+  assert row["bytes_down"].iloc[0] == 2 * (down + 3 * 14 * 4)
+  pd.testing.assert_series_equal(secure["loss"], plain["loss"], atol=1e-5)
+  assert secure["mia_calibrated_auc"].dropna().between(0, 1).all()
