@@ -23,7 +23,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import fedjax_dx as fdx
@@ -52,14 +51,7 @@ def cnn_workload():
 def make_data(workload: str, num_clients: int) -> fdx.ClientData:
   if workload != "CNN":
     return throughput.make_data(num_clients)
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(num_clients, throughput.EXAMPLES_PER_CLIENT, 28, 28, 1)).astype(
-      np.float32)
-  y = rng.integers(0, 2, size=x.shape[:2]).astype(np.int32)
-  return fdx.ClientData(features=jnp.asarray(x), labels=jnp.asarray(y),
-                        mask=jnp.ones(y.shape, bool),
-                        num_examples=jnp.full((num_clients,),
-                                              throughput.EXAMPLES_PER_CLIENT, jnp.int32))
+  return throughput.make_image_data(num_clients)
 
 
 def model_of(workload: str) -> fdx.Model:

@@ -40,3 +40,14 @@ def make_data(num_clients: int, seed: int = 0) -> fdx.ClientData:
       num_examples=jnp.full((num_clients,), EXAMPLES_PER_CLIENT, jnp.int32))
 
 
+
+
+def make_image_data(num_clients: int, seed: int = 0) -> fdx.ClientData:
+  """The CNN workload's data: 64 random 28x28 single-channel images per client."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(num_clients, EXAMPLES_PER_CLIENT, 28, 28, 1)).astype(np.float32)
+  y = rng.integers(0, 2, size=x.shape[:2]).astype(np.int32)
+  return fdx.ClientData(features=jnp.asarray(x), labels=jnp.asarray(y),
+                        mask=jnp.ones(y.shape, bool),
+                        num_examples=jnp.full((num_clients,), EXAMPLES_PER_CLIENT,
+                                              jnp.int32))

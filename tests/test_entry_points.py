@@ -101,3 +101,12 @@ def test_scale_benchmark_writes_csv_and_figure(tmp_path):
 def test_scale_benchmark_rejects_an_unknown_workload():
   result = run_module("benchmarks.scale", "--workloads=W7")
   assert result.returncode != 0 and "W7" in result.stderr
+
+
+def test_cnn_benchmark_writes_csv(tmp_path):
+  out = tmp_path / "cnn.csv"
+  result = run_module("benchmarks.cnn", "--clients=2", "--repeats=1", f"--out={out}")
+  assert result.returncode == 0, result.stderr
+  rows = out.read_text().splitlines()
+  assert rows[0].startswith("conv,clients,sec_per_round") and len(rows) == 3
+  assert "gemm / xla =" in result.stdout

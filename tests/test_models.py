@@ -1,0 +1,66 @@
+"""The batched-GEMM convolution equals XLA's convolution (alone, vmapped over clients,
+and inside a FedAvg round)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_dx as fdx
+from fedjax_dx import _models
+from tests.test_algorithms import assert_trees_close, assert_trees_equal
+
+RNG = jax.random.PRNGKey(3)
+
+
+@pytest.mark.parametrize("shape,features,kernel", [
+    ((2, 7, 9, 1), 4, (3, 3)), ((3, 6, 6, 5), 8, (3, 3)), ((1, 8, 5, 2), 3, (5, 3))])
+def test_gemm_conv_equals_nn_conv(shape, features, kernel):
+  x = jax.random.normal(RNG, shape)
+  reference = nn.Conv(features, kernel)
+  params = reference.init(RNG, x)
+  gemm = _models.GemmConv(features, kernel)
+  assert_trees_equal(gemm.init(RNG, x), params)  # same shapes and initial values
+  np.testing.assert_allclose(gemm.apply(params, x), reference.apply(params, x),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_gemm_cnn_equals_the_plain_cnn_under_the_clients_axis():
+  fast, plain = fdx.cnn(3, (4, 8), 16), fdx.cnn(3, (4, 8), 16, conv="xla")
+  x = jax.random.normal(RNG, (3, 5, 28, 28))  # 3 clients x 5 images
+  labels = jax.random.randint(RNG, (3, 5), 0, 3)
+  params = fast.init(RNG, x[0, :1])
+  assert_trees_equal(params, plain.init(RNG, x[0, :1]))
+  # One model per client (different per client, as in local training).
+  stacked = jax.vmap(lambda k: fast.init(k, x[0, :1]))(jax.random.split(RNG, 3))
+
+  def grads(model):
+    def loss(p, xs, ys):
+      return fdx.per_example_loss(model, model.apply(p, xs), ys).mean()
+    return jax.vmap(jax.value_and_grad(loss))(stacked, x, labels)
+
+  (fast_loss, fast_grads), (plain_loss, plain_grads) = grads(fast), grads(plain)
+  np.testing.assert_allclose(fast_loss, plain_loss, rtol=1e-5)
+  assert_trees_close(fast_grads, plain_grads, atol=1e-5)
+
+
+def test_fedavg_round_with_gemm_convolutions_equals_the_plain_round():
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(n, 28, 28)).astype(np.float32) for n in (6, 4, 9)]
+  ys = [rng.integers(0, 2, n) for n in (6, 4, 9)]
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  states = []
+  for conv in ("gemm", "xla"):
+    model = fdx.cnn(2, (4, 8), 16, conv=conv)
+    params = model.init(RNG, data.features[0, :1])
+    algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=1)
+    state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=2)
+    states.append(state.params)
+  assert_trees_close(states[0], states[1], atol=1e-5)
+
+
+def test_unknown_conv_is_named():
+  with pytest.raises(ValueError, match=r"conv must be one of \('gemm', 'xla'\), got 'fft'"):
+    fdx.cnn(conv="fft")
