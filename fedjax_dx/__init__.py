@@ -89,6 +89,7 @@ from fedjax_dx._sharding import replicate
 from fedjax_dx._sharding import shard_clients
 from fedjax_dx._synthetic import synthetic_binary
 from fedjax_dx._synthetic import synthetic_fedprox
+from fedjax_dx import _distributed as distributed
 from fedjax_dx import _partition as partition
 from fedjax_dx import _secagg as secagg
 
@@ -113,6 +114,7 @@ __all__ = (
     "cnn",
     "cyclic",
     "cyclic_order",
+    "distributed",
     "ClientData",
     "ClientOutput",
     "ClientState",

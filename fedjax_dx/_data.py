@@ -199,6 +199,21 @@ def pool_clients(data: ClientData) -> ClientData:
       mask=jnp.ones((1, n), bool), num_examples=jnp.asarray([n], jnp.int32))
 
 
+def _local_rows(x) -> tuple[np.ndarray, np.ndarray]:
+  """`(client indices, rows)` of `x` held by this process: all of them, except for a
+  global array of a multi-host run, whose other clients live on other hosts."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    array = np.asarray(x)
+    return np.arange(array.shape[0]), array
+  shards = {}
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(x.shape[0])
+    shards.setdefault(start, (np.arange(start, stop), np.asarray(shard.data)))
+  ordered = [shards[k] for k in sorted(shards)]
+  return (np.concatenate([r for r, _ in ordered]),
+          np.concatenate([d for _, d in ordered]))
+
+
 def check_client_data(data: ClientData, num_classes: int, name: str = "data") -> None:
   """Checks a `ClientData` built by hand; raises ValueError naming what is wrong.
 
@@ -213,20 +228,20 @@ def check_client_data(data: ClientData, num_classes: int, name: str = "data") ->
           f"{name}.{field} has shape {actual}, expected leading shape {shape} to match "
           f"{name}.labels {data.labels.shape}")
   sizes = np.asarray(data.num_examples)
-  mask = np.asarray(data.mask)
+  rows, mask = _local_rows(data.mask)  # multi-host: each process checks its clients
   if np.any(sizes < 0) or np.any(sizes > n):
     raise ValueError(f"{name}.num_examples must lie in [0, {n}], got {sizes.tolist()}")
-  if not np.array_equal(mask, np.arange(n)[None, :] < sizes[:, None]):
+  if not np.array_equal(mask, np.arange(n)[None, :] < sizes[rows][:, None]):
     raise ValueError(
         f"{name}.mask must be True exactly on the first num_examples slots of each "
         "client (build data with stack_clients)")
   if not np.any(sizes > 0):
     raise ValueError(f"{name}: every client is empty; at least one needs examples")
-  feats = np.asarray(data.features)
+  feats = _local_rows(data.features)[1]
   valid_feats = feats[mask]
   if not np.all(np.isfinite(valid_feats)):
     raise ValueError(f"{name}.features hold NaN or infinite values in real examples")
-  valid_labels = np.asarray(data.labels)[mask]
+  valid_labels = _local_rows(data.labels)[1][mask]
   if valid_labels.size and (valid_labels.min() < 0 or valid_labels.max() >= num_classes):
     raise ValueError(
         f"{name}.labels must lie in [0, {num_classes - 1}], got values in "

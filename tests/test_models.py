@@ -3,7 +3,6 @@ and inside a FedAvg round)."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -1,0 +1,82 @@
+"""Two processes on one machine (JAX's multi-controller runtime, gloo collectives on
+CPU, 2 devices each) train the same FedAvg rounds as one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+import fedjax_dx as fdx
+from tests import multihost_case as case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(process_id, port, out, num_processes=2):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_worker", f"--coordinator=127.0.0.1:{port}",
+       f"--num_processes={num_processes}", f"--process_id={process_id}", f"--out={out}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_equal_one(tmp_path):
+  out = tmp_path / "params.npz"
+  port = _free_port()
+  workers = [_start(p, port, out) for p in (0, 1)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  for w, (stdout, stderr) in zip(workers, outputs):
+    assert w.returncode == 0, stderr[-3000:]
+  # Each process made only the clients on its own 2 devices (6 clients padded to 8).
+  assert "process 0 of 2: loaded clients [0, 1, 2, 3]" in outputs[0][0]
+  assert "process 1 of 2: loaded clients [4, 5]" in outputs[1][0]
+
+  data = fdx.stack_clients(*zip(*[case.client(k) for k in range(case.NUM_CLIENTS)]),
+                           num_classes=2)
+  algo, params = case.algorithm()
+  state, metrics = algo.run(algo.init(params, data, jax.random.PRNGKey(case.SEED)), data,
+                            num_rounds=case.ROUNDS)
+  got = np.load(out)
+  for i, leaf in enumerate(jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(got[f"leaf{i}"], np.asarray(leaf), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got["losses"], np.asarray(metrics["train_loss"]), rtol=1e-5)
+
+
+def test_a_process_count_unlike_the_coordinators_is_refused(tmp_path):
+  port = _free_port()
+  workers = [_start(0, port, tmp_path / "a.npz", num_processes=2),
+             _start(1, port, tmp_path / "b.npz", num_processes=3)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  assert workers[1].returncode != 0
+  assert ("num_processes=3 on process 1, but the coordinator 127.0.0.1:"
+          in outputs[1][1]), outputs[1][1][-2000:]
+  assert "start every process with --num_processes=2" in outputs[1][1]
+  for w in workers:
+    assert w.returncode != 0  # neither trains alone
+
+
+def test_bad_distributed_arguments_are_named():
+  import pytest
+  for kwargs, message in [
+      (dict(coordinator_address="localhost", num_processes=2, process_id=0),
+       "coordinator_address must be 'host:port'"),
+      (dict(coordinator_address="h:1", num_processes=2, process_id=2),
+       r"process_id must lie in \[0, num_processes = 2\), got 2"),
+      (dict(coordinator_address="h:1", num_processes=0, process_id=0),
+       "num_processes must be an integer >= 1, got 0")]:
+    with pytest.raises(ValueError, match=message):
+      fdx.distributed.initialize(**kwargs)
+  mesh = fdx.client_mesh(jax.devices()[:2])
+  with pytest.raises(ValueError, match="100 clients need at least 4 devices at 30 "
+                     "clients per device, but the mesh has 2"):
+    fdx.distributed.check_devices_hold(100, mesh, 30)
