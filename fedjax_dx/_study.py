@@ -31,12 +31,14 @@ import optax
 from fedjax_dx import _algorithms
 from fedjax_dx import _compression
 from fedjax_dx import _data
+from fedjax_dx import _distributed
 from fedjax_dx import _metrics
 from fedjax_dx import _models
 from fedjax_dx import _privacy
 from fedjax_dx import _sampling
 from fedjax_dx import _scale
 from fedjax_dx import _secagg
+from fedjax_dx import _sharding
 from fedjax_dx import _synthetic
 
 BASELINES = ("centralized", "local")
@@ -96,7 +98,7 @@ def environment() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"versions": versions, "python": platform.python_version(),
           "device": {"platform": device.platform, "kind": device.device_kind,
-                     "count": len(jax.devices())},
+                     "count": len(jax.devices()), "processes": jax.process_count()},
           "host": platform.node()}
 
 
@@ -462,6 +464,10 @@ _CHUNKABLE = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
               "fedadagrad", "fedavg_ft")
 
 
+# Strategies whose clients are sharded over every process's devices (multi-host).
+_SHARDED = tuple(m for m in STRATEGIES if m != "cyclic")
+
+
 # Strategies that can run with client-level DP (`config.dp`).
 _PRIVATE = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
             "fedavg_ft")
@@ -581,7 +587,7 @@ class _Cache:
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
-    self.pool, self.reported = None, set()
+    self.pool, self.reported, self.sharded = None, set(), {}
 
   def model(self, config, num_classes):
     key = (json.dumps(config.model.to_dict(), sort_keys=True), num_classes)
@@ -657,7 +663,7 @@ class _Cache:
     a worker thread (`compile_soon`).
     """
     key = (id(model), kind, id(algorithm) if kind == "personalized" else None,
-           str(jax.tree.structure(models)),
+           data.train.features.is_fully_addressable, str(jax.tree.structure(models)),
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]))
     if key not in self.evaluators:
       if kind == "global":
@@ -699,6 +705,12 @@ class _Cache:
               model, params, train, test, reference_params=start),
           in_axes=(0, 0, None, None))))
     return self.attacks[id(model)][1]
+
+  def global_data(self, data):
+    """`data` as global arrays over every device of every process (multi-host)."""
+    if id(data) not in self.sharded:
+      self.sharded[id(data)] = (data, _distributed.shard(data))
+    return self.sharded[id(data)][1]
 
   def dataset(self, config):
     key = (json.dumps(_to_plain(config.dataset), sort_keys=True)
@@ -786,6 +798,13 @@ class MethodRun:
   every `eval_every` rounds and returns the result rows of each seed."""
 
   def __init__(self, config, method, data, names, cache, seeds, swept):
+    # Several processes (multi-host): federated methods train and evaluate on global
+    # arrays whose clients axis spans every device of every process; the baselines
+    # run on each process's own copy (the same result everywhere).
+    self.sharded = _distributed.is_multiprocess() and method in _SHARDED
+    example = data.train.features[0, :1]
+    if self.sharded:
+      data = cache.global_data(data)
     self.data, self.names = data, names
     self.seeds, self.swept, self.cache = list(seeds), swept, cache
     self.model = model = cache.model(config, data.num_classes)
@@ -793,7 +812,7 @@ class MethodRun:
                           else data.train)
     sizes = np.asarray(data.train.num_examples)
     keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    params = cache.initial_params(model, keys[:, 0], data.train.features[0, :1])
+    params = cache.initial_params(model, keys[:, 0], example)
     if method in _CHUNKABLE and config.client_chunk != 0:
       config = cache.fit_client_chunk(config, method, model, params, train, keys[0, 1])
     self.private = config.dp != "none" and method in _PRIVATE
@@ -810,9 +829,15 @@ class MethodRun:
           config.dp_noise = _privacy_noise(config, self.sampling_rate)
     self.config, self.method = config, method
     self.algo = algo = cache.algorithm(config, method, model)
-    # One batched init for all seeds (the data is not batched, so init's host checks run).
-    self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
-                                                                          keys[:, 1])
+    if self.sharded:  # global data cannot be closed over: one init per seed, stacked
+      mesh = _sharding.client_mesh()
+      params = _sharding.replicate(params, mesh)
+      self.states = _algorithms.stack_states([
+          algo.init(_seed_slice(params, s), train, keys[s, 1])
+          for s in range(len(seeds))])
+    else:  # one batched init for all seeds (data not batched: init's host checks run)
+      self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
+                                                                            keys[:, 1])
     one_seed = self.states.replace(positions=self.states.positions[0])  # for the checks
     for rounds_participation in participation:
       algo.run.check(one_seed, train, rounds_participation)
@@ -926,9 +951,10 @@ class MethodRun:
     cumulative = np.zeros(len(seeds), np.int64)
     zeros = np.zeros(len(seeds), np.int64)
 
+    host = _distributed.fetch if self.sharded else jax.device_get
+
     def evaluate_now(round_index, bytes_up, bytes_down):
-      results = jax.device_get(
-          self.evaluator(self._evaluated_models(), data.train, data.test))
+      results = host(self.evaluator(self._evaluated_models(), data.train, data.test))
       privacy = [self._privacy_columns(round_index, s) for s in range(len(seeds))]
       for split, result in zip(("train", "test"), results):
         for s, seed in enumerate(seeds):
@@ -960,6 +986,7 @@ class MethodRun:
           self.states, self.train, jnp.asarray(self.participation[:, done:done + chunk]))
       jax.block_until_ready(self.states)
       wall += time.perf_counter() - start
+      metrics = host(metrics)
       if method in STRATEGIES:  # models sent down to participants and back up
         bytes_up, bytes_down = self._round_bytes(metrics)
       elif method == "centralized":  # the raw data moves once
@@ -970,7 +997,7 @@ class MethodRun:
       cumulative += bytes_up + bytes_down
       done += chunk
       if final and config.membership_audit and self.kind == "global":
-        attack = jax.device_get(self.cache.attack(self.model)(
+        attack = host(self.cache.attack(self.model)(
             self._evaluated_models(), self.initial_params, data.train, data.test))
       evaluate_now(done, bytes_up, bytes_down)
       progress(done * len(seeds))
@@ -1086,11 +1113,14 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   """
   check_config(config)
   config_json = config.to_dict()
-  resuming = _prepare_workdir(workdir, config_json)
+  # Multi-host: every process runs every program; process 0 alone reads and writes
+  # the workdir and tells the others what is left to do.
+  lead = jax.process_index() == 0
+  resuming = _prepare_workdir(workdir, config_json) if lead else False
   cache = _Cache(compiler_options(config))
   try:
     _check_data_dependent(config, cache)
-    if not resuming:
+    if lead and not resuming:
       write_atomic(os.path.join(workdir, "config.json"), json.dumps(
           {"config": config_json, "created": datetime.datetime.now().isoformat(),
            **environment()}, indent=2, default=str))
@@ -1107,10 +1137,14 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
     progress = Progress(sum(rounds_of(p) for _, p, _ in todo), quiet)
     partitions = {}
     points_dir = os.path.join(workdir, "points")
-    os.makedirs(points_dir, exist_ok=True)
+    if lead:
+      os.makedirs(points_dir, exist_ok=True)
     path_of = lambda i, p, s: os.path.join(points_dir, point_id(i, p, s) + ".jsonl")
+    done_before = _agreed_done([lead and os.path.isfile(path_of(i, p, s))
+                                for i, p, s in todo])
+    is_done = lambda i, p, s: done_before[todo.index((i, p, s))]
     if resuming:
-      finished = sum(os.path.isfile(path_of(i, p, s)) for i, p, s in todo)
+      finished = sum(done_before)
       progress.log(f"resuming the study in {workdir}: {finished} of {len(todo)} "
                    "(point, seed) runs already done")
     for index, point in enumerate(points):
@@ -1119,7 +1153,7 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
       data, names, counts = cache.dataset(variant)
       partitions[str(index)] = {"point": swept, "client_names": names,
                                 "label_counts": counts.tolist()}
-      missing = [s for s in seeds if not os.path.isfile(path_of(index, point, s))]
+      missing = [s for s in seeds if not is_done(index, point, s)]
       progress.advance(rounds_of(point) * (len(seeds) - len(missing)),
                        f"point {index + 1}/{len(points)} (done)")
       groups = [missing] if config.batch_seeds else [[s] for s in missing]
@@ -1142,15 +1176,27 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
 
           for seed, seed_rows in run.execute(advance).items():
             rows[seed] += seed_rows
-        for seed in group:
+        for seed in group if lead else ():
           write_atomic(path_of(index, point, seed),
                        "".join(json.dumps(r) + "\n" for r in rows[seed]))
         progress.log(f"finished point {index + 1}/{len(points)}: {swept or 'no sweep'}, "
                      f"seed(s) {group}")
-    write_atomic(os.path.join(workdir, "partition.json"), json.dumps(partitions))
+    if lead:
+      write_atomic(os.path.join(workdir, "partition.json"), json.dumps(partitions))
   finally:
     cache.close()
+  if not lead:
+    return {}
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
+
+
+def _agreed_done(done: list[bool]) -> list[bool]:
+  """Process 0's view of which (point, seed) runs are done, on every process."""
+  if not _distributed.is_multiprocess():
+    return done
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.broadcast_one_to_all(np.asarray(done, np.int32))
+  return [bool(f) for f in np.asarray(flags)]
 
 
 def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:

@@ -80,3 +80,33 @@ def test_bad_distributed_arguments_are_named():
   with pytest.raises(ValueError, match="100 clients need at least 4 devices at 30 "
                      "clients per device, but the mesh has 2"):
     fdx.distributed.check_devices_hold(100, mesh, 30)
+
+
+def _study(workdir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "benchmarks.run", "--config=configs/test.py",
+             f"--workdir={workdir}", "--compilation_cache=", "--noreport", "--quiet",
+             "--config.methods=fedavg,fedprox,centralized,local", *flags]
+  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_a_two_process_study_writes_the_single_process_results(tmp_path):
+  import json
+  import pandas as pd
+  port = _free_port()
+  hosts = [_study(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}",
+                  "--num_processes=2", f"--process_id={p}", "--local_device_count=2")
+           for p in (0, 1)]
+  single = _study(tmp_path / "single")
+  for process in hosts + [single]:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+  read = lambda name: pd.read_json(tmp_path / name / "metrics.jsonl", lines=True,
+                                   dtype={"client": str}).drop(columns=["wall_s",
+                                                                        "compile_s"])
+  # The 3 synthetic clients were padded to 4 and spread over 2 x 2 devices.
+  pd.testing.assert_frame_equal(read("multi"), read("single"), rtol=1e-5)
+  meta = json.loads((tmp_path / "multi" / "config.json").read_text())
+  assert meta["device"]["processes"] == 2 and meta["device"]["count"] == 4
