@@ -7,7 +7,11 @@ client count the round runs unchunked (`client_chunk=None`) and memory-bounded
 (`--chunk`, or chosen from the device's memory when 0), one round per compiled call.
 Memory is XLA's own account of the compiled round (arguments + outputs + temporaries);
 an unchunked point whose temporaries, extrapolated from the previous client count, would
-exceed `--max_memory_gb` is skipped. Compile time is measured apart.
+exceed `--max_memory_gb` is skipped. Compile time is measured apart. With `--stream`, a
+third form keeps the client data in host memory (NumPy) and streams it to the device
+chunk by chunk (`Algorithm.stream`; the next chunk's transfer overlaps the current
+chunk's training); its memory column is the client data it holds on the device (two
+chunks) plus the model.
 
   python -m benchmarks.scale --out=results/scale.csv --figure=results/scale.png
 """
@@ -23,6 +27,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import fedjax_dx as fdx
@@ -39,6 +44,8 @@ flags.DEFINE_float("max_memory_gb", 4.0, "Skip unchunked rounds predicted above 
                    lower_bound=0.01)
 flags.DEFINE_integer("repeats", 3, "Timed rounds per point (median reported).",
                      lower_bound=1)
+flags.DEFINE_bool("stream", False, "Also time rounds whose client data stays in host "
+                  "memory and streams to the device --chunk clients at a time.")
 COLUMNS = ("workload", "form", "clients", "client_chunk", "sec_per_round",
            "client_updates_per_s", "compile_s", "memory_bytes", "temp_bytes")
 
@@ -85,6 +92,26 @@ def measure(model, data, chunk, repeats):
       analysis.temp_size_in_bytes), chunk
 
 
+def measure_streamed(model, host_data, chunk, repeats):
+  algo = fdx.fedavg(model, optax.sgd(throughput.LEARNING_RATE),
+                    batch_size=throughput.BATCH, local_epochs=1)
+  params = model.init(jax.random.PRNGKey(0), host_data.features[0, :1])
+  state = algo.init(params, host_data, jax.random.PRNGKey(1))
+  start = time.perf_counter()
+  jax.block_until_ready(algo.stream(state, host_data, chunk=chunk))  # compiles
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(algo.stream(state, host_data, chunk=chunk))
+    times.append(time.perf_counter() - start)
+  per_client = sum(x[0].nbytes for x in jax.tree.leaves(host_data))
+  resident = 2 * chunk * per_client + sum(x.nbytes for x in jax.tree.leaves(params))
+  # The first call's time minus a steady round approximates the compiles.
+  seconds = statistics.median(times)
+  return seconds, max(compile_s - seconds, 0.0), int(resident), 0, chunk
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -106,7 +133,8 @@ def main(argv):
     last_temp = None
     for num_clients in clients:
       data = make_data(workload, num_clients)
-      for form in ("unchunked", "chunked"):
+      forms = ("unchunked", "chunked") + (("streamed",) if FLAGS.stream else ())
+      for form in forms:
         if form == "unchunked" and last_temp is not None:
           predicted = last_temp[1] * num_clients / last_temp[0]
           if predicted > FLAGS.max_memory_gb * 2**30:
@@ -116,7 +144,14 @@ def main(argv):
         chunk = None if form == "unchunked" else (FLAGS.chunk or "auto")
         if form == "chunked" and chunk != "auto" and chunk >= num_clients:
           continue
-        sec, compile_s, memory, temp, used = measure(model, data, chunk, FLAGS.repeats)
+        if form == "streamed":
+          stream_chunk = min(FLAGS.chunk or 1000, num_clients)
+          host = jax.tree.map(np.asarray, data)
+          sec, compile_s, memory, temp, used = measure_streamed(model, host, stream_chunk,
+                                                                FLAGS.repeats)
+        else:
+          sec, compile_s, memory, temp, used = measure(model, data, chunk,
+                                                       FLAGS.repeats)
         if form == "unchunked":
           last_temp = (num_clients, temp)
         if form == "chunked" and used is None:  # everything fits at once

@@ -72,6 +72,9 @@ class Algorithm(NamedTuple):
     personalize: `(state, train_data) -> [C, ...] params`, each client's own model
       (FedAvg + local fine-tuning), pure and jittable; None for methods that train one
       global model.
+    stream: `(state, host_data, participation=None, *, chunk) -> (state, metrics)`: one
+      round with the client data in host memory, sent to the device chunk by chunk
+      (transfers overlap training); the FedAvg family only.
   """
 
   init: Callable[..., Any]
@@ -79,6 +82,7 @@ class Algorithm(NamedTuple):
   run: Callable[..., Any]
   name: str
   personalize: Callable[..., Any] | None = None
+  stream: Callable[..., Any] | None = None
 
 
 def _keys(state, num_clients: int, budget: _local.LocalBudget):
@@ -533,8 +537,13 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         client_residuals=(jnp.zeros((data.num_clients, _num_params(params)), jnp.float32)
                           if keeps_residuals else None))
 
-  def apply(state: ServerState, data: ClientData, participation=None):
-    num_clients = data.num_clients
+  count_noise = None
+  if adaptive and _local.is_active(dp_noise) and dp_count_noise is not None:
+    count_noise = dp_count_noise
+
+  def begin(state: ServerState, num_examples, participation):
+    """The round's per-client quantities ([C] arrays) from sizes and participation."""
+    num_clients = num_examples.shape[0]
     participation = _participation_vector(participation, num_clients)
     work, dropped = None, jnp.zeros((num_clients,), bool)
     if stragglers > 0:
@@ -543,164 +552,158 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
           participation, stragglers, full_budget)
       if straggler_policy == "drop":
         dropped = is_straggler
-    keys = _keys(state, num_clients, budget)
     if cohort_size is None or cohort_size >= num_clients:
       cohort = jnp.arange(num_clients)
     else:  # train only the participants: gather them (first `cohort_size` of them)
       cohort = jnp.argsort(participation <= 0, stable=True)[:cohort_size]
-    sizes = data.num_examples.astype(jnp.float32)
+    sizes = num_examples.astype(jnp.float32)
     base = (sizes if weighting == "num_examples" and not client_level_dp
             else (sizes > 0).astype(jnp.float32))  # client-level DP: all count alike
     raw_weights = jnp.where(dropped, 0.0, participation * base)
     total = raw_weights.sum()
     denominator = total if dp_expected_clients is None else float(dp_expected_clients)
-    scale_weights = 1.0 / jnp.where(total > 0, denominator, 1.0)
-    anchor = state.params if use_prox else None
     noise_key = jax.random.fold_in(_side_key(state, _NOISE_KEY), state.round)
-    tagged = lambda tag: jax.random.fold_in(noise_key, tag)
-    clip_norm = state.clip_norm if adaptive else dp_clip
-    update_noise = dp_noise
-    if adaptive and _local.is_active(dp_noise):
-      count_noise = (dp_count_noise if dp_count_noise is not None
-                     else (dp_expected_clients or num_clients) / 20)
-      update_noise = adaptive_update_noise(dp_noise, count_noise)
-    sending = (participation > 0) & ~dropped & (data.num_examples > 0)
-    secagg_dropped = jnp.zeros((num_clients,), bool)
+    sending = (participation > 0) & ~dropped & (num_examples > 0)
+    ctx = dict(participation=participation, work=work, dropped=dropped,
+               keys=_keys(state, num_clients, budget), cohort=cohort,
+               raw_weights=raw_weights, total=total, denominator=denominator,
+               scale_weights=1.0 / jnp.where(total > 0, denominator, 1.0),
+               noise_key=noise_key, sending=sending,
+               secagg_dropped=jnp.zeros((num_clients,), bool))
     if secure_aggregation:
       if secagg_dropout > 0:
-        secagg_dropped = choose_share(tagged(_DROPOUT_TAG), sending, secagg_dropout)
-      arrived = sending & ~secagg_dropped
-      secagg_failed = secagg_dropped.sum() > _secagg.max_dropouts(sending.sum(),
-                                                                 secagg_tolerance)
-      secagg_scale = _secagg.fixed_point_scale(
-          secagg_bound, (raw_weights * scale_weights).sum(), sending.sum(), secagg_bits)
-    flat_size = _num_params(state.params)
-    unravel = jax.flatten_util.ravel_pytree(state.params)[1]
+        ctx["secagg_dropped"] = choose_share(jax.random.fold_in(noise_key, _DROPOUT_TAG),
+                                             sending, secagg_dropout)
+      ctx["arrived"] = sending & ~ctx["secagg_dropped"]
+      ctx["secagg_failed"] = ctx["secagg_dropped"].sum() > _secagg.max_dropouts(
+          sending.sum(), secagg_tolerance)
+      ctx["secagg_scale"] = _secagg.fixed_point_scale(
+          secagg_bound, (raw_weights * ctx["scale_weights"]).sum(), sending.sum(),
+          secagg_bits)
+    return ctx
 
-    def train_group(members, everyone=False):
-      """Trains the clients `members` ([G] indices) from the global model."""
-      take = (lambda x: x) if everyone else (lambda x: x[members])
-      correction = None
-      if uses_controls:
-        correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
-                                  state.client_controls)
-      member_keys = lambda tag: _local.client_keys(tagged(tag), num_clients)[members]
-      out = _local.train_clients(
-          trainer, state.params, client_optimizer.init(state.params),
-          jax.tree.map(take, data), take(keys), take(state.positions),
-          epochs_window=state.epochs_window, stacked=False, anchor=anchor,
-          correction=correction, work=None if work is None else take(work),
-          noise_keys=member_keys(_SGD_TAG) if example_dp else None)
-      deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
-      clipped = jnp.zeros(out.position.shape, bool)
-      if client_level_dp:
-        deltas, clipped = _privacy.clip_updates(deltas, clip_norm)
-        if dp_mode == "local" and _local.is_active(dp_noise):  # each client noises
-          client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-              noise_key, take(jnp.arange(num_clients)))
-          deltas = jax.vmap(lambda k, d: jax.tree.map(
-              jnp.add, d, _privacy.gaussian_like(k, d, dp_noise * dp_clip)))(
-                  client_keys, deltas)
-      residuals = None
-      if flat_updates:  # compression and secure aggregation see one vector per client
-        deltas = jax.vmap(lambda d: jax.flatten_util.ravel_pytree(d)[0])(deltas)
-      if compressing:
-        if keeps_residuals:
-          deltas = deltas + take(state.client_residuals)
-        sent = jax.vmap(compress)(member_keys(_COMPRESS_TAG), deltas)
-        if keeps_residuals:  # what compression dropped waits for the next round
-          residuals = jnp.where(take(sending)[:, None], deltas - sent,
-                                take(state.client_residuals))
-        deltas = sent
-      changes = None
-      if uses_controls:
-        trained = (take(participation) > 0) & ~take(dropped) & (out.steps_taken > 0)
-        step_scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
+  def train_group(state, ctx, group_data, members, everyone=False):
+    """Trains the clients `members` ([G] indices; `group_data` holds their rows) from
+    the global model; their updates in summable form (flat or masked with secagg)."""
+    num_clients = ctx["participation"].shape[0]
+    take = (lambda x: x) if everyone else (lambda x: x[members])
+    tagged = lambda tag: jax.random.fold_in(ctx["noise_key"], tag)
+    correction = None
+    if uses_controls:
+      correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
+                                state.client_controls)
+    member_keys = lambda tag: take(_local.client_keys(tagged(tag), num_clients))
+    work = ctx["work"]
+    out = _local.train_clients(
+        trainer, state.params, client_optimizer.init(state.params), group_data,
+        take(ctx["keys"]), take(state.positions), epochs_window=state.epochs_window,
+        stacked=False, anchor=state.params if use_prox else None, correction=correction,
+        work=None if work is None else take(work),
+        noise_keys=member_keys(_SGD_TAG) if example_dp else None)
+    deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
+    clipped = jnp.zeros(out.position.shape, bool)
+    if client_level_dp:
+      deltas, clipped = _privacy.clip_updates(deltas, _clip_norm(state))
+      if dp_mode == "local" and _local.is_active(dp_noise):  # each client noises
+        client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+            ctx["noise_key"], take(jnp.arange(num_clients)))
+        deltas = jax.vmap(lambda k, d: jax.tree.map(
+            jnp.add, d, _privacy.gaussian_like(k, d, dp_noise * dp_clip)))(
+                client_keys, deltas)
+    residuals = None
+    if flat_updates:  # compression and secure aggregation see one vector per client
+      deltas = jax.vmap(lambda d: jax.flatten_util.ravel_pytree(d)[0])(deltas)
+    if compressing:
+      if keeps_residuals:
+        deltas = deltas + take(state.client_residuals)
+      sent = jax.vmap(compress)(member_keys(_COMPRESS_TAG), deltas)
+      if keeps_residuals:  # what compression dropped waits for the next round
+        residuals = jnp.where(take(ctx["sending"])[:, None], deltas - sent,
+                              take(state.client_residuals))
+      deltas = sent
+    changes = None
+    if uses_controls:
+      trained = ((take(ctx["participation"]) > 0) & ~take(ctx["dropped"])
+                 & (out.steps_taken > 0))
+      step_scale = 1.0 / (jnp.maximum(out.steps_taken, 1) * scaffold_learning_rate)
 
-        def control_change(c, delta):  # new c_k - old c_k
-          shape = (-1,) + (1,) * (delta.ndim - 1)
-          change = -c[None] - delta * step_scale.reshape(shape)
-          return jnp.where(trained.reshape(shape), change, 0.0)
+      def control_change(c, delta):  # new c_k - old c_k
+        shape = (-1,) + (1,) * (delta.ndim - 1)
+        change = -c[None] - delta * step_scale.reshape(shape)
+        return jnp.where(trained.reshape(shape), change, 0.0)
 
-        changes = jax.tree.map(control_change, state.control, deltas)
-      weights = take(raw_weights) * scale_weights
-      if secure_aggregation:  # what the server receives: the sum of masked vectors
-        encoded = jax.vmap(_secagg.encode, in_axes=(0, 0, 0, None, None, None))(
-            member_keys(_SECAGG_TAG), deltas, weights, secagg_scale, secagg_bound,
-            secagg_bits)
-        masked = jax.vmap(_secagg.mask, in_axes=(None, 0, 0, None, None, None))(
-            tagged(_SECAGG_TAG), encoded, members, cohort, sending[cohort], secagg_bits)
-        deltas = jnp.where(take(arrived)[:, None], masked, jnp.uint32(0))
-      return out, deltas, changes, weights, clipped, residuals
+      changes = jax.tree.map(control_change, state.control, deltas)
+    weights = take(ctx["raw_weights"]) * ctx["scale_weights"]
+    if secure_aggregation:  # what the server receives: the sum of masked vectors
+      encoded = jax.vmap(_secagg.encode, in_axes=(0, 0, 0, None, None, None))(
+          member_keys(_SECAGG_TAG), deltas, weights, ctx["secagg_scale"], secagg_bound,
+          secagg_bits)
+      masked = jax.vmap(_secagg.mask, in_axes=(None, 0, 0, None, None, None))(
+          tagged(_SECAGG_TAG), encoded, members, ctx["cohort"],
+          ctx["sending"][ctx["cohort"]], secagg_bits)
+      deltas = jnp.where(take(ctx["arrived"])[:, None], masked, jnp.uint32(0))
+    return out, deltas, changes, weights, clipped, residuals
 
-    def partial_sum(deltas, weights):
-      if secure_aggregation:
-        return deltas.sum(0, dtype=jnp.uint32)
-      return _aggregation.weighted_mean(deltas, weights)
+  def partial_sum(deltas, weights):
+    if secure_aggregation:
+      return deltas.sum(0, dtype=jnp.uint32)
+    return _aggregation.weighted_mean(deltas, weights)
 
-    everyone = cohort.shape[0] == num_clients and (
-        client_chunk is None or client_chunk >= num_clients)
-    if client_chunk is None or client_chunk >= cohort.shape[0]:
-      out, deltas, changes, weights, clipped, residuals = train_group(
-          cohort, everyone=everyone)
-      update = (partial_sum(deltas, weights) if flat_updates
-                else combine(deltas, weights))
-      members = cohort
-    else:  # memory-bounded: a scan over groups of clients, summing weighted updates
-      num_groups = -(-cohort.shape[0] // client_chunk)
-      padded = num_groups * client_chunk
-      # Padding slots repeat the first member with weight 0 (and are not scattered back).
-      members = jnp.concatenate([cohort, jnp.full((padded - cohort.shape[0],),
-                                                  cohort[0])])
-      real = jnp.arange(padded) < cohort.shape[0]
-
-      def group_step(update_sum, group):
-        group_members, group_real = group
-        out, deltas, changes, weights, clipped, residuals = train_group(group_members)
-        weights = jnp.where(group_real, weights, 0.0)
-        if secure_aggregation:  # a padding slot repeats a member: it must not count twice
-          deltas = jnp.where(group_real[:, None], deltas, jnp.uint32(0))
-        update_sum = jax.tree.map(jnp.add, update_sum, partial_sum(deltas, weights))
-        if changes is not None:  # padding slots change no control variate
-          changes = jax.tree.map(
-              lambda d: jnp.where(group_real.reshape((-1,) + (1,) * (d.ndim - 1)), d,
-                                  0.0), changes)
-        small = (out.position, out.train_loss, out.steps_taken, clipped)
-        return update_sum, (small, changes, residuals)
-
-      if secure_aggregation:
-        zeros = jnp.zeros((flat_size,), jnp.uint32)
-      elif flat_updates:
-        zeros = jnp.zeros((flat_size,), jnp.float32)
-      else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-      update, (small, changes, residuals) = jax.lax.scan(
-          group_step, zeros, (members.reshape(num_groups, client_chunk),
-                              real.reshape(num_groups, client_chunk)))
-      flat = lambda x: x.reshape((padded,) + x.shape[2:])
-      position, train_loss, steps_taken, clipped = map(flat, small)
-      out = _local.ClientOutput(params=None, opt_state=None, position=position,
-                                train_loss=train_loss, examples_seen=None,
-                                steps_taken=steps_taken)
-      changes = None if changes is None else jax.tree.map(flat, changes)
-      residuals = None if residuals is None else flat(residuals)
-      weights = jnp.where(real, raw_weights[members] * scale_weights, 0.0)
-      members = jnp.where(real, members, num_clients)  # out of range: dropped on scatter
-    if secure_aggregation:  # the server removes the masks it can rebuild, then decodes
-      survivors_sum = _secagg.unmask(tagged(_SECAGG_TAG), update, cohort, arrived[cohort],
-                                     sending[cohort] & secagg_dropped[cohort],
-                                     secagg_bits)
-      update = _secagg.decode(survivors_sum, secagg_scale, secagg_bits)
-      if dp_expected_clients is None:  # the survivors' weighted mean
-        arrived_weight = jnp.where(arrived, raw_weights, 0.0).sum()
-        update = update * total / jnp.maximum(arrived_weight, 1e-30)
-      update = jnp.where(secagg_failed, 0.0, update)
+  def zero_update(state):
+    size = _num_params(state.params)
+    if secure_aggregation:
+      return jnp.zeros((size,), jnp.uint32)
     if flat_updates:
-      update = unravel(update)
+      return jnp.zeros((size,), jnp.float32)
+    return jax.tree.map(jnp.zeros_like, state.params)
+
+  def group_sum(state, ctx, group_data, members, real):
+    """One group of a memory-bounded round: its weighted update sum and what the end
+    of the round needs of its clients. `real` [G] marks padding slots (weight 0)."""
+    out, deltas, changes, weights, clipped, residuals = train_group(state, ctx,
+                                                                    group_data, members)
+    weights = jnp.where(real, weights, 0.0)
+    if secure_aggregation:  # a padding slot repeats a member: it must not count twice
+      deltas = jnp.where(real[:, None], deltas, jnp.uint32(0))
+    if changes is not None:  # padding slots change no control variate
+      changes = jax.tree.map(
+          lambda d: jnp.where(real.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0),
+          changes)
+    small = (out.position, out.train_loss, out.steps_taken, clipped)
+    return partial_sum(deltas, weights), (small, changes, residuals)
+
+  def _clip_norm(state):
+    return state.clip_norm if adaptive else dp_clip
+
+  def end(state, ctx, num_examples, update, small, changes, residuals, members,
+          everyone):
+    """The server's side: unmask, noise, apply the update, scatter client state."""
+    num_clients = num_examples.shape[0]
+    participation, total = ctx["participation"], ctx["total"]
+    scale_weights, noise_key = ctx["scale_weights"], ctx["noise_key"]
+    secagg_dropped = ctx["secagg_dropped"]
+    cohort = ctx["cohort"]
+    position, train_loss, steps_taken, clipped = small
+    clip_norm = _clip_norm(state)
+    if secure_aggregation:  # the server removes the masks it can rebuild, then decodes
+      arrived = ctx["arrived"]
+      survivors_sum = _secagg.unmask(
+          jax.random.fold_in(noise_key, _SECAGG_TAG), update, cohort, arrived[cohort],
+          ctx["sending"][cohort] & secagg_dropped[cohort], secagg_bits)
+      update = _secagg.decode(survivors_sum, ctx["secagg_scale"], secagg_bits)
+      if dp_expected_clients is None:  # the survivors' weighted mean
+        arrived_weight = jnp.where(arrived, ctx["raw_weights"], 0.0).sum()
+        update = update * total / jnp.maximum(arrived_weight, 1e-30)
+      update = jnp.where(ctx["secagg_failed"], 0.0, update)
+    if flat_updates:
+      update = jax.flatten_util.ravel_pytree(state.params)[1](update)
     if client_level_dp and dp_mode == "central" and _local.is_active(dp_noise):
       # Central DP: the server noises the sum (sensitivity: the clipping norm).
+      noise = dp_noise
+      if adaptive:
+        noise = adaptive_update_noise(dp_noise, _count_noise(num_clients))
       update = jax.tree.map(jnp.add, update, _privacy.gaussian_like(
-          noise_key, update, update_noise * clip_norm * scale_weights))
+          noise_key, update, noise * clip_norm * scale_weights))
     # Every participant dropped as a straggler: the model stays where it is.
     update = jax.tree.map(lambda u: jnp.where(total > 0, u, 0.0), update)
     pseudo_gradient = jax.tree.map(jnp.negative, update)
@@ -714,14 +717,15 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
       put = lambda full, new: full.at[members].set(new, mode="drop")
       add = lambda full, new: full.at[members].add(new, mode="drop")
     member_took_part = get(participation) > 0
+    weights = get(ctx["raw_weights"]) * scale_weights
     new_state = state.replace(
         params=optax.apply_updates(state.params, updates),
         server_opt_state=server_opt_state,
-        positions=put(state.positions, jnp.where(member_took_part, out.position,
+        positions=put(state.positions, jnp.where(member_took_part, position,
                                                   get(state.positions))),
         round=state.round + 1)
     if uses_controls:
-      num_with_data = jnp.maximum((data.num_examples > 0).sum(), 1)
+      num_with_data = jnp.maximum((num_examples > 0).sum(), 1)
       new_state = new_state.replace(
           control=jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data, state.control,
                                changes),
@@ -729,23 +733,25 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     if keeps_residuals:
       new_state = new_state.replace(client_residuals=put(state.client_residuals,
                                                          residuals))
-    member_sent = get(sending)
-    unclipped = (member_sent & ~clipped).sum()
+    sending = ctx["sending"]
+    unclipped = (get(sending) & ~clipped).sum()
     if adaptive:  # the noised share of unclipped updates moves the norm to the quantile
       count = unclipped.astype(jnp.float32)
       if _local.is_active(dp_noise):
-        count = count + count_noise * jax.random.normal(tagged(_COUNT_TAG))
-      share = count / jnp.where(total > 0, denominator, 1.0)
+        count = count + _count_noise(num_clients) * jax.random.normal(
+            jax.random.fold_in(noise_key, _COUNT_TAG))
+      share = count / jnp.where(total > 0, ctx["denominator"], 1.0)
       new_state = new_state.replace(clip_norm=jnp.where(
           total > 0,
           clip_norm * jnp.exp(-dp_clip_learning_rate * (share - dp_adaptive_quantile)),
           clip_norm))
     took_part = participation > 0
-    with_data = data.num_examples > 0
+    with_data = num_examples > 0
+    work = ctx["work"]
     metrics = {
-        "train_loss": jnp.where(total > 0, jnp.nansum(weights * out.train_loss), jnp.nan),
+        "train_loss": jnp.where(total > 0, jnp.nansum(weights * train_loss), jnp.nan),
         "client_train_loss": put(jnp.full((num_clients,), jnp.nan),
-                                 jnp.where(member_took_part, out.train_loss, jnp.nan)),
+                                 jnp.where(member_took_part, train_loss, jnp.nan)),
         "num_participants": (took_part & with_data).sum(),
         "num_uploads": (sending & ~secagg_dropped).sum(),
         "num_stragglers": (took_part & with_data & (
@@ -757,8 +763,110 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
       metrics["clip_norm"] = clip_norm
     if secure_aggregation:
       metrics["secagg_dropped"] = secagg_dropped.sum()
-      metrics["secagg_failed"] = secagg_failed
+      metrics["secagg_failed"] = ctx["secagg_failed"]
     return new_state, metrics
+
+  def _count_noise(num_clients):
+    return (count_noise if count_noise is not None
+            else (dp_expected_clients or num_clients) / 20)
+
+  def apply(state: ServerState, data: ClientData, participation=None):
+    num_clients = data.num_clients
+    ctx = begin(state, data.num_examples, participation)
+    cohort = ctx["cohort"]
+    everyone = cohort.shape[0] == num_clients and (
+        client_chunk is None or client_chunk >= num_clients)
+    if client_chunk is None or client_chunk >= cohort.shape[0]:
+      group_data = data if everyone else jax.tree.map(lambda x: x[cohort], data)
+      out, deltas, changes, weights, clipped, residuals = train_group(
+          state, ctx, group_data, cohort, everyone=everyone)
+      update = (partial_sum(deltas, weights) if flat_updates
+                else combine(deltas, weights))
+      small = (out.position, out.train_loss, out.steps_taken, clipped)
+      members = cohort
+    else:  # memory-bounded: a scan over groups of clients, summing weighted updates
+      num_groups = -(-cohort.shape[0] // client_chunk)
+      padded = num_groups * client_chunk
+      # Padding slots repeat the first member with weight 0 (and are not scattered back).
+      members = jnp.concatenate([cohort, jnp.full((padded - cohort.shape[0],),
+                                                  cohort[0])])
+      real = jnp.arange(padded) < cohort.shape[0]
+
+      def group_step(update_sum, group):
+        group_members, group_real = group
+        partial, rest = group_sum(state, ctx, jax.tree.map(lambda x: x[group_members],
+                                                           data),
+                                  group_members, group_real)
+        return jax.tree.map(jnp.add, update_sum, partial), rest
+
+      update, (small, changes, residuals) = jax.lax.scan(
+          group_step, zero_update(state), (members.reshape(num_groups, client_chunk),
+                                           real.reshape(num_groups, client_chunk)))
+      flat = lambda x: x.reshape((padded,) + x.shape[2:])
+      small = tuple(map(flat, small))
+      changes = None if changes is None else jax.tree.map(flat, changes)
+      residuals = None if residuals is None else flat(residuals)
+      members = jnp.where(real, members, num_clients)  # out of range: dropped on scatter
+    return end(state, ctx, data.num_examples, update, small, changes, residuals,
+               members, everyone)
+
+  stream_begin = jax.jit(begin)
+  stream_group = jax.jit(group_sum)
+  stream_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+  stream_end = jax.jit(end, static_argnums=(8,))
+
+  def stream(state: ServerState, host_data: ClientData, participation=None, *,
+             chunk: int, device=None):
+    """One round whose client data stays in host memory and reaches the device one
+    chunk of `chunk` clients at a time; the next chunk's transfer is issued before the
+    current chunk's training, so (dispatch being asynchronous) it overlaps the compute.
+    Equal to `apply` with `client_chunk=chunk`; device memory holds two chunks of data.
+
+    Args:
+      state: the server state (on the device).
+      host_data: `ClientData` of NumPy arrays (host memory), all clients.
+      participation: `[C]` or None.
+      chunk: clients per transfer and per compiled group step.
+      device: where to train (default: the first device).
+
+    Returns:
+      `(state, metrics)` as from `apply`.
+    """
+    if cohort_size is not None:
+      raise ValueError("stream trains every client in chunks; build the algorithm "
+                       "without cohort_size")
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+      raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    device = device or jax.devices()[0]
+    state = jax.device_put(state, device)  # committed: later rounds reuse the compiles
+    num_clients = int(np.shape(host_data.num_examples)[0])
+    sizes = jax.device_put(np.asarray(host_data.num_examples), device)
+    ctx = stream_begin(state, sizes, participation)
+    num_groups = -(-num_clients // chunk)
+
+    def transfer(g):
+      rows = np.arange(g * chunk, (g + 1) * chunk)
+      real = rows < num_clients
+      rows = np.where(real, rows, 0)  # padding slots repeat client 0 with weight 0
+      return jax.device_put((jax.tree.map(lambda x: np.asarray(x)[rows], host_data),
+                             rows.astype(np.int32), real), device)
+
+    update, parts = zero_update(state), []
+    upcoming = transfer(0)
+    for g in range(num_groups):
+      current = upcoming
+      if g + 1 < num_groups:
+        upcoming = transfer(g + 1)  # in flight while group g trains
+      partial, rest = stream_group(state, ctx, *current)
+      update = stream_add(update, partial)
+      parts.append(rest)
+      del current
+    small, changes, residuals = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    members = np.arange(num_groups * chunk)
+    members = jax.device_put(np.where(members < num_clients, members, num_clients)
+                             .astype(np.int32), device)
+    return stream_end(state, ctx, sizes, update, small, changes, residuals, members,
+                      False)
 
   def personalize(state: ServerState, data: ClientData):
     """Each client's global model fine-tuned on its own training data: [C, ...]."""
@@ -794,7 +902,7 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
             f"{counts[short[:5]].tolist()}")
 
   return Algorithm(init=init, apply=apply, run=_make_run(apply, check), name=name,
-                   personalize=personalize if fine_tune_steps else None)
+                   personalize=personalize if fine_tune_steps else None, stream=stream)
 
 
 def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation, *,

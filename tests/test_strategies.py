@@ -447,3 +447,39 @@ def test_client_chunk_is_chosen_from_memory_and_a_chunk_that_does_not_fit_is_ref
     fdx.choose_client_chunk(make, params, data, RNG, memory_bytes=fixed, headroom=1.0)
   assert [fdx.client_bucket(n) for n in (1, 2, 3, 5, 8, 9, 1000)] == [1, 2, 4, 8, 8, 16,
                                                                       1024]
+
+
+@pytest.mark.parametrize("kind", ["fedavg_adam", "scaffold", "topk", "secagg_dp"])
+def test_host_streamed_round_equals_the_in_memory_round(kind):
+  model = fdx.mlp(hidden=(8,), num_classes=2)
+  xs, ys, data = make_data(sizes=[7, 12, 3, 9, 5])
+  params = init_params(model)
+  common = dict(batch_size=3, local_steps=4)
+  make = {
+      "fedavg_adam": lambda **kw: fdx.fedavg(model, optax.sgd(0.2),
+                                             server_optimizer=optax.adam(0.1),
+                                             stragglers=0.4, **common, **kw),
+      "scaffold": lambda **kw: fdx.scaffold(model, 0.2, **common, **kw),
+      "topk": lambda **kw: fdx.fedavg(model, optax.sgd(0.2), compression="topk",
+                                      topk_fraction=0.3, **common, **kw),
+      "secagg_dp": lambda **kw: fdx.fedavg(model, optax.sgd(0.2), dp_clip=0.5,
+                                           dp_noise=0.3, secure_aggregation=True,
+                                           secagg_dropout=0.2, **common, **kw),
+  }[kind]
+  in_memory = make(client_chunk=2)
+  streamed = make()
+  host = jax.tree.map(np.asarray, data)
+  participation = np.array([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], np.float32)
+  want, want_metrics = in_memory.run(in_memory.init(params, data, RNG), data,
+                                     participation=participation)
+  state = streamed.init(params, data, RNG)
+  for r in range(2):
+    state, metrics = streamed.stream(state, host, participation[r], chunk=2)
+    np.testing.assert_allclose(metrics["train_loss"], want_metrics["train_loss"][r],
+                               rtol=1e-5)
+  assert_trees_close(state.params, want.params, atol=1e-6)
+  assert_trees_close(state.positions, want.positions, atol=0)
+  if kind == "scaffold":
+    assert_trees_close(state.client_controls, want.client_controls, atol=1e-6)
+  if kind == "topk":
+    assert_trees_close(state.client_residuals, want.client_residuals, atol=1e-6)
