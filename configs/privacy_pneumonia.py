@@ -35,7 +35,7 @@ def get_config():
   # every private run at the majority class); centralized training is not private and
   # trains with Adam (SGD with momentum diverged on the pooled data).
   config.optimizer = "sgd"
-  config.learning_rate = 0.1
+  config.learning_rate = 0.05
   config.momentum = 0.9
   config.per_method = ml_collections.ConfigDict(
       {"centralized": {"optimizer": "adam", "learning_rate": 0.001, "momentum": 0.0}})
@@ -44,7 +44,7 @@ def get_config():
   config.local_epochs = 1
   config.rounds = 10
   config.eval_every = 5
-  config.num_seeds = 2
+  config.num_seeds = 3
   config.dp_clip = 1.0
   config.dp_delta = 1e-5
   config.dp_accountant = "rdp"
