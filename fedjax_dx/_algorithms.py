@@ -537,10 +537,6 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
         client_residuals=(jnp.zeros((data.num_clients, _num_params(params)), jnp.float32)
                           if keeps_residuals else None))
 
-  count_noise = None
-  if adaptive and _local.is_active(dp_noise) and dp_count_noise is not None:
-    count_noise = dp_count_noise
-
   def begin(state: ServerState, num_examples, participation):
     """The round's per-client quantities ([C] arrays) from sizes and participation."""
     num_clients = num_examples.shape[0]
@@ -592,31 +588,32 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     if uses_controls:
       correction = jax.tree.map(lambda c, ck: c[None] - take(ck), state.control,
                                 state.client_controls)
-    member_keys = lambda tag: take(_local.client_keys(tagged(tag), num_clients))
+    client_ids = take(jnp.arange(num_clients))
+    # fold_in(key, k) for this group's clients only (= client_keys(key, C)[members]).
+    member_keys = lambda key: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key,
+                                                                             client_ids)
     work = ctx["work"]
     out = _local.train_clients(
         trainer, state.params, client_optimizer.init(state.params), group_data,
         take(ctx["keys"]), take(state.positions), epochs_window=state.epochs_window,
         stacked=False, anchor=state.params if use_prox else None, correction=correction,
         work=None if work is None else take(work),
-        noise_keys=member_keys(_SGD_TAG) if example_dp else None)
+        noise_keys=member_keys(tagged(_SGD_TAG)) if example_dp else None)
     deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
     clipped = jnp.zeros(out.position.shape, bool)
     if client_level_dp:
       deltas, clipped = _privacy.clip_updates(deltas, _clip_norm(state))
       if dp_mode == "local" and _local.is_active(dp_noise):  # each client noises
-        client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-            ctx["noise_key"], take(jnp.arange(num_clients)))
         deltas = jax.vmap(lambda k, d: jax.tree.map(
             jnp.add, d, _privacy.gaussian_like(k, d, dp_noise * dp_clip)))(
-                client_keys, deltas)
+                member_keys(ctx["noise_key"]), deltas)
     residuals = None
     if flat_updates:  # compression and secure aggregation see one vector per client
       deltas = jax.vmap(lambda d: jax.flatten_util.ravel_pytree(d)[0])(deltas)
     if compressing:
       if keeps_residuals:
         deltas = deltas + take(state.client_residuals)
-      sent = jax.vmap(compress)(member_keys(_COMPRESS_TAG), deltas)
+      sent = jax.vmap(compress)(member_keys(tagged(_COMPRESS_TAG)), deltas)
       if keeps_residuals:  # what compression dropped waits for the next round
         residuals = jnp.where(take(ctx["sending"])[:, None], deltas - sent,
                               take(state.client_residuals))
@@ -636,7 +633,8 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     weights = take(ctx["raw_weights"]) * ctx["scale_weights"]
     if secure_aggregation:  # what the server receives: the sum of masked vectors
       encoded = jax.vmap(_secagg.encode, in_axes=(0, 0, 0, None, None, None))(
-          member_keys(_SECAGG_TAG), deltas, weights, ctx["secagg_scale"], secagg_bound,
+          member_keys(tagged(_SECAGG_TAG)), deltas, weights, ctx["secagg_scale"],
+          secagg_bound,
           secagg_bits)
       masked = jax.vmap(_secagg.mask, in_axes=(None, 0, 0, None, None, None))(
           tagged(_SECAGG_TAG), encoded, members, ctx["cohort"],
@@ -767,7 +765,7 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     return new_state, metrics
 
   def _count_noise(num_clients):
-    return (count_noise if count_noise is not None
+    return (dp_count_noise if dp_count_noise is not None
             else (dp_expected_clients or num_clients) / 20)
 
   def apply(state: ServerState, data: ClientData, participation=None):

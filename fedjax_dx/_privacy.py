@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACCOUNTANTS = ("rdp", "pld")
 DP_MODES = ("central", "local", "example")
@@ -121,7 +122,6 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float,
 
 def _example_level_groups(batch_size: int, num_examples, steps):
   """The distinct (sampling rate, steps) pairs of the clients with data and steps."""
-  import numpy as np
   sizes = np.asarray(num_examples)
   steps = np.broadcast_to(np.asarray(steps), sizes.shape)
   if not isinstance(batch_size, int) or batch_size < 1:
