@@ -22,8 +22,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedjax_dx._data import ClientData, FederatedData, pad_clients
-from fedjax_dx._sharding import CLIENTS, client_mesh, padded_client_count
+from fedjax_dx._data import ClientData
+from fedjax_dx._sharding import (CLIENTS, client_mesh, padded_client_count,
+                                 shard_clients)
 
 _NUM_PROCESSES_KEY = "fedjax_dx/num_processes"
 
@@ -168,25 +169,9 @@ def client_data(make_client: Callable[[int], tuple[np.ndarray, np.ndarray]], *,
                     num_examples=jax.device_put(sizes, NamedSharding(mesh, P())))
 
 
-def shard(data, mesh: jax.sharding.Mesh | None = None):
-  """`ClientData` or `FederatedData` that every process holds whole, as global arrays
-  with the clients axis over every device of every process (each process places only
-  its own clients' rows; client sizes replicated). Padded with empty clients to a
-  multiple of the device count."""
-  mesh = mesh or client_mesh()
-  if isinstance(data, FederatedData):
-    return data.replace(train=shard(data.train, mesh), test=shard(data.test, mesh))
-  if not isinstance(data, ClientData):
-    raise TypeError(f"shard takes ClientData or FederatedData, got {type(data)}")
-  data = jax.tree.map(np.asarray, pad_clients(data, padded_client_count(
-      data.num_clients, mesh)))
-  sharding = NamedSharding(mesh, P(CLIENTS))
-  place = lambda array: jax.make_array_from_callback(array.shape, sharding,
-                                                     lambda index: array[index])
-  return ClientData(features=place(data.features), labels=place(data.labels),
-                    mask=place(data.mask),
-                    num_examples=jax.device_put(data.num_examples,
-                                                NamedSharding(mesh, P())))
+# `fdx.distributed.shard` is `fdx.shard_clients`: one placement route for one process
+# and for many.
+shard = shard_clients
 
 
 def is_multiprocess() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from fedjax_dx._data import ClientData, FederatedData, pad_clients
@@ -28,22 +29,39 @@ def padded_client_count(num_clients: int, mesh: jax.sharding.Mesh) -> int:
 def shard_clients(data: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
   """Pads with zero-weight clients to a multiple of the device count and shards.
 
+  One route for one process and for many (multi-host): when the mesh spans devices of
+  other processes, every process holds `data` whole (e.g. NumPy), places only the rows
+  of its own devices (`jax.make_array_from_callback`) and gets global arrays; the
+  client sizes are then replicated so that host-side checks can read them. To load
+  only this process's clients, use `fdx.distributed.client_data` instead.
+
   Args:
     data: a `ClientData` or `FederatedData` (train and test are padded alike).
-    mesh: from `client_mesh` (default: all devices).
+    mesh: from `client_mesh` (default: all devices of all processes).
 
   Returns:
     The same structure, every leaf's leading (clients) axis split over the mesh.
+
+  Example:
+    >>> data = fdx.shard_clients(fdx.synthetic_binary(seed=0, num_clients=6))
   """
   mesh = mesh or client_mesh()
-  sharding = NamedSharding(mesh, P(CLIENTS))
   if isinstance(data, FederatedData):
     return data.replace(train=shard_clients(data.train, mesh),
                         test=shard_clients(data.test, mesh))
   if not isinstance(data, ClientData):
     raise TypeError(f"shard_clients takes ClientData or FederatedData, got {type(data)}")
+  sharding = NamedSharding(mesh, P(CLIENTS))
   data = pad_clients(data, padded_client_count(data.num_clients, mesh))
-  return jax.device_put(data, sharding)
+  if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+    return jax.device_put(data, sharding)
+  data = jax.tree.map(np.asarray, data)
+  place = lambda array: jax.make_array_from_callback(array.shape, sharding,
+                                                     lambda index: array[index])
+  return ClientData(features=place(data.features), labels=place(data.labels),
+                    mask=place(data.mask),
+                    num_examples=jax.device_put(data.num_examples,
+                                                NamedSharding(mesh, P())))
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -709,7 +709,7 @@ class _Cache:
   def global_data(self, data):
     """`data` as global arrays over every device of every process (multi-host)."""
     if id(data) not in self.sharded:
-      self.sharded[id(data)] = (data, _distributed.shard(data))
+      self.sharded[id(data)] = (data, _sharding.shard_clients(data))
     return self.sharded[id(data)][1]
 
   def dataset(self, config):
@@ -800,7 +800,7 @@ class MethodRun:
   def __init__(self, config, method, data, names, cache, seeds, swept):
     # Several processes (multi-host): federated methods train and evaluate on global
     # arrays whose clients axis spans every device of every process; the baselines
-    # run on each process's own copy (the same result everywhere).
+    # and cyclic run on process 0's own copy (`run_study` skips them elsewhere).
     self.sharded = _distributed.is_multiprocess() and method in _SHARDED
     example = data.train.features[0, :1]
     if self.sharded:
@@ -1116,7 +1116,7 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   # Multi-host: every process runs every program; process 0 alone reads and writes
   # the workdir and tells the others what is left to do.
   lead = jax.process_index() == 0
-  resuming = _prepare_workdir(workdir, config_json) if lead else False
+  resuming = _agreed_workdir(workdir, config_json, lead)
   cache = _Cache(compiler_options(config))
   try:
     _check_data_dependent(config, cache)
@@ -1164,8 +1164,11 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
         progress.advance(0, f"point {index + 1}/{len(points)}: compiling {len(methods)} "
                          f"methods, {seeds_label}")
         # Trace and lower every method; XLA compiles meanwhile on worker threads.
+        # Methods that run on each process's own copy (baselines, cyclic) only matter
+        # where the results are written: the other processes skip them.
         runs = [MethodRun(method_config(variant, m), m, data, names, cache, group, swept)
-                for m in methods]
+                for m in methods
+                if lead or not _distributed.is_multiprocess() or m in _SHARDED]
         for run in runs:
           progress.advance(0, f"point {index + 1}/{len(points)} {run.method} {seeds_label}")
           counter = [0]
@@ -1188,6 +1191,32 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   if not lead:
     return {}
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
+
+
+def _agreed_workdir(workdir: str, config_json: dict, lead: bool) -> bool:
+  """Process 0 checks the workdir (`_prepare_workdir`); every process gets its verdict,
+  so that when process 0 refuses the workdir the others stop with its message instead
+  of waiting for it in a collective."""
+  error, resuming = "", False
+  if lead:
+    try:
+      resuming = _prepare_workdir(workdir, config_json)
+    except StudyError as e:
+      error = str(e)
+  if _distributed.is_multiprocess():
+    from jax.experimental import multihost_utils
+    encoded = np.zeros(4096, np.int32)
+    message = error.encode()[:len(encoded) - 2]
+    encoded[0], encoded[1] = resuming, len(message)
+    encoded[2:2 + len(message)] = np.frombuffer(message, np.uint8)
+    encoded = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+    resuming = bool(encoded[0])
+    error = bytes(encoded[2:2 + encoded[1]].astype(np.uint8)).decode(errors="replace")
+    if error and not lead:
+      error = f"process 0 refused the study: {error}"
+  if error:
+    raise StudyError(error)
+  return resuming
 
 
 def _agreed_done(done: list[bool]) -> list[bool]:

@@ -110,3 +110,20 @@ def test_a_two_process_study_writes_the_single_process_results(tmp_path):
   pd.testing.assert_frame_equal(read("multi"), read("single"), rtol=1e-5)
   meta = json.loads((tmp_path / "multi" / "config.json").read_text())
   assert meta["device"]["processes"] == 2 and meta["device"]["count"] == 4
+
+
+def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
+  # Process 0 alone reads the workdir; the others must stop with its reason rather
+  # than wait for it in the next collective.
+  workdir = tmp_path / "taken"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("not a study")
+  port = _free_port()
+  hosts = [_study(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  f"--process_id={p}", "--local_device_count=2") for p in (0, 1)]
+  outputs = [h.communicate(timeout=300) for h in hosts]
+  for host, (_, stderr) in zip(hosts, outputs):
+    assert host.returncode == 2, stderr[-3000:]
+    assert "is not empty and holds no study (no config.json)" in stderr, stderr[-3000:]
+  assert "process 0 refused the study: workdir" in outputs[1][1]
+  assert sorted(os.listdir(workdir)) == ["notes.txt"]  # nothing written
