@@ -67,6 +67,20 @@ def _centralized_line(ax, level: float) -> None:
              label=f"centralized (final) {level:.3f}")
 
 
+def _own_schedule(config: dict) -> dict[str, str]:
+  """Baselines whose rounds are not communication rounds -> their schedule in words:
+  centralized always; local-only when it has its own rounds, epochs or steps
+  (`per_method.local`, as in FLamby's baselines)."""
+  schedules = {"centralized": "pooled"}
+  local = (config.get("per_method") or {}).get("local", {})
+  if {"rounds", "local_epochs", "local_steps"} & set(local):
+    own = {**config, **local}
+    schedules["local"] = (
+        f"{own['rounds']} x {own['local_steps']} steps" if own.get("local_steps")
+        else f"{own['rounds'] * own.get('local_epochs', 1):g} epochs")
+  return schedules
+
+
 def _privacy_utility(final_pooled, metric, colors, plt, sns):
   """Utility and attack success versus epsilon (private runs), with the non-private
   runs of the study (e.g. FedAvg without DP, centralized) as reference lines."""
@@ -136,15 +150,28 @@ def make_report(workdir: str) -> dict[str, str]:
   fig_dir = workdir
 
   # Convergence: pooled test metric vs round, mean and 95% band over seeds.
+  # Local-only training with its own schedule (per_method rounds / epochs / steps, as in
+  # FLamby's baselines) has no communication rounds to share the x axis with: its final
+  # value is drawn as a reference line, like centralized training's.
+  own_schedule = _own_schedule(config)
   fig, ax = plt.subplots(figsize=(8.5, 4.2))
-  curves = pooled[pooled["method"] != "centralized"]
+  curves = pooled[~pooled["method"].isin(own_schedule)]
   style = swept[0] if swept else None
-  sns.lineplot(data=curves, x="round", y=metric, **hue(curves["method"]), style=style,
-               errorbar=("ci", 95), marker="o", ax=ax)
+  if not curves.empty:
+    sns.lineplot(data=curves, x="round", y=metric, **hue(curves["method"]), style=style,
+                 errorbar=("ci", 95), marker="o", ax=ax)
   central = pooled[pooled["method"] == "centralized"]
   if not central.empty:
     level = central[central["round"] == central["round"].max()][metric].mean()
     _centralized_line(ax, level)
+  local = pooled[pooled["method"] == "local"]
+  if "local" in own_schedule and not local.empty:
+    final = local[local["round"] == local["round"].max()][metric].mean()
+    ax.axhline(final, color=colors["local"], linestyle=":", linewidth=1.4,
+               label=f"local-only, mean of hospitals (final, {own_schedule['local']}) "
+                     f"{final:.3f}")
+  from matplotlib.ticker import MaxNLocator
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   _finish(ax, "communication round", f"pooled test {_label(metric)}",
           f"Convergence ({config['name']}): mean and 95% CI over seeds")
   figures["convergence"] = _save(fig, os.path.join(fig_dir, "convergence.png"))

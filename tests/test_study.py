@@ -417,3 +417,17 @@ def test_example_level_dp_compression_and_secagg_in_the_harness(tmp_path):
   assert row["bytes_down"].iloc[0] == 2 * (down + 3 * 14 * 4)
   pd.testing.assert_series_equal(secure["loss"], plain["loss"], atol=1e-5)
   assert secure["mia_calibrated_auc"].dropna().between(0, 1).all()
+
+
+def test_baselines_with_their_own_schedule_are_reference_lines():
+  from fedjax_dx import _report
+  from configs import flamby_heart, heart_disease
+  # FLamby's local-only baseline trains 50 epochs, not the strategies' 15 rounds.
+  assert _report._own_schedule(flamby_heart.get_config().to_dict()) == {
+      "centralized": "pooled", "local": "50 epochs"}
+  # The default study's local-only clients train the strategies' per-round budget.
+  assert _report._own_schedule(heart_disease.get_config().to_dict()) == {
+      "centralized": "pooled"}
+  steps = {"rounds": 3, "local_steps": 20, "local_epochs": 0,
+           "per_method": {"local": {"rounds": 40}}}
+  assert _report._own_schedule(steps)["local"] == "40 x 20 steps"
