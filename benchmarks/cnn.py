@@ -6,6 +6,10 @@ The workload of issue 7: conv 3x3x32, 2x2 pool, conv 3x3x64, 2x2 pool, dense 128
 per client update (forward + backward). One round per compiled call, compile timed
 apart, `jax.block_until_ready` around each timed call, median of `--repeats`.
 
+Each row carries its shares of the device's matmul rate and copy bandwidth (measured in
+the same run) and what bounds it (`benchmarks/roofline.py`); `--profile_dir` adds a
+profiler trace of one round per row and prints its top operations.
+
   python -m benchmarks.cnn --clients=10,100 --out=results/cnn.csv
 """
 
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import fedjax_dx as fdx
+from benchmarks import roofline
 from benchmarks import workloads
 
 FLAGS = flags.FLAGS
@@ -33,13 +38,13 @@ flags.DEFINE_enum("matmul_precision", "default", ["default", "highest", "tensorf
                                                   "bfloat16"],
                   "jax_default_matmul_precision (GPU: default = TF32).")
 flags.DEFINE_string("out", None, "CSV file to write.")
+flags.DEFINE_string("profile_dir", None, "Write a profiler trace of one round per row "
+                    "here (Perfetto / TensorBoard) and print its top operations.")
 
-# Multiply-adds per example of the forward pass; x 2 FLOPs x 3 (forward + backward).
-_MACS = (28 * 28 * 32 * 9 * 1 + 14 * 14 * 64 * 9 * 32 + 7 * 7 * 64 * 128 + 128 * 2)
-FLOP_PER_UPDATE = 6 * _MACS * workloads.EXAMPLES_PER_CLIENT
+FLOP_PER_UPDATE = roofline.CNN_FLOP_PER_UPDATE
 
 
-def measure(conv: str, num_clients: int, repeats: int) -> dict:
+def measure(conv: str, num_clients: int, repeats: int, peaks: dict) -> dict:
   model = fdx.cnn(num_classes=2, channels=(32, 64), dense=128, conv=conv)
   data = workloads.make_image_data(num_clients)
   params = model.init(jax.random.PRNGKey(0), data.features[0, :1])
@@ -57,10 +62,19 @@ def measure(conv: str, num_clients: int, repeats: int) -> dict:
     jax.block_until_ready(compiled(state, data, participation))
     times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
+  if FLAGS.profile_dir:
+    name = f"cnn_{conv}_{num_clients}"
+    roofline.print_profile(name, roofline.profile(
+        lambda: compiled(state, data, participation),
+        os.path.join(FLAGS.profile_dir, name)))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  steps = -(-workloads.EXAMPLES_PER_CLIENT // workloads.BATCH)
+  traffic = roofline.bytes_per_update("CNN", num_params, 28 * 28, steps)
   return {"conv": conv, "clients": num_clients, "sec_per_round": seconds,
-          "client_updates_per_s": num_clients / seconds,
-          "gflop_per_s": FLOP_PER_UPDATE * num_clients / seconds / 1e9,
-          "compile_s": compile_s, "device": jax.devices()[0].device_kind,
+          "client_updates_per_s": num_clients / seconds, "compile_s": compile_s,
+          **roofline.fractions(FLOP_PER_UPDATE * num_clients, traffic * num_clients,
+                               seconds, peaks),
+          **peaks, "device": jax.devices()[0].device_kind,
           "matmul_precision": FLAGS.matmul_precision}
 
 
@@ -76,15 +90,24 @@ def main(argv):
   if FLAGS.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
   rows = []
+  peaks = roofline.measured_peaks()
+  device = jax.devices()[0].device_kind
+  published = roofline.published_peaks(device)
+  print(f"device: {device}; matmul precision {FLAGS.matmul_precision}; measured roofs: "
+        f"matmul {peaks['peak_gflops']:,.0f} GFLOP/s, copy {peaks['peak_gbps']:,.0f} GB/s"
+        + (f" (published: {published[0]:g} TFLOP/s TF32, {published[1]:g} TFLOP/s "
+           f"float32, {published[2]:g} TB/s)" if published else ""))
   print(f"{'conv':>5} {'clients':>8} {'ms/round':>10} {'updates/s':>10} {'GFLOP/s':>8} "
-        f"{'compile s':>9}")
+        f"{'GB/s':>7} {'%flops':>6} {'%bw':>5} {'compile s':>9} bound")
   for num_clients in clients:
     for conv in FLAGS.convs:
-      row = measure(conv, num_clients, FLAGS.repeats)
+      row = measure(conv, num_clients, FLAGS.repeats, peaks)
       rows.append(row)
       print(f"{conv:>5} {num_clients:>8} {1e3 * row['sec_per_round']:>10.1f} "
             f"{row['client_updates_per_s']:>10.1f} {row['gflop_per_s']:>8.1f} "
-            f"{row['compile_s']:>9.1f}", flush=True)
+            f"{row['model_gb_per_s']:>7.1f} {100 * row['of_peak_flops']:>6.1f} "
+            f"{100 * row['of_peak_bandwidth']:>5.1f} {row['compile_s']:>9.1f} "
+            f"{row['bound']}", flush=True)
     by = {r["conv"]: r for r in rows if r["clients"] == num_clients}
     if {"xla", "gemm"} <= set(by):
       print(f"{'':>5} {num_clients:>8} gemm / xla = "

@@ -13,6 +13,11 @@ chunk by chunk (`Algorithm.stream`; the next chunk's transfer overlaps the curre
 chunk's training); its memory column is the client data it holds on the device (two
 chunks) plus the model.
 
+Each row also carries what bounds it (`benchmarks/roofline.py`): the achieved GFLOP/s and
+modelled memory traffic per second as shares of the device's matmul rate and copy
+bandwidth, both measured in the same run; `--profile_dir` adds a profiler trace of one
+round per row and prints its top operations.
+
   python -m benchmarks.scale --out=results/scale.csv --figure=results/scale.png
 """
 
@@ -31,6 +36,7 @@ import numpy as np
 import optax
 
 import fedjax_dx as fdx
+from benchmarks import roofline
 from benchmarks import workloads as throughput
 
 FLAGS = flags.FLAGS
@@ -46,8 +52,12 @@ flags.DEFINE_integer("repeats", 3, "Timed rounds per point (median reported).",
                      lower_bound=1)
 flags.DEFINE_bool("stream", False, "Also time rounds whose client data stays in host "
                   "memory and streams to the device --chunk clients at a time.")
+flags.DEFINE_string("profile_dir", None, "Write a profiler trace of one round per row "
+                    "here (Perfetto / TensorBoard) and print its top operations.")
 COLUMNS = ("workload", "form", "clients", "client_chunk", "sec_per_round",
-           "client_updates_per_s", "compile_s", "memory_bytes", "temp_bytes")
+           "client_updates_per_s", "compile_s", "memory_bytes", "temp_bytes",
+           "gflop_per_s", "model_gb_per_s", "of_peak_flops", "of_peak_bandwidth",
+           "intensity", "bound", "peak_gflops", "peak_gbps", "device")
 
 
 def cnn_workload():
@@ -88,8 +98,9 @@ def measure(model, data, chunk, repeats):
     start = time.perf_counter()
     state, _ = jax.block_until_ready(compiled(state, data, participation))
     times.append(time.perf_counter() - start)
+  one_round = lambda: compiled(state, data, participation)
   return statistics.median(times), compile_s, int(memory), int(
-      analysis.temp_size_in_bytes), chunk
+      analysis.temp_size_in_bytes), chunk, one_round
 
 
 def measure_streamed(model, host_data, chunk, repeats):
@@ -109,7 +120,8 @@ def measure_streamed(model, host_data, chunk, repeats):
   resident = 2 * chunk * per_client + sum(x.nbytes for x in jax.tree.leaves(params))
   # The first call's time minus a steady round approximates the compiles.
   seconds = statistics.median(times)
-  return seconds, max(compile_s - seconds, 0.0), int(resident), 0, chunk
+  one_round = lambda: algo.stream(state, host_data, chunk=chunk)
+  return seconds, max(compile_s - seconds, 0.0), int(resident), 0, chunk, one_round
 
 
 def main(argv):
@@ -125,11 +137,27 @@ def main(argv):
   if min(clients) < 1:
     raise app.UsageError(f"--clients: counts must be >= 1, got {clients}")
   rows = []
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), float32")
+  device = jax.devices()[0].device_kind
+  peaks = roofline.measured_peaks()
+  published = roofline.published_peaks(device)
+  print(f"device: {device} ({jax.default_backend()}), float32, matmul precision "
+        f"{jax.config.jax_default_matmul_precision or 'default (TF32 on NVIDIA GPUs)'}")
+  print(f"measured roofs: matmul {peaks['peak_gflops']:,.0f} GFLOP/s, copy "
+        f"{peaks['peak_gbps']:,.0f} GB/s" + (
+            f" (published: {published[0]:g} TFLOP/s TF32, {published[1]:g} TFLOP/s "
+            f"float32, {published[2]:g} TB/s)" if published else ""))
   print(f"{'workload':8} {'form':9} {'clients':>8} {'chunk':>7} {'ms/round':>10} "
-        f"{'updates/s':>12} {'MiB':>9} {'compile s':>9}")
+        f"{'updates/s':>12} {'MiB':>9} {'compile s':>9} {'GFLOP/s':>9} {'GB/s':>8} "
+        f"{'%flops':>6} {'%bw':>5} bound")
   for workload in FLAGS.workloads:
     model = model_of(workload)
+    example = make_data(workload, 1)
+    num_params = sum(x.size for x in jax.tree.leaves(
+        model.init(jax.random.PRNGKey(0), example.features[0, :1])))
+    feature_size = int(np.prod(example.features.shape[2:]))
+    steps = -(-throughput.EXAMPLES_PER_CLIENT // throughput.BATCH)  # one epoch
+    flop = roofline.flop_per_update(workload)
+    traffic = roofline.bytes_per_update(workload, num_params, feature_size, steps)
     last_temp = None
     for num_clients in clients:
       data = make_data(workload, num_clients)
@@ -147,23 +175,31 @@ def main(argv):
         if form == "streamed":
           stream_chunk = min(FLAGS.chunk or 1000, num_clients)
           host = jax.tree.map(np.asarray, data)
-          sec, compile_s, memory, temp, used = measure_streamed(model, host, stream_chunk,
-                                                                FLAGS.repeats)
+          sec, compile_s, memory, temp, used, one_round = measure_streamed(
+              model, host, stream_chunk, FLAGS.repeats)
         else:
-          sec, compile_s, memory, temp, used = measure(model, data, chunk,
-                                                       FLAGS.repeats)
+          sec, compile_s, memory, temp, used, one_round = measure(model, data, chunk,
+                                                                  FLAGS.repeats)
         if form == "unchunked":
           last_temp = (num_clients, temp)
         if form == "chunked" and used is None:  # everything fits at once
           continue
+        bounds = roofline.fractions(flop * num_clients, traffic * num_clients, sec, peaks)
         row = dict(workload=workload, form=form, clients=num_clients,
                    client_chunk=used or 0, sec_per_round=sec,
                    client_updates_per_s=num_clients / sec, compile_s=compile_s,
-                   memory_bytes=memory, temp_bytes=temp)
+                   memory_bytes=memory, temp_bytes=temp, **bounds, **peaks,
+                   device=device)
         rows.append(row)
         print(f"{workload:8} {form:9} {num_clients:>8} {used or '-':>7} "
               f"{1e3 * sec:>10.2f} {num_clients / sec:>12,.0f} {memory / 2**20:>9.1f} "
-              f"{compile_s:>9.2f}")
+              f"{compile_s:>9.2f} {bounds['gflop_per_s']:>9.1f} "
+              f"{bounds['model_gb_per_s']:>8.1f} {100 * bounds['of_peak_flops']:>6.1f} "
+              f"{100 * bounds['of_peak_bandwidth']:>5.1f} {bounds['bound']}", flush=True)
+        if FLAGS.profile_dir:
+          name = f"{workload}_{form}_{num_clients}"
+          roofline.print_profile(name, roofline.profile(
+              one_round, os.path.join(FLAGS.profile_dir, name)))
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     tmp = FLAGS.out + ".tmp"

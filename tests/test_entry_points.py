@@ -87,7 +87,8 @@ def test_same_config_and_seed_are_bitwise_identical_across_processes():
 def test_scale_benchmark_writes_csv_and_figure(tmp_path):
   out, figure = tmp_path / "scale.csv", tmp_path / "scale.png"
   result = run_module("benchmarks.scale", "--clients=4,40", "--workloads=W1",
-                      "--repeats=1", "--chunk=16", f"--out={out}", f"--figure={figure}")
+                      "--repeats=1", "--chunk=16", f"--out={out}", f"--figure={figure}",
+                      f"--profile_dir={tmp_path / 'profiles'}")
   assert result.returncode == 0, result.stderr
   with open(out) as f:
     rows = list(csv.DictReader(f))
@@ -95,7 +96,38 @@ def test_scale_benchmark_writes_csv_and_figure(tmp_path):
       ("unchunked", "4", "0"), ("unchunked", "40", "0"), ("chunked", "40", "16")]
   assert all(float(r["memory_bytes"]) > 0 and float(r["sec_per_round"]) > 0
              for r in rows)
+  for r in rows:  # what bounds each row, from rates measured in the same run
+    assert float(r["peak_gflops"]) > 0 and float(r["peak_gbps"]) > 0
+    assert 0 < float(r["of_peak_flops"]) and 0 < float(r["of_peak_bandwidth"])
+    assert r["bound"] in ("memory", "compute", "neither")
+  assert "profile of W1_chunked_40 (top operations by time):" in result.stdout
   assert figure.stat().st_size > 1000
+
+
+def test_profile_charges_each_operation_its_self_time(tmp_path, monkeypatch):
+  import gzip
+  import json
+  import jax
+  from benchmarks import roofline
+  trace_dir = tmp_path / "plugins" / "profile" / "run"
+  trace_dir.mkdir(parents=True)
+  events = [{"ph": "M", "pid": 1, "name": "process_name",
+             "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "tid": 1, "name": "while", "ts": 0, "dur": 100},
+            {"ph": "X", "pid": 1, "tid": 1, "name": "dot", "ts": 10, "dur": 30},
+            {"ph": "X", "pid": 1, "tid": 1, "name": "fusion", "ts": 50, "dur": 20},
+            {"ph": "X", "pid": 1, "tid": 2, "name": "dot", "ts": 20, "dur": 10},
+            {"ph": "X", "pid": 2, "tid": 1, "name": "host work", "ts": 0, "dur": 999}]
+  with gzip.open(trace_dir / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  monkeypatch.setattr(jax.profiler, "trace", lambda *a, **k: __import__(
+      "contextlib").nullcontext())
+  rows = roofline.profile(lambda: None, str(tmp_path))
+  # Device streams only; the loop keeps the 50 us none of its children ran.
+  assert [(name, round(ms * 1e3)) for name, ms, _ in rows] == [
+      ("while", 50), ("dot", 40), ("fusion", 20)]
+  assert abs(sum(share for _, _, share in rows) - 1.0) < 1e-9
 
 
 def test_scale_benchmark_rejects_an_unknown_workload():
