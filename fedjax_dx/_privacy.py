@@ -202,6 +202,23 @@ def _attack_scores(scores, member_mask, other_scores, other_mask):
   return auc, passed.sum() / jnp.maximum(member_mask.sum(), 1)
 
 
+def _class_balanced_auc(scores, labels, member_mask, other_scores, other_labels,
+                        other_mask, num_classes):
+  """The attack's AUC within each class, averaged over the classes that both sets
+  hold (NaN when none does)."""
+  from fedjax_dx import _metrics
+  all_scores = jnp.concatenate([scores, other_scores])
+  is_member = jnp.concatenate([jnp.ones_like(member_mask), jnp.zeros_like(other_mask)])
+  all_labels = jnp.concatenate([labels, other_labels])
+  all_mask = jnp.concatenate([member_mask, other_mask])
+  aucs = jnp.stack([_metrics.binary_auc(all_scores, is_member,
+                                        all_mask & (all_labels == c))
+                    for c in range(max(num_classes, 2))])
+  present = ~jnp.isnan(aucs)
+  return jnp.where(present.any(), jnp.where(present, aucs, 0.0).sum()
+                   / jnp.maximum(present.sum(), 1), jnp.nan)
+
+
 def membership_inference(model, params, members, non_members,
                          reference_params=None) -> dict[str, jax.Array]:
   """The loss-threshold membership-inference attack (Yeom et al., 2018) on one model.
@@ -218,6 +235,13 @@ def membership_inference(model, params, members, non_members,
   example's loss, so examples that are easy for any model stop looking like members.
   The reference is a model that saw none of the examples, such as the initial model.
 
+  The class-balanced AUC compares members and non-members of the same class only (the
+  plain attack's AUC within each class, averaged over the classes present in both
+  sets): when the two sets hold the classes in different proportions (PneumoniaMNIST's
+  train split has 74% pneumonia, its test split 62.5%), a model whose loss depends on
+  the class already separates them without memorising anyone; this AUC does not count
+  that.
+
   Args:
     model: the model.
     params: one model's parameters.
@@ -227,8 +251,8 @@ def membership_inference(model, params, members, non_members,
       of training), for the calibrated attack; None: the plain attack only.
 
   Returns:
-    `{"auc": [], "tpr_at_1pct_fpr": []}`, plus `calibrated_auc` and
-    `calibrated_tpr_at_1pct_fpr` with `reference_params`.
+    `{"auc": [], "tpr_at_1pct_fpr": [], "class_balanced_auc": []}`, plus
+    `calibrated_auc` and `calibrated_tpr_at_1pct_fpr` with `reference_params`.
   """
   from fedjax_dx import _models
 
@@ -240,7 +264,10 @@ def membership_inference(model, params, members, non_members,
   member_mask, other_mask = members.mask.reshape(-1), non_members.mask.reshape(-1)
   member_loss, other_loss = losses(params, members), losses(params, non_members)
   auc, tpr = _attack_scores(-member_loss, member_mask, -other_loss, other_mask)
-  result = {"auc": auc, "tpr_at_1pct_fpr": tpr}
+  result = {"auc": auc, "tpr_at_1pct_fpr": tpr, "class_balanced_auc":
+            _class_balanced_auc(-member_loss, members.labels.reshape(-1), member_mask,
+                                -other_loss, non_members.labels.reshape(-1),
+                                other_mask, model.num_classes)}
   if reference_params is not None:
     auc, tpr = _attack_scores(losses(reference_params, members) - member_loss,
                               member_mask,

@@ -89,7 +89,8 @@ def _privacy_utility(final_pooled, metric, colors, plt, sns):
   private = final_pooled[final_pooled["epsilon"].notna()]
   references = final_pooled[final_pooled["epsilon"].isna()
                             & (final_pooled["method"] != "local")]
-  attacks = [c for c in ("mia_auc", "mia_calibrated_auc") if c in final_pooled]
+  attacks = [c for c in ("mia_auc", "mia_class_balanced_auc", "mia_calibrated_auc")
+             if c in final_pooled]
   fig, axes = plt.subplots(1, 2 if attacks else 1, figsize=(13 if attacks else 8, 4.4),
                            squeeze=False)
   utility = axes[0, 0]
@@ -108,7 +109,8 @@ def _privacy_utility(final_pooled, metric, colors, plt, sns):
     attack = axes[0, 1]
     melted = private.melt(id_vars=["method", "epsilon"], value_vars=attacks,
                           var_name="attack", value_name="attack_auc").dropna()
-    names = {"mia_auc": "loss threshold", "mia_calibrated_auc": "calibrated"}
+    names = {"mia_auc": "loss threshold", "mia_class_balanced_auc": "within class",
+             "mia_calibrated_auc": "calibrated"}
     melted["attack"] = melted["attack"].map(names)
     sns.lineplot(data=melted, x="epsilon", y="attack_auc", hue="method",
                  hue_order=order, palette=colors, style="attack", marker="o",

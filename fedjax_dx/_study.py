@@ -57,8 +57,8 @@ METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate
                  "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
                  "secagg_tolerance")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
-MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_calibrated_auc",
-               "mia_calibrated_tpr_at_1pct_fpr")
+MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_class_balanced_auc",
+               "mia_calibrated_auc", "mia_calibrated_tpr_at_1pct_fpr")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
            "f1")
 

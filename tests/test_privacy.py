@@ -122,7 +122,32 @@ def test_membership_inference_attack_matches_sklearn_and_sees_overfitting():
     assert float(result["auc"]) == pytest.approx(want, abs=1e-6)
     threshold = np.quantile(other, 0.99)
     assert float(result["tpr_at_1pct_fpr"]) == pytest.approx(np.mean(member > threshold))
+    labels, other_labels = np.concatenate(ys), np.concatenate(tys)
+    per_class = [roc_auc_score(np.r_[np.ones((labels == c).sum()),
+                                     np.zeros((other_labels == c).sum())],
+                               np.r_[member[labels == c], other[other_labels == c]])
+                 for c in (0, 1)]
+    assert float(result["class_balanced_auc"]) == pytest.approx(np.mean(per_class),
+                                                                abs=1e-6)
   assert float(fdx.membership_inference(model, fitted, train, test)["auc"]) > 0.9
+
+
+def test_class_balanced_attack_does_not_count_a_class_shift_as_membership():
+  # A model whose loss depends on the class alone (it predicts class 1 for everyone)
+  # and members with more of class 1 than non-members: the plain attack "wins",
+  # though nothing about any individual was learned.
+  rng = np.random.default_rng(1)
+  model = fdx.logistic_regression()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  params = jax.tree.map(jnp.zeros_like, params)
+  params["Dense_0"]["bias"] = jnp.full_like(params["Dense_0"]["bias"], 2.0)
+  make = lambda labels: fdx.stack_clients(
+      [rng.normal(size=(len(labels), 3)).astype(np.float32)], [np.asarray(labels)],
+      num_classes=2)
+  members, non_members = make([1] * 30 + [0] * 10), make([1] * 10 + [0] * 30)
+  result = fdx.membership_inference(model, params, members, non_members)
+  assert float(result["auc"]) > 0.7
+  assert float(result["class_balanced_auc"]) == pytest.approx(0.5, abs=1e-6)
 
 
 def _flat(tree):

@@ -417,6 +417,7 @@ def test_example_level_dp_compression_and_secagg_in_the_harness(tmp_path):
   assert row["bytes_down"].iloc[0] == 2 * (down + 3 * 14 * 4)
   pd.testing.assert_series_equal(secure["loss"], plain["loss"], atol=1e-5)
   assert secure["mia_calibrated_auc"].dropna().between(0, 1).all()
+  assert secure["mia_class_balanced_auc"].dropna().between(0, 1).all()
 
 
 def test_baselines_with_their_own_schedule_are_reference_lines():
