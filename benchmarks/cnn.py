@@ -37,6 +37,9 @@ flags.DEFINE_integer("repeats", 3, "Timed rounds per point (median).", lower_bou
 flags.DEFINE_enum("matmul_precision", "default", ["default", "highest", "tensorfloat32",
                                                   "bfloat16"],
                   "jax_default_matmul_precision (GPU: default = TF32).")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "fdx.cnn's compute_dtype: bfloat16 = mixed precision (activations "
+                  "and matrix products in bf16, parameters and loss in float32).")
 flags.DEFINE_string("out", None, "CSV file to write.")
 flags.DEFINE_string("profile_dir", None, "Write a profiler trace of one round per row "
                     "here (Perfetto / TensorBoard) and print its top operations.")
@@ -45,7 +48,8 @@ FLOP_PER_UPDATE = roofline.CNN_FLOP_PER_UPDATE
 
 
 def measure(conv: str, num_clients: int, repeats: int, peaks: dict) -> dict:
-  model = fdx.cnn(num_classes=2, channels=(32, 64), dense=128, conv=conv)
+  model = fdx.cnn(num_classes=2, channels=(32, 64), dense=128, conv=conv,
+                  compute_dtype=FLAGS.compute_dtype)
   data = workloads.make_image_data(num_clients)
   params = model.init(jax.random.PRNGKey(0), data.features[0, :1])
   algo = fdx.fedavg(model, optax.sgd(workloads.LEARNING_RATE),
@@ -69,13 +73,16 @@ def measure(conv: str, num_clients: int, repeats: int, peaks: dict) -> dict:
         os.path.join(FLAGS.profile_dir, name)))
   num_params = sum(x.size for x in jax.tree.leaves(params))
   steps = -(-workloads.EXAMPLES_PER_CLIENT // workloads.BATCH)
-  traffic = roofline.bytes_per_update("CNN", num_params, 28 * 28, steps)
+  traffic = roofline.bytes_per_update(
+      "CNN", num_params, 28 * 28, steps,
+      activation_bytes=2 if FLAGS.compute_dtype == "bfloat16" else 4)
   return {"conv": conv, "clients": num_clients, "sec_per_round": seconds,
           "client_updates_per_s": num_clients / seconds, "compile_s": compile_s,
           **roofline.fractions(FLOP_PER_UPDATE * num_clients, traffic * num_clients,
                                seconds, peaks),
           **peaks, "device": jax.devices()[0].device_kind,
-          "matmul_precision": FLAGS.matmul_precision}
+          "matmul_precision": FLAGS.matmul_precision,
+          "compute_dtype": FLAGS.compute_dtype}
 
 
 def main(argv):
@@ -90,10 +97,11 @@ def main(argv):
   if FLAGS.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
   rows = []
-  peaks = roofline.measured_peaks()
+  peaks = roofline.measured_peaks(matmul_dtype=FLAGS.compute_dtype)
   device = jax.devices()[0].device_kind
   published = roofline.published_peaks(device)
-  print(f"device: {device}; matmul precision {FLAGS.matmul_precision}; measured roofs: "
+  print(f"device: {device}; matmul precision {FLAGS.matmul_precision}; compute dtype "
+        f"{FLAGS.compute_dtype}; measured roofs: "
         f"matmul {peaks['peak_gflops']:,.0f} GFLOP/s, copy {peaks['peak_gbps']:,.0f} GB/s"
         + (f" (published: {published[0]:g} TFLOP/s TF32, {published[1]:g} TFLOP/s "
            f"float32, {published[2]:g} TB/s)" if published else ""))

@@ -2,7 +2,7 @@
 # Issue 7's GPU measurements in one call (its parts' time limits add up to under 10
 # minutes; a failing or slow part does not stop the others):
 #   1. the CNN workload at 100 and 1,000 clients, GEMM vs XLA convolutions, TF32 (the GPU
-#      default), then GEMM at full float32 and with bfloat16 matmul inputs;
+#      default), then GEMM at full float32 and in mixed precision (bfloat16 compute);
 #   2. W1 at 10^3 ... 10^6 clients and W2 at 10^3 ... 10^5, unchunked, chunked and
 #      streamed from host memory;
 # every row with its shares of the card's matmul rate and copy bandwidth measured in the
@@ -47,7 +47,7 @@ part cnn_tf32 170 "$PYTHON" -m benchmarks.cnn --clients="$CNN_CLIENTS" --convs=g
 part cnn_highest 75 "$PYTHON" -m benchmarks.cnn --clients="$LARGEST_CNN" --convs=gemm \
   --repeats=5 --matmul_precision=highest --out="$OUT/cnn_highest.csv"
 part cnn_bf16 75 "$PYTHON" -m benchmarks.cnn --clients="$LARGEST_CNN" --convs=gemm \
-  --repeats=5 --matmul_precision=bfloat16 --out="$OUT/cnn_bf16.csv"
+  --repeats=5 --compute_dtype=bfloat16 --out="$OUT/cnn_bf16.csv"
 part scale_w1 130 "$PYTHON" -m benchmarks.scale --workloads=W1 --clients="$W1_CLIENTS" \
   --chunk="${CHUNK:-100000}" --stream --max_memory_gb=60 --repeats=5 \
   --out="$OUT/scale_w1.csv" --profile_dir="$PROFILES/scale_w1"

@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.hidden = "64,64"  # mlp widths
   config.model.channels = "16,32"  # cnn widths
   config.model.dense = 64  # cnn dense width
+  # cnn: "bfloat16" = mixed precision where you allow it (activations and matrix
+  # products in bf16, parameters, optimizer state and loss in float32).
+  config.model.compute_dtype = "float32"
 
   config.optimizer = "sgd"  # client optimizer: sgd | adam
   config.learning_rate = 0.05

@@ -293,6 +293,11 @@ def _check_shared_fields(config) -> None:
        "logistic_regression, mlp or cnn")
   _split_list(config.model.hidden, "model.hidden", int)
   _split_list(config.model.channels, "model.channels", int)
+  need(config.model.compute_dtype in _models.COMPUTE_DTYPES, "model.compute_dtype",
+       f"one of {', '.join(_models.COMPUTE_DTYPES)}")
+  need(config.model.compute_dtype == "float32" or config.model.name == "cnn",
+       "model.compute_dtype", "float32 unless model.name = cnn (only the CNN computes "
+       "in bfloat16)")
   need(config.num_seeds >= 1, "num_seeds", "an integer >= 1")
   need(config.target_metric in METRICS, "target_metric", f"one of {METRICS}")
 
@@ -441,7 +446,8 @@ def build_model(config, num_classes: int) -> _models.Model:
     return _models.logistic_regression(num_classes)
   if m.name == "mlp":
     return _models.mlp(_split_list(m.hidden, "model.hidden", int), num_classes)
-  return _models.cnn(num_classes, _split_list(m.channels, "model.channels", int), m.dense)
+  return _models.cnn(num_classes, _split_list(m.channels, "model.channels", int), m.dense,
+                     compute_dtype=m.compute_dtype)
 
 
 def _optimizer(config):

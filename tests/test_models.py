@@ -63,3 +63,56 @@ def test_fedavg_round_with_gemm_convolutions_equals_the_plain_round():
 def test_unknown_conv_is_named():
   with pytest.raises(ValueError, match=r"conv must be one of \('gemm', 'xla'\), got 'fft'"):
     fdx.cnn(conv="fft")
+
+
+def test_bfloat16_cnn_computes_in_bfloat16_and_keeps_float32_parameters():
+  full, mixed = fdx.cnn(2, (4, 8), 16), fdx.cnn(2, (4, 8), 16, compute_dtype="bfloat16")
+  x = jax.random.normal(RNG, (6, 28, 28))
+  labels = jax.random.randint(RNG, (6,), 0, 2)
+  params = full.init(RNG, x[:1])
+  assert_trees_equal(params, mixed.init(RNG, x[:1]))  # the same float32 parameters
+  # Every matrix product takes bfloat16 operands; the logits come back in float32.
+  products = [e for e in jax.make_jaxpr(mixed.apply)(params, x).eqns
+              if e.primitive.name == "dot_general"]
+  assert len(products) == 4
+  assert all(v.aval.dtype == jax.numpy.bfloat16 for e in products for v in e.invars)
+  logits = mixed.apply(params, x)
+  assert logits.dtype == jax.numpy.float32
+  np.testing.assert_allclose(logits, full.apply(params, x), atol=0.05, rtol=0.05)
+
+  def loss(model, p):
+    return fdx.per_example_loss(model, model.apply(p, x), labels).mean()
+  full_grads = jax.grad(lambda p: loss(full, p))(params)
+  mixed_grads = jax.grad(lambda p: loss(mixed, p))(params)
+  cosine = lambda a, b: np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+  for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(mixed_grads)):
+    assert b.dtype == jax.numpy.float32
+    assert cosine(np.ravel(a), np.ravel(b)) > 0.9  # the first layer's, the least exact
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  full_flat, mixed_flat = flat(full_grads), flat(mixed_grads)
+  assert cosine(full_flat, mixed_flat) > 0.999
+  assert np.linalg.norm(mixed_flat - full_flat) < 0.05 * np.linalg.norm(full_flat)
+
+
+def test_fedavg_round_in_bfloat16_follows_the_float32_round():
+  rng = np.random.default_rng(1)
+  xs = [rng.normal(size=(n, 28, 28)).astype(np.float32) for n in (6, 4, 9)]
+  ys = [rng.integers(0, 2, n) for n in (6, 4, 9)]
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  results = []
+  for dtype in ("float32", "bfloat16"):
+    model = fdx.cnn(2, (4, 8), 16, compute_dtype=dtype)
+    params = model.init(RNG, data.features[0, :1])
+    algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=1)
+    state, metrics = algo.run(algo.init(params, data, RNG), data, num_rounds=2)
+    results.append((state.params, np.asarray(metrics["train_loss"])))
+  (full, full_loss), (mixed, mixed_loss) = results
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(mixed))
+  np.testing.assert_allclose(mixed_loss, full_loss, rtol=0.03)
+  assert_trees_close(mixed, full, atol=0.02)
+
+
+def test_unknown_compute_dtype_is_named():
+  with pytest.raises(ValueError, match=r"compute_dtype must be one of \('float32', "
+                     r"'bfloat16'\), got 'float16'"):
+    fdx.cnn(compute_dtype="float16")

@@ -432,3 +432,18 @@ def test_baselines_with_their_own_schedule_are_reference_lines():
   steps = {"rounds": 3, "local_steps": 20, "local_epochs": 0,
            "per_method": {"local": {"rounds": 40}}}
   assert _report._own_schedule(steps)["local"] == "40 x 20 steps"
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"compute_dtype": "float16"},
+     "config.model.compute_dtype = 'float16': expected one of float32, bfloat16"),
+    ({"compute_dtype": "bfloat16"},
+     "config.model.compute_dtype = 'bfloat16': expected float32 unless model.name = cnn"),
+])
+def test_bad_compute_dtype_is_named(tmp_path, model, message):
+  config = test_config.get_config()
+  for field, value in model.items():
+    config.model[field] = value
+  with pytest.raises(_study.StudyError, match=re.escape(message)):
+    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  assert not (tmp_path / "x").exists()
