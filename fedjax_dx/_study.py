@@ -806,7 +806,7 @@ class MethodRun:
   def __init__(self, config, method, data, names, cache, seeds, swept):
     # Several processes (multi-host): federated methods train and evaluate on global
     # arrays whose clients axis spans every device of every process; the baselines
-    # and cyclic run on process 0's own copy (`run_study` skips them elsewhere).
+    # and cyclic run on each process's own copy (the same result everywhere).
     self.sharded = _distributed.is_multiprocess() and method in _SHARDED
     example = data.train.features[0, :1]
     if self.sharded:
@@ -1170,11 +1170,12 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
         progress.advance(0, f"point {index + 1}/{len(points)}: compiling {len(methods)} "
                          f"methods, {seeds_label}")
         # Trace and lower every method; XLA compiles meanwhile on worker threads.
-        # Methods that run on each process's own copy (baselines, cyclic) only matter
-        # where the results are written: the other processes skip them.
+        # Multi-host: every process runs every method, the baselines (and cyclic) on
+        # its own copy too. Only process 0's results are written, but a process that
+        # skipped them would wait meanwhile in the next method's collectives (or at
+        # shutdown) for as long as they train, under the runtime's timeouts.
         runs = [MethodRun(method_config(variant, m), m, data, names, cache, group, swept)
-                for m in methods
-                if lead or not _distributed.is_multiprocess() or m in _SHARDED]
+                for m in methods]
         for run in runs:
           progress.advance(0, f"point {index + 1}/{len(points)} {run.method} {seeds_label}")
           counter = [0]
