@@ -111,16 +111,24 @@ def _privacy_utility(final_pooled, metric, colors, plt, sns):
                           var_name="attack", value_name="attack_auc").dropna()
     names = {"mia_auc": "loss threshold", "mia_class_balanced_auc": "within class",
              "mia_calibrated_auc": "calibrated"}
+    # One dash pattern per attack, shared by its curve and the non-private references.
+    dashes = {"mia_auc": (None, None), "mia_class_balanced_auc": (5, 2, 1, 2),
+              "mia_calibrated_auc": (1, 1.5)}
     melted["attack"] = melted["attack"].map(names)
     sns.lineplot(data=melted, x="epsilon", y="attack_auc", hue="method",
                  hue_order=order, palette=colors, style="attack", marker="o",
+                 style_order=[names[c] for c in attacks],
+                 dashes={names[c]: dashes[c] if dashes[c][0] else "" for c in attacks},
                  errorbar=("ci", 95), ax=attack)
     for method, rows in references.groupby("method", sort=False):
-      if rows["mia_auc"].notna().any():
-        level = rows["mia_auc"].mean()
-        attack.axhline(level, color=colors.get(method, "black"), linestyle="--",
-                       linewidth=1.2,
-                       label=f"{method}{non_private(method)} loss attack {level:.3f}")
+      for column in ("mia_auc", "mia_class_balanced_auc"):
+        if column in rows and rows[column].notna().any():
+          level = rows[column].mean()
+          line = attack.axhline(level, color=colors.get(method, "black"), linewidth=1.0,
+                                alpha=0.8, label=f"{method}{non_private(method)}, "
+                                                 f"{names[column]} {level:.3f}")
+          if dashes[column][0]:
+            line.set_dashes(dashes[column])
     attack.axhline(0.5, color="grey", linestyle=":", linewidth=1.2,
                    label="chance (0.5)")
     attack.set_xscale("log")

@@ -447,3 +447,18 @@ def test_bad_compute_dtype_is_named(tmp_path, model, message):
   with pytest.raises(_study.StudyError, match=re.escape(message)):
     _study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
+
+
+def test_a_private_study_draws_privacy_against_utility(tmp_path):
+  workdir = tmp_path / "private"
+  result = run("--config=configs/test.py", f"--workdir={workdir}",
+               "--config.methods=fedavg,centralized", "--config.num_seeds=1",
+               "--config.sweep=dp+dp_target_epsilon=none/0,central/8,central/64")
+  assert result.returncode == 0, result.stderr
+  summary = pd.read_csv(workdir / "summary.csv", dtype={"client": str})
+  private = summary[summary["epsilon"].notna()]
+  assert sorted(private["epsilon"].round().unique()) == [8, 64]
+  audited = summary[(summary["client"] == "pooled") & (summary["method"] == "fedavg")]
+  assert audited["mia_class_balanced_auc_mean"].between(0, 1).all()
+  assert (workdir / "privacy_utility.png").stat().st_size > 1000
+  assert "privacy_utility" in (workdir / "report.html").read_text()
