@@ -1122,14 +1122,14 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   # Multi-host: every process runs every program; process 0 alone reads and writes
   # the workdir and tells the others what is left to do.
   lead = jax.process_index() == 0
-  resuming = _agreed_workdir(workdir, config_json, lead)
+  resuming = bool(_on_lead(lead, lambda: [_prepare_workdir(workdir, config_json)], 1)[0])
   cache = _Cache(compiler_options(config))
   try:
     _check_data_dependent(config, cache)
-    if lead and not resuming:
-      write_atomic(os.path.join(workdir, "config.json"), json.dumps(
+    if not resuming:
+      _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "config.json"), json.dumps(
           {"config": config_json, "created": datetime.datetime.now().isoformat(),
-           **environment()}, indent=2, default=str))
+           **environment()}, indent=2, default=str)))
     points = sweep_points(config)
     fields = list(points[0])
     seeds = [config.seed + s for s in range(config.num_seeds)]
@@ -1143,11 +1143,13 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
     progress = Progress(sum(rounds_of(p) for _, p, _ in todo), quiet)
     partitions = {}
     points_dir = os.path.join(workdir, "points")
-    if lead:
-      os.makedirs(points_dir, exist_ok=True)
     path_of = lambda i, p, s: os.path.join(points_dir, point_id(i, p, s) + ".jsonl")
-    done_before = _agreed_done([lead and os.path.isfile(path_of(i, p, s))
-                                for i, p, s in todo])
+
+    def points_done() -> list[bool]:
+      os.makedirs(points_dir, exist_ok=True)
+      return [os.path.isfile(path_of(i, p, s)) for i, p, s in todo]
+
+    done_before = [bool(d) for d in _on_lead(lead, points_done, len(todo))]
     is_done = lambda i, p, s: done_before[todo.index((i, p, s))]
     if resuming:
       finished = sum(done_before)
@@ -1186,13 +1188,17 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
 
           for seed, seed_rows in run.execute(advance).items():
             rows[seed] += seed_rows
-        for seed in group if lead else ():
-          write_atomic(path_of(index, point, seed),
-                       "".join(json.dumps(r) + "\n" for r in rows[seed]))
+
+        def write_points(index=index, point=point, group=group, rows=rows):
+          for seed in group:
+            write_atomic(path_of(index, point, seed),
+                         "".join(json.dumps(r) + "\n" for r in rows[seed]))
+
+        _on_lead(lead, write_points)
         progress.log(f"finished point {index + 1}/{len(points)}: {swept or 'no sweep'}, "
                      f"seed(s) {group}")
-    if lead:
-      write_atomic(os.path.join(workdir, "partition.json"), json.dumps(partitions))
+    _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "partition.json"),
+                                        json.dumps(partitions)))
   finally:
     cache.close()
   if not lead:
@@ -1200,39 +1206,36 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
 
 
-def _agreed_workdir(workdir: str, config_json: dict, lead: bool) -> bool:
-  """Process 0 checks the workdir (`_prepare_workdir`); every process gets its verdict,
-  so that when process 0 refuses the workdir the others stop with its message instead
-  of waiting for it in a collective."""
-  error, resuming = "", False
+def _on_lead(lead: bool, action: Callable[[], Any], size: int = 0) -> list[int]:
+  """Runs `action` on process 0 alone (it reads and writes the workdir) and gives every
+  process its `size` integer results, or its error: a workdir refused, or one that
+  cannot be written, on process 0 stops every process with that reason instead of
+  leaving the others waiting for it in the next collective. One process: `action`'s
+  result, or its error as a `StudyError`."""
+  values, error = [0] * size, ""
   if lead:
     try:
-      resuming = _prepare_workdir(workdir, config_json)
+      values = list(action() or [])
     except StudyError as e:
       error = str(e)
+    except OSError as e:
+      error = f"cannot write the study: {e}"
   if _distributed.is_multiprocess():
     from jax.experimental import multihost_utils
-    encoded = np.zeros(4096, np.int32)
-    message = error.encode()[:len(encoded) - 2]
-    encoded[0], encoded[1] = resuming, len(message)
-    encoded[2:2 + len(message)] = np.frombuffer(message, np.uint8)
+    message = np.frombuffer(error.encode()[:4096], np.uint8)
+    encoded = np.zeros(1 + size + 4096, np.int32)
+    encoded[0] = len(message)
+    encoded[1:1 + size] = values
+    encoded[1 + size:1 + size + len(message)] = message
     encoded = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
-    resuming = bool(encoded[0])
-    error = bytes(encoded[2:2 + encoded[1]].astype(np.uint8)).decode(errors="replace")
+    values = encoded[1:1 + size].tolist()
+    error = bytes(encoded[1 + size:1 + size + encoded[0]].astype(np.uint8)).decode(
+        errors="replace")
     if error and not lead:
-      error = f"process 0 refused the study: {error}"
+      error = f"process 0 stopped the study: {error}"
   if error:
     raise StudyError(error)
-  return resuming
-
-
-def _agreed_done(done: list[bool]) -> list[bool]:
-  """Process 0's view of which (point, seed) runs are done, on every process."""
-  if not _distributed.is_multiprocess():
-    return done
-  from jax.experimental import multihost_utils
-  flags = multihost_utils.broadcast_one_to_all(np.asarray(done, np.int32))
-  return [bool(f) for f in np.asarray(flags)]
+  return values
 
 
 def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:

@@ -125,5 +125,28 @@ def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
   for host, (_, stderr) in zip(hosts, outputs):
     assert host.returncode == 2, stderr[-3000:]
     assert "is not empty and holds no study (no config.json)" in stderr, stderr[-3000:]
-  assert "process 0 refused the study: workdir" in outputs[1][1]
+  assert "process 0 stopped the study: workdir" in outputs[1][1]
   assert sorted(os.listdir(workdir)) == ["notes.txt"]  # nothing written
+
+
+def test_a_workdir_process_0_cannot_write_stops_every_process(tmp_path):
+  # A study to resume whose points/ folder is a file: process 0 cannot record results.
+  workdir = tmp_path / "study"
+  single = _study(workdir)
+  _, stderr = single.communicate(timeout=300)
+  assert single.returncode == 0, stderr[-3000:]
+  for path in (workdir / "points").iterdir():
+    path.unlink()
+  (workdir / "points").rmdir()
+  (workdir / "points").write_text("not a folder")
+  alone = _study(workdir)
+  _, stderr = alone.communicate(timeout=300)
+  assert alone.returncode == 2 and "error: cannot write the study: [Errno 17]" in stderr
+  port = _free_port()
+  hosts = [_study(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  f"--process_id={p}", "--local_device_count=2") for p in (0, 1)]
+  outputs = [h.communicate(timeout=300) for h in hosts]
+  for host, (_, stderr) in zip(hosts, outputs):
+    assert host.returncode == 2, stderr[-3000:]
+    assert "cannot write the study: [Errno 17] File exists" in stderr, stderr[-3000:]
+  assert "process 0 stopped the study: cannot write" in outputs[1][1]
