@@ -112,20 +112,27 @@ def test_a_two_process_study_writes_the_single_process_results(tmp_path):
   assert meta["device"]["processes"] == 2 and meta["device"]["count"] == 4
 
 
-def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
-  # Process 0 alone reads the workdir; the others must stop with its reason rather
-  # than wait for it in the next collective.
-  workdir = tmp_path / "taken"
-  workdir.mkdir()
-  (workdir / "notes.txt").write_text("not a study")
+def _both_stop_with(workdir, message):
+  """Runs a 2-process study into `workdir`; both processes must exit 2 saying
+  `message`. Returns their stderr."""
   port = _free_port()
   hosts = [_study(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                   f"--process_id={p}", "--local_device_count=2") for p in (0, 1)]
   outputs = [h.communicate(timeout=300) for h in hosts]
   for host, (_, stderr) in zip(hosts, outputs):
     assert host.returncode == 2, stderr[-3000:]
-    assert "is not empty and holds no study (no config.json)" in stderr, stderr[-3000:]
-  assert "process 0 stopped the study: workdir" in outputs[1][1]
+    assert message in stderr, stderr[-3000:]
+  return [stderr for _, stderr in outputs]
+
+
+def test_a_workdir_refused_by_process_0_stops_every_process(tmp_path):
+  # Process 0 alone reads the workdir; the others must stop with its reason rather
+  # than wait for it in the next collective.
+  workdir = tmp_path / "taken"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("not a study")
+  stderr = _both_stop_with(workdir, "is not empty and holds no study (no config.json)")
+  assert "process 0 stopped the study: workdir" in stderr[1]
   assert sorted(os.listdir(workdir)) == ["notes.txt"]  # nothing written
 
 
@@ -142,11 +149,5 @@ def test_a_workdir_process_0_cannot_write_stops_every_process(tmp_path):
   alone = _study(workdir)
   _, stderr = alone.communicate(timeout=300)
   assert alone.returncode == 2 and "error: cannot write the study: [Errno 17]" in stderr
-  port = _free_port()
-  hosts = [_study(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                  f"--process_id={p}", "--local_device_count=2") for p in (0, 1)]
-  outputs = [h.communicate(timeout=300) for h in hosts]
-  for host, (_, stderr) in zip(hosts, outputs):
-    assert host.returncode == 2, stderr[-3000:]
-    assert "cannot write the study: [Errno 17] File exists" in stderr, stderr[-3000:]
-  assert "process 0 stopped the study: cannot write" in outputs[1][1]
+  stderr = _both_stop_with(workdir, "cannot write the study: [Errno 17] File exists")
+  assert "process 0 stopped the study: cannot write" in stderr[1]
