@@ -71,10 +71,8 @@ def measure(conv: str, num_clients: int, repeats: int, peaks: dict) -> dict:
     roofline.print_profile(name, roofline.profile(
         lambda: compiled(state, data, participation),
         os.path.join(FLAGS.profile_dir, name)))
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  steps = -(-workloads.EXAMPLES_PER_CLIENT // workloads.BATCH)
   traffic = roofline.bytes_per_update(
-      "CNN", num_params, 28 * 28, steps,
+      "CNN", roofline.num_params(params), 28 * 28, workloads.LOCAL_STEPS,
       activation_bytes=2 if FLAGS.compute_dtype == "bfloat16" else 4)
   return {"conv": conv, "clients": num_clients, "sec_per_round": seconds,
           "client_updates_per_s": num_clients / seconds, "compile_s": compile_s,
@@ -99,12 +97,8 @@ def main(argv):
   rows = []
   peaks = roofline.measured_peaks(matmul_dtype=FLAGS.compute_dtype)
   device = jax.devices()[0].device_kind
-  published = roofline.published_peaks(device)
   print(f"device: {device}; matmul precision {FLAGS.matmul_precision}; compute dtype "
-        f"{FLAGS.compute_dtype}; measured roofs: "
-        f"matmul {peaks['peak_gflops']:,.0f} GFLOP/s, copy {peaks['peak_gbps']:,.0f} GB/s"
-        + (f" (published: {published[0]:g} TFLOP/s TF32, {published[1]:g} TFLOP/s "
-           f"float32, {published[2]:g} TB/s)" if published else ""))
+        f"{FLAGS.compute_dtype}; {roofline.describe_roofs(peaks, device)}")
   print(f"{'conv':>5} {'clients':>8} {'ms/round':>10} {'updates/s':>10} {'GFLOP/s':>8} "
         f"{'GB/s':>7} {'%flops':>6} {'%bw':>5} {'compile s':>9} bound")
   for num_clients in clients:

@@ -120,6 +120,19 @@ def published_peaks(device_kind: str) -> tuple[float, float, float] | None:
   return None
 
 
+def describe_roofs(peaks: dict[str, float], device_kind: str) -> str:
+  """The measured roofs, with the published ones of a known GPU, in one line."""
+  published = published_peaks(device_kind)
+  return (f"measured roofs: matmul {peaks['peak_gflops']:,.0f} GFLOP/s, copy "
+          f"{peaks['peak_gbps']:,.0f} GB/s" + (
+              f" (published: {published[0]:g} TFLOP/s TF32, {published[1]:g} TFLOP/s "
+              f"float32, {published[2]:g} TB/s)" if published else ""))
+
+
+def num_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
 def fractions(flop: float, traffic: float, seconds: float, peaks: dict[str, float]
               ) -> dict[str, Any]:
   """Achieved rates, their shares of the measured roofs, and what bounds the round."""

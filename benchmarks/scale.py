@@ -139,25 +139,21 @@ def main(argv):
   rows = []
   device = jax.devices()[0].device_kind
   peaks = roofline.measured_peaks()
-  published = roofline.published_peaks(device)
   print(f"device: {device} ({jax.default_backend()}), float32, matmul precision "
         f"{jax.config.jax_default_matmul_precision or 'default (TF32 on NVIDIA GPUs)'}")
-  print(f"measured roofs: matmul {peaks['peak_gflops']:,.0f} GFLOP/s, copy "
-        f"{peaks['peak_gbps']:,.0f} GB/s" + (
-            f" (published: {published[0]:g} TFLOP/s TF32, {published[1]:g} TFLOP/s "
-            f"float32, {published[2]:g} TB/s)" if published else ""))
+  print(roofline.describe_roofs(peaks, device))
   print(f"{'workload':8} {'form':9} {'clients':>8} {'chunk':>7} {'ms/round':>10} "
         f"{'updates/s':>12} {'MiB':>9} {'compile s':>9} {'GFLOP/s':>9} {'GB/s':>8} "
         f"{'%flops':>6} {'%bw':>5} bound")
   for workload in FLAGS.workloads:
     model = model_of(workload)
     example = make_data(workload, 1)
-    num_params = sum(x.size for x in jax.tree.leaves(
-        model.init(jax.random.PRNGKey(0), example.features[0, :1])))
+    num_params = roofline.num_params(
+        model.init(jax.random.PRNGKey(0), example.features[0, :1]))
     feature_size = int(np.prod(example.features.shape[2:]))
-    steps = -(-throughput.EXAMPLES_PER_CLIENT // throughput.BATCH)  # one epoch
     flop = roofline.flop_per_update(workload)
-    traffic = roofline.bytes_per_update(workload, num_params, feature_size, steps)
+    traffic = roofline.bytes_per_update(workload, num_params, feature_size,
+                                        throughput.LOCAL_STEPS)
     last_temp = None
     for num_clients in clients:
       data = make_data(workload, num_clients)

@@ -15,6 +15,7 @@ EXAMPLES_PER_CLIENT = 64
 NUM_FEATURES = 13
 BATCH = 16
 LEARNING_RATE = 0.05
+LOCAL_STEPS = -(-EXAMPLES_PER_CLIENT // BATCH)  # one local epoch
 
 def workload(name: str) -> tuple[fdx.Model, float]:
   """The model and its FLOPs per client update (forward + backward, 64 examples)."""

@@ -634,8 +634,7 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     if secure_aggregation:  # what the server receives: the sum of masked vectors
       encoded = jax.vmap(_secagg.encode, in_axes=(0, 0, 0, None, None, None))(
           member_keys(tagged(_SECAGG_TAG)), deltas, weights, ctx["secagg_scale"],
-          secagg_bound,
-          secagg_bits)
+          secagg_bound, secagg_bits)
       masked = jax.vmap(_secagg.mask, in_axes=(None, 0, 0, None, None, None))(
           tagged(_SECAGG_TAG), encoded, members, ctx["cohort"],
           ctx["sending"][ctx["cohort"]], secagg_bits)
@@ -845,8 +844,11 @@ def _federated(model, client_optimizer, *, batch_size, local_steps, local_epochs
     def transfer(g):
       rows = np.arange(g * chunk, (g + 1) * chunk)
       real = rows < num_clients
-      rows = np.where(real, rows, 0)  # padding slots repeat client 0 with weight 0
-      return jax.device_put((jax.tree.map(lambda x: np.asarray(x)[rows], host_data),
+      if real.all():  # a slice: no host copy before the transfer
+        taken = slice(g * chunk, (g + 1) * chunk)
+      else:  # the last group: padding slots repeat client 0 with weight 0
+        rows = taken = np.where(real, rows, 0)
+      return jax.device_put((jax.tree.map(lambda x: np.asarray(x)[taken], host_data),
                              rows.astype(np.int32), real), device)
 
     update, parts = zero_update(state), []

@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_dx._data import ClientData
-from fedjax_dx._sharding import (CLIENTS, client_mesh, padded_client_count,
-                                 shard_clients)
+from fedjax_dx._sharding import (CLIENTS, client_mesh, global_client_data,
+                                 padded_client_count, shard_clients)
 
 _NUM_PROCESSES_KEY = "fedjax_dx/num_processes"
 
@@ -156,17 +156,13 @@ def client_data(make_client: Callable[[int], tuple[np.ndarray, np.ndarray]], *,
   sizes = np.asarray(fetch(jax.make_array_from_callback(
       (padded,), NamedSharding(mesh, P(CLIENTS)), lambda index: sizes[index])))
   mask = np.arange(max_examples)[None, :] < sizes[mine][:, None]
-  sharding = NamedSharding(mesh, P(CLIENTS))
 
-  def place(local):  # a global array whose rows on this process come from `local`
-    def rows(index):
-      start, stop, _ = index[0].indices(padded)
-      first = position[start]
-      return local[(slice(first, first + stop - start),) + tuple(index[1:])]
-    return jax.make_array_from_callback((padded,) + local.shape[1:], sharding, rows)
+  def local_index(index):  # this process's arrays hold only its own clients' rows
+    start, stop, _ = index[0].indices(padded)
+    first = position[start]
+    return (slice(first, first + stop - start),) + tuple(index[1:])
 
-  return ClientData(features=place(features), labels=place(labels), mask=place(mask),
-                    num_examples=jax.device_put(sizes, NamedSharding(mesh, P())))
+  return global_client_data(features, labels, mask, sizes, mesh, local_index)
 
 
 # `fdx.distributed.shard` is `fdx.shard_clients`: one placement route for one process

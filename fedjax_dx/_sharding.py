@@ -56,12 +56,31 @@ def shard_clients(data: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
   if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
     return jax.device_put(data, sharding)
   data = jax.tree.map(np.asarray, data)
-  place = lambda array: jax.make_array_from_callback(array.shape, sharding,
-                                                     lambda index: array[index])
-  return ClientData(features=place(data.features), labels=place(data.labels),
-                    mask=place(data.mask),
-                    num_examples=jax.device_put(data.num_examples,
-                                                NamedSharding(mesh, P())))
+  return global_client_data(data.features, data.labels, data.mask, data.num_examples,
+                            mesh)
+
+
+def global_client_data(features: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                       sizes: np.ndarray, mesh: jax.sharding.Mesh,
+                       local_index: Any = None) -> ClientData:
+  """A `ClientData` of global arrays over `mesh` (clients axis sharded, client sizes
+  `[C]` replicated) from this process's host arrays, of which each process reads only
+  the rows of its own devices.
+
+  Args:
+    features, labels, mask: host arrays whose rows are clients.
+    sizes: `[C]` every client's size, the same on every process.
+    mesh: from `client_mesh`.
+    local_index: maps a global index (a tuple of slices) to the index of the given
+      arrays; default: the same (the arrays hold every client).
+  """
+  sharding = NamedSharding(mesh, P(CLIENTS))
+  local_index = local_index or (lambda index: index)
+  place = lambda array: jax.make_array_from_callback(
+      (sizes.shape[0],) + array.shape[1:], sharding,
+      lambda index: array[local_index(index)])
+  return ClientData(features=place(features), labels=place(labels), mask=place(mask),
+                    num_examples=jax.device_put(sizes, NamedSharding(mesh, P())))
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
