@@ -36,6 +36,7 @@ from fedjax_dx._algorithms import LocalState
 from fedjax_dx._algorithms import local_only
 from fedjax_dx._algorithms import ServerState
 from fedjax_dx._algorithms import stack_states
+from fedjax_dx._engine import Systems
 from fedjax_dx._algorithms import straggler_work
 from fedjax_dx._compression import stochastic_quantize
 from fedjax_dx._compression import top_k
@@ -90,6 +91,7 @@ from fedjax_dx._sharding import shard_clients
 from fedjax_dx._synthetic import synthetic_binary
 from fedjax_dx._synthetic import synthetic_fedprox
 from fedjax_dx import _distributed as distributed
+from fedjax_dx import agg
 from fedjax_dx import _partition as partition
 from fedjax_dx import _secagg as secagg
 
@@ -98,6 +100,7 @@ __version__ = "0.1.0"
 __all__ = (
     "adaptive_update_noise",
     "Algorithm",
+    "Systems",
     "available_memory",
     "Batch",
     "BatchSlots",
@@ -114,6 +117,7 @@ __all__ = (
     "cnn",
     "cyclic",
     "cyclic_order",
+    "agg",
     "distributed",
     "ClientData",
     "ClientOutput",

@@ -55,7 +55,7 @@ METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate
                  "dp_clip_learning_rate", "dp_count_noise", "compression",
                  "compression_bits", "topk_fraction", "error_feedback",
                  "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
-                 "secagg_tolerance")
+                 "secagg_tolerance", "guard")
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
 MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_class_balanced_auc",
                "mia_calibrated_auc", "mia_calibrated_tpr_at_1pct_fpr")
@@ -389,6 +389,14 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
          "none with secure_aggregation (it already quantizes to secagg_bits)")
     need(config.aggregator == "mean", "aggregator",
          "mean with secure_aggregation (the server sees only the sum)")
+  need(config.guard == 0 or config.guard >= 1, "guard",
+       "0 (off) or a multiple >= 1 of the round's median update norm (updates that are "
+       "not finite or above it are dropped)")
+  need(config.guard == 0 or config.client_chunk == 0 or method not in _CHUNKABLE,
+       "client_chunk", "0 with guard (the guard needs every update of the round at once)")
+  need(config.guard == 0 or method in _PRIVATE or method in BASELINES + ("cyclic",),
+       "guard", f"0 for {method} (its control variates would still take a dropped "
+       "update)")
   need(method in _PRIVATE or method in BASELINES + ("cyclic",) or (
       config.compression == "none" and not config.secure_aggregation), "compression",
        f"none and secure_aggregation false for {method} (its extra state travels "
@@ -513,7 +521,8 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
                    secagg_bits=config.secagg_bits,
                    secagg_bound=config.secagg_bound or None,
                    secagg_dropout=config.secagg_dropout,
-                   secagg_tolerance=config.secagg_tolerance)
+                   secagg_tolerance=config.secagg_tolerance,
+                   guard=config.guard or None)
   stragglers = dict(stragglers=config.stragglers,
                     straggler_policy=_straggler_policy(config, method),
                     cohort_size=config.clients_per_round or None,
@@ -558,7 +567,7 @@ _COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
                    "dp_adaptive_quantile", "dp_clip_learning_rate", "dp_count_noise",
                    "compression", "compression_bits", "topk_fraction", "error_feedback",
                    "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
-                   "secagg_tolerance")
+                   "secagg_tolerance", "guard")
 
 
 class _LazyExecutable:
@@ -969,7 +978,7 @@ class MethodRun:
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
-                      batched_seeds=len(seeds), **privacy[s],
+                      batched_seeds=len(seeds), **privacy[s], **guard_columns(s),
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
@@ -982,6 +991,10 @@ class MethodRun:
             if split == "test" and attack is not None:  # on the pooled test row
               rows[seed][-1].update({f"mia_{k}": _clean(v[s]) for k, v in attack.items()})
 
+    # Client updates the guard dropped (not finite, or blown up), summed over rounds.
+    guard_dropped = np.zeros(len(seeds), np.int64)
+    guarded = method in _PRIVATE and config.guard > 0
+    guard_columns = lambda s: {"guard_dropped": int(guard_dropped[s])} if guarded else {}
     attack = None
     evaluate_now(0, zeros, zeros)
     while done < config.rounds:
@@ -1001,6 +1014,8 @@ class MethodRun:
       else:
         bytes_up = bytes_down = zeros
       cumulative += bytes_up + bytes_down
+      if guarded:
+        guard_dropped += np.asarray(metrics["guard_dropped"]).reshape(len(seeds), -1).sum(1)
       done += chunk
       if final and config.membership_audit and self.kind == "global":
         attack = host(self.cache.attack(self.model)(

@@ -1,0 +1,61 @@
+"""A guard against faulty hospitals: drops non-finite or blown-up updates."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_dx import _privacy
+from fedjax_dx.agg._stage import Screen
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard(Screen):
+  """Zero weight for updates that are not finite or far above the round's median norm."""
+
+  max_norm_ratio: float | None = 10.0  # drop norms > ratio x the round's median; None: off
+
+  name: ClassVar[str] = "guard"
+
+  def __post_init__(self):
+    if self.max_norm_ratio is not None and not self.max_norm_ratio >= 1:
+      raise ValueError(f"guard max_norm_ratio must be >= 1 (a multiple of the round's "
+                       f"median update norm) or None, got {self.max_norm_ratio!r}")
+
+  def screen(self, state, messages, clients, ctx):
+    """Keeps the finite updates whose norm is at most `max_norm_ratio` times the
+    median norm of the round's finite updates; the others get weight 0 and a zero
+    message, and the kept weights are rescaled to the same total (unless the mean has
+    a fixed denominator, as under DP)."""
+    weights, sending = clients["weight"], clients["sending"]
+    norms = jax.vmap(_privacy.global_norm)(messages)
+    finite = jnp.isfinite(norms)
+    keep = finite
+    if self.max_norm_ratio is not None:
+      candidates = sending & finite
+      median = jnp.nanmedian(jnp.where(candidates, norms, jnp.nan))
+      keep = keep & ((norms <= self.max_norm_ratio * median) | ~jnp.isfinite(median))
+    dropped = sending & ~keep
+    kept = jnp.where(keep, weights, 0.0)
+    if ctx["expected_clients"] is None:
+      kept = kept * (weights.sum() / jnp.where(kept.sum() > 0, kept.sum(), 1.0))
+    messages = jax.tree.map(
+        lambda m: jnp.where(keep.reshape((-1,) + (1,) * (m.ndim - 1)), m, 0.0), messages)
+    return messages, {**clients, "weight": kept, "guarded": dropped}, {
+        "guard_dropped": dropped.sum()}
+
+
+def guard(max_norm_ratio: float | None = 10.0) -> Guard:
+  """Drops (zero weight, counted as `guard_dropped`) each update that is not finite,
+  or whose L2 norm exceeds `max_norm_ratio` times the median norm of the round's
+  finite updates, so a hospital sending NaN/Inf or a blown-up update cannot poison
+  the global model. It needs every update of the round (not linear): put it first.
+
+  Args:
+    max_norm_ratio: the multiple of the round's median norm above which an update is
+      dropped (>= 1); None checks finiteness only.
+  """
+  return Guard(max_norm_ratio)
