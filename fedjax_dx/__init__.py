@@ -92,6 +92,7 @@ from fedjax_dx._synthetic import synthetic_binary
 from fedjax_dx._synthetic import synthetic_fedprox
 from fedjax_dx import _distributed as distributed
 from fedjax_dx import agg
+from fedjax_dx import client
 from fedjax_dx import _partition as partition
 from fedjax_dx import _secagg as secagg
 
@@ -118,6 +119,7 @@ __all__ = (
     "cyclic",
     "cyclic_order",
     "agg",
+    "client",
     "distributed",
     "ClientData",
     "ClientOutput",

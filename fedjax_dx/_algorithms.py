@@ -31,6 +31,7 @@ from fedjax_dx._engine import STRAGGLER_POLICIES
 from fedjax_dx._engine import federated
 from fedjax_dx._engine import straggler_work
 from fedjax_dx import _engine
+from fedjax_dx import client as _client
 from fedjax_dx.agg import _compress
 from fedjax_dx.agg import _robust
 from fedjax_dx.agg import adaptive_update_noise
@@ -114,7 +115,8 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     name: method name in results.
     **options: the same features as keyword flags (each builds a stage, a client-side
       transformation or the systems model; see `OPTIONS` for the defaults):
-      `prox_mu` (FedProx's proximal weight), `stragglers` (share of each round's
+      `prox_mu` (FedProx's proximal weight: `optax.chain(fedjax_dx.client.proximal(mu),
+      client_optimizer)`; the fine-tuning of `fine_tune_steps` uses it too), `stragglers` (share of each round's
       participants that do only a random part of the budget) and `straggler_policy`
       ("drop": FedAvg discards their updates; "keep": FedProx averages them in),
       `fine_tune_steps` (`Algorithm.personalize`: each client's global model after this
@@ -150,6 +152,8 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
     chain = aggregator
   else:
     chain = _options_chain(weighting, aggregator, options)
+  if _local.is_active(options["prox_mu"]):  # FedProx: a client transformation
+    client_optimizer = optax.chain(_client.proximal(options["prox_mu"]), client_optimizer)
   if options["dp_clip"] is not None and options["dp_mode"] == "example":
     work = work._replace(example_clip=options["dp_clip"],
                          example_noise=options["dp_noise"])
@@ -182,7 +186,7 @@ def _check_round_options(options, budget, cohort_size, client_chunk):
         f"{'steps' if budget.steps else 'epochs'} (stragglers do 1 .. budget-1), got "
         f"{full_budget}")
   return (Systems(stragglers, policy),
-          ClientWork(prox_mu=options["prox_mu"], fine_tune_steps=int(fine_tune_steps)))
+          ClientWork(fine_tune_steps=int(fine_tune_steps)))
 
 
 def _options_chain(weighting: str, aggregator, options: dict) -> _agg.Chain:

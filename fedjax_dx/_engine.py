@@ -218,9 +218,9 @@ class Gathers(NamedTuple):
 
 
 class ClientWork(NamedTuple):
-  """What local training does besides plain optimisation (all optional)."""
+  """What local training does besides its optimizer (all optional; FedProx's proximal
+  term is a client transformation, `fedjax_dx.client.proximal`)."""
 
-  prox_mu: float = 0.0  # FedProx's proximal weight
   example_clip: float | None = None  # example-level DP-SGD's per-example clip
   example_noise: float = 0.0  # example-level DP-SGD's noise multiplier
   scaffold_learning_rate: float | None = None  # SCAFFOLD's correction (client SGD lr)
@@ -249,8 +249,7 @@ class Round:
     self.example_dp = work.example_clip is not None
     self.trainer = _local.local_trainer(
         model, client_optimizer, batch_size=batch_size, budget=budget,
-        prox_mu=work.prox_mu, example_clip=work.example_clip,
-        example_noise=work.example_noise)
+        example_clip=work.example_clip, example_noise=work.example_noise)
 
   def begin(self, state, num_examples, participation) -> dict:
     """The round's arrays: participation, stragglers, cohort, weights, keys, and what
@@ -306,8 +305,7 @@ class Round:
     out = _local.train_clients(
         self.trainer, state.params, self.client_optimizer.init(state.params), group_data,
         take(ctx["keys"]), take(state.positions), epochs_window=state.epochs_window,
-        stacked=False, anchor=state.params if _local.is_active(self.work.prox_mu) else None,
-        correction=correction, work=None if ctx["work"] is None else take(ctx["work"]),
+        stacked=False, correction=correction, work=None if ctx["work"] is None else take(ctx["work"]),
         noise_keys=noise_keys)
     deltas = jax.tree.map(lambda client, glob: client - glob, out.params, state.params)
     clients = jax.tree.map(take, ctx["clients"])
@@ -555,7 +553,7 @@ def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalB
     server_optimizer: optax optimizer on the pseudo-gradient `-(aggregated update)`.
     aggregator: the aggregator chain (`fedjax_dx.agg.chain(...)`).
     systems: stragglers and what happens to their work.
-    work: client-side transformations (FedProx, DP-SGD, SCAFFOLD, fine-tuning).
+    work: client-side work besides the optimizer (DP-SGD, SCAFFOLD, fine-tuning).
     cohort_size: train only the first `cohort_size` participants of each round.
     client_chunk: train the (cohort's) clients in groups of this many (`lax.scan`).
     name: method name in results.

@@ -16,6 +16,7 @@ a step with no real example leaves parameters and optimizer state untouched.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -76,7 +77,6 @@ class ClientState(NamedTuple):
   loss_sum: jax.Array  # [] float32: sum of per-example training losses this round
   examples_seen: jax.Array  # [] int32: real examples used for gradients this round
   steps_taken: jax.Array  # [] int32: steps that held at least one real example
-  anchor: Params = None  # FedProx: the global model the proximal term pulls towards
   correction: Params = None  # SCAFFOLD: c - c_k, added to every gradient
   noise_key: jax.Array = None  # [2] uint32: DP-SGD's noise key (split every step)
 
@@ -177,18 +177,17 @@ class LocalTrainer(NamedTuple):
 
 
 def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation, *,
-                  batch_size: int, budget: LocalBudget, prox_mu: float = 0.0,
+                  batch_size: int, budget: LocalBudget,
                   example_clip: float | None = None, example_noise: float = 0.0
                   ) -> LocalTrainer:
   """Builds the client_init / client_step / client_final of local training.
 
   Args:
     model: the model.
-    optimizer: the client optimizer (any optax `GradientTransformation`).
+    optimizer: the client optimizer (any optax `GradientTransformation`; FedProx is
+      `optax.chain(fedjax_dx.client.proximal(mu), optimizer)`).
     batch_size: examples per local step.
     budget: local steps or local epochs per round.
-    prox_mu: FedProx's proximal weight: the loss gets `(mu/2) ||w - anchor||^2`, i.e.
-      every gradient gets `mu (w - anchor)` (needs `anchor` at `client_init`).
     example_clip: example-level DP-SGD (Abadi et al., 2016): every example's gradient
       is clipped to this L2 norm, the clipped gradients are summed, Gaussian noise of
       std `example_noise * example_clip` is added, and the sum is divided by
@@ -200,123 +199,129 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-  check_hyperparameter(prox_mu, "prox_mu (FedProx's mu)", minimum=0.0)
   if example_clip is not None:
     check_hyperparameter(example_clip, "example_clip (DP-SGD clipping norm)", above=0.0)
     check_hyperparameter(example_noise, "example_noise (DP-SGD noise multiplier)",
                          minimum=0.0)
-  use_prox = is_active(prox_mu)
   batch = int(batch_size)
+  num_steps = functools.partial(_num_steps, budget, batch)
 
-  def num_steps(max_examples: int) -> int:
-    if budget.steps is not None:
-      return budget.steps
-    return math.ceil(max_examples * budget.epochs / batch)
-
-  def client_batches(client: Client, key, position, epochs_window: int, work=None):
-    """This round's minibatch layout (`BatchSlots`, `[S, B]`) and the stream position
-    after it. Only indices: each step gathers its own examples (`gather_batch`), so a
-    round never materialises all its batches (S x B x features) at once.
-
-    `work` (optional, traced int): the client does only this many of the budget's
-    units (steps or epochs) this round, e.g. a straggler; the rest of the layout is
-    masked out, so its shape does not change.
-    """
-    n = client.num_examples
-    n_safe = jnp.maximum(n, 1)
-    if budget.steps is not None:
-      units = budget.steps if work is None else jnp.minimum(work, budget.steps)
-      start, limit = position, position + units * batch
-    else:
-      units = budget.epochs if work is None else jnp.minimum(work, budget.epochs)
-      start, limit = jnp.zeros((), jnp.int32), n * units
-    first_epoch = start // n_safe
-    max_examples = client.labels.shape[0]
-    orders = jax.vmap(epoch_order, in_axes=(None, 0, None, None))(
-        key, first_epoch + jnp.arange(epochs_window), n, max_examples)
-    steps = num_steps(max_examples)
-    positions = start + jnp.arange(steps * batch)
-    epoch = jnp.clip(positions // n_safe - first_epoch, 0, epochs_window - 1)
-    slots = orders[epoch, positions % n_safe]
-    weight = ((positions < limit) & (n > 0)).astype(jnp.float32)
-    return (BatchSlots(slots=slots.reshape(steps, batch),
-                       weight=weight.reshape(steps, batch)),
-            limit.astype(jnp.int32))
-
-  def client_init(params, opt_state, anchor=None, correction=None,
-                  noise_key=None) -> ClientState:
-    if use_prox and anchor is None:
-      raise ValueError("prox_mu > 0 needs the anchor (global) model at client_init")
+  def client_init(params, opt_state, correction=None, noise_key=None) -> ClientState:
     if example_clip is not None and noise_key is None:
       raise ValueError("example-level DP-SGD needs a noise_key at client_init")
     return ClientState(params=params, opt_state=opt_state,
                        loss_sum=jnp.zeros((), jnp.float32),
                        examples_seen=jnp.zeros((), jnp.int32),
-                       steps_taken=jnp.zeros((), jnp.int32),
-                       anchor=anchor if use_prox else None, correction=correction,
+                       steps_taken=jnp.zeros((), jnp.int32), correction=correction,
                        noise_key=noise_key if example_clip is not None else None)
 
-  def private_gradient(state: ClientState, batch: Batch, count):
-    """DP-SGD: per-example gradients (vmap), each clipped, summed, noised, / B."""
-    def example_loss(params, x, y):
-      return _models.per_example_loss(model, model.apply(params, x[None]), y[None])[0]
+  gradient = (functools.partial(_dp_sgd_gradient, model, example_clip, example_noise)
+              if example_clip is not None else functools.partial(_gradient, model))
+  return LocalTrainer(
+      client_batches=functools.partial(_client_batches, budget, batch, num_steps),
+      client_init=client_init,
+      client_step=functools.partial(_client_step, optimizer, gradient),
+      client_final=_client_final, num_steps=num_steps, batch_size=batch, budget=budget)
 
-    losses, per_example = jax.vmap(jax.value_and_grad(example_loss),
-                                   in_axes=(None, 0, 0))(state.params, batch.x, batch.y)
-    leaves = jax.tree.leaves(per_example)
-    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
-                         for g in leaves))
-    factor = batch.weight * jnp.minimum(1.0, example_clip / jnp.maximum(norms, 1e-12))
-    summed = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1), per_example)
-    noise_key, step_key = jax.random.split(state.noise_key)
-    leaves, treedef = jax.tree.flatten(summed)
-    keys = jax.random.split(step_key, len(leaves))
-    noisy = jax.tree.unflatten(treedef, [
-        g + example_noise * example_clip * jax.random.normal(k, g.shape, g.dtype)
-        for g, k in zip(leaves, keys)])
-    grads = jax.tree.map(lambda g: g / batch.weight.shape[0], noisy)  # fixed B
-    loss = (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
-    return loss, grads, noise_key
 
-  def client_step(state: ClientState, batch: Batch) -> ClientState:
-    count = batch.weight.sum()
+def _num_steps(budget: LocalBudget, batch: int, max_examples: int) -> int:
+  if budget.steps is not None:
+    return budget.steps
+  return math.ceil(max_examples * budget.epochs / batch)
 
-    def loss_fn(params):
-      losses = _models.per_example_loss(model, model.apply(params, batch.x), batch.y)
-      return (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
 
-    if example_clip is not None:
-      loss, grads, noise_key = private_gradient(state, batch, count)
-      state = state._replace(noise_key=noise_key)
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    if use_prox:
-      grads = jax.tree.map(lambda g, w, a: g + prox_mu * (w - a), grads, state.params,
-                           state.anchor)
-    if state.correction is not None:
-      grads = jax.tree.map(jnp.add, grads, state.correction)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # A step without real examples (a small client past its epochs) changes nothing.
-    take = count > 0
-    keep_if_empty = lambda new, old: jnp.where(take, new, old)
-    return state._replace(
-        params=jax.tree.map(keep_if_empty, params, state.params),
-        opt_state=jax.tree.map(keep_if_empty, opt_state, state.opt_state),
-        loss_sum=state.loss_sum + loss * count,
-        examples_seen=state.examples_seen + count.astype(jnp.int32),
-        steps_taken=state.steps_taken + take.astype(jnp.int32))
+def _client_batches(budget: LocalBudget, batch: int, num_steps: Callable, client: Client,
+                    key, position, epochs_window: int, work=None):
+  """This round's minibatch layout (`BatchSlots`, `[S, B]`) and the stream position
+  after it. Only indices: each step gathers its own examples (`gather_batch`), so a
+  round never materialises all its batches (S x B x features) at once.
 
-  def client_final(state: ClientState, position) -> ClientOutput:
-    seen = state.examples_seen
-    return ClientOutput(
-        params=state.params, opt_state=state.opt_state, position=position,
-        train_loss=jnp.where(seen > 0, state.loss_sum / jnp.maximum(seen, 1), jnp.nan),
-        examples_seen=seen, steps_taken=state.steps_taken)
+  `work` (optional, traced int): the client does only this many of the budget's
+  units (steps or epochs) this round, e.g. a straggler; the rest of the layout is
+  masked out, so its shape does not change.
+  """
+  n = client.num_examples
+  n_safe = jnp.maximum(n, 1)
+  if budget.steps is not None:
+    units = budget.steps if work is None else jnp.minimum(work, budget.steps)
+    start, limit = position, position + units * batch
+  else:
+    units = budget.epochs if work is None else jnp.minimum(work, budget.epochs)
+    start, limit = jnp.zeros((), jnp.int32), n * units
+  first_epoch = start // n_safe
+  max_examples = client.labels.shape[0]
+  orders = jax.vmap(epoch_order, in_axes=(None, 0, None, None))(
+      key, first_epoch + jnp.arange(epochs_window), n, max_examples)
+  steps = num_steps(max_examples)
+  positions = start + jnp.arange(steps * batch)
+  epoch = jnp.clip(positions // n_safe - first_epoch, 0, epochs_window - 1)
+  slots = orders[epoch, positions % n_safe]
+  weight = ((positions < limit) & (n > 0)).astype(jnp.float32)
+  return (BatchSlots(slots=slots.reshape(steps, batch),
+                     weight=weight.reshape(steps, batch)),
+          limit.astype(jnp.int32))
 
-  return LocalTrainer(client_batches=client_batches, client_init=client_init,
-                      client_step=client_step, client_final=client_final,
-                      num_steps=num_steps, batch_size=batch, budget=budget)
+
+def _gradient(model, state: ClientState, batch: Batch, count):
+  """The masked mean loss of the batch and its gradient."""
+  def loss_fn(params):
+    losses = _models.per_example_loss(model, model.apply(params, batch.x), batch.y)
+    return (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return loss, grads, state.noise_key
+
+
+def _dp_sgd_gradient(model, clip, noise_multiplier, state: ClientState, batch: Batch,
+                     count):
+  """DP-SGD: per-example gradients (vmap), each clipped, summed, noised, / B."""
+  def example_loss(params, x, y):
+    return _models.per_example_loss(model, model.apply(params, x[None]), y[None])[0]
+
+  losses, per_example = jax.vmap(jax.value_and_grad(example_loss),
+                                 in_axes=(None, 0, 0))(state.params, batch.x, batch.y)
+  leaves = jax.tree.leaves(per_example)
+  norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                       for g in leaves))
+  factor = batch.weight * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
+  summed = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1), per_example)
+  noise_key, step_key = jax.random.split(state.noise_key)
+  leaves, treedef = jax.tree.flatten(summed)
+  keys = jax.random.split(step_key, len(leaves))
+  noisy = jax.tree.unflatten(treedef, [
+      g + noise_multiplier * clip * jax.random.normal(k, g.shape, g.dtype)
+      for g, k in zip(leaves, keys)])
+  grads = jax.tree.map(lambda g: g / batch.weight.shape[0], noisy)  # fixed B
+  loss = (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
+  return loss, grads, noise_key
+
+
+def _client_step(optimizer, gradient: Callable, state: ClientState,
+                 batch: Batch) -> ClientState:
+  """One local step: gradient (plain or DP-SGD), SCAFFOLD's correction, the optimizer."""
+  count = batch.weight.sum()
+  loss, grads, noise_key = gradient(state, batch, count)
+  if state.correction is not None:
+    grads = jax.tree.map(jnp.add, grads, state.correction)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A step without real examples (a small client past its epochs) changes nothing.
+  take = count > 0
+  keep_if_empty = lambda new, old: jnp.where(take, new, old)
+  return state._replace(
+      params=jax.tree.map(keep_if_empty, params, state.params),
+      opt_state=jax.tree.map(keep_if_empty, opt_state, state.opt_state),
+      loss_sum=state.loss_sum + loss * count,
+      examples_seen=state.examples_seen + count.astype(jnp.int32),
+      steps_taken=state.steps_taken + take.astype(jnp.int32), noise_key=noise_key)
+
+
+def _client_final(state: ClientState, position) -> ClientOutput:
+  seen = state.examples_seen
+  return ClientOutput(
+      params=state.params, opt_state=state.opt_state, position=position,
+      train_loss=jnp.where(seen > 0, state.loss_sum / jnp.maximum(seen, 1), jnp.nan),
+      examples_seen=seen, steps_taken=state.steps_taken)
 
 
 def epochs_window(budget: LocalBudget, batch_size: int, num_examples: np.ndarray) -> int:
@@ -333,8 +338,7 @@ def epochs_window(budget: LocalBudget, batch_size: int, num_examples: np.ndarray
 
 def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                   data: ClientData, keys: jax.Array, positions: jax.Array, *,
-                  epochs_window: int, stacked: bool, anchor: Params = None,
-                  correction: Params = None, work: jax.Array | None = None,
+                  epochs_window: int, stacked: bool, correction: Params = None, work: jax.Array | None = None,
                   noise_keys: jax.Array | None = None) -> ClientOutput:
   """Runs local training of every client in parallel (`lax.scan` inside `vmap`).
 
@@ -348,7 +352,6 @@ def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptSta
     positions: `[C]` int32, each client's stream position.
     epochs_window: from `epochs_window` (static).
     stacked: whether params/opt_state carry a leading clients axis.
-    anchor: FedProx's global model (shared by all clients), or None.
     correction: SCAFFOLD's per-client gradient correction `[C, ...]`, or None.
     work: `[C]` int32, the budget units (steps or epochs) each client does this round
       (stragglers do fewer), or None for the full budget.
@@ -361,8 +364,7 @@ def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptSta
                  correction, work, noise_key):
     return train_client(trainer, params, opt_state,
                         Client(features, labels, num_examples), key, position,
-                        epochs_window=epochs_window, anchor=anchor,
-                        correction=correction, work=work, noise_key=noise_key)
+                        epochs_window=epochs_window, correction=correction, work=work, noise_key=noise_key)
 
   model_axis = 0 if stacked else None
   return jax.vmap(one_client, in_axes=(model_axis, model_axis, 0, 0, 0, 0, 0, 0, 0, 0))(
@@ -372,12 +374,11 @@ def train_clients(trainer: LocalTrainer, params: Params, opt_state: optax.OptSta
 
 def train_client(trainer: LocalTrainer, params: Params, opt_state: optax.OptState,
                  client: Client, key: jax.Array, position: jax.Array, *,
-                 epochs_window: int, anchor: Params = None,
-                 correction: Params = None, work: jax.Array | None = None,
+                 epochs_window: int, correction: Params = None, work: jax.Array | None = None,
                  noise_key: jax.Array | None = None) -> ClientOutput:
   """One client's local training for one round: batches, then a `lax.scan` of steps."""
   layout, end = trainer.client_batches(client, key, position, epochs_window, work)
-  state = trainer.client_init(params, opt_state, anchor, correction, noise_key)
+  state = trainer.client_init(params, opt_state, correction, noise_key)
 
   def step(state, slots_and_weight):
     return trainer.client_step(state, gather_batch(client, *slots_and_weight)), None

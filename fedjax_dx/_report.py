@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -137,6 +138,25 @@ def _privacy_utility(final_pooled, metric, colors, plt, sns):
   return fig
 
 
+class _Study(NamedTuple):
+  """What every figure of a report reads."""
+
+  plt: Any
+  sns: Any
+  config: dict
+  metric: str  # the target metric, drawn on the y axes
+  swept: list  # swept columns
+  test: Any  # test-split rows (local-only collapsed)
+  pooled: Any  # their pooled-test-set rows
+  colors: dict  # method -> colour
+  order: list  # methods in config order
+  fig_dir: str
+
+  def hue(self, methods) -> dict:
+    return dict(hue="method", palette=self.colors,
+                hue_order=[m for m in self.order if m in set(methods)])
+
+
 def make_report(workdir: str) -> dict[str, str]:
   """Draws every figure that the results support; returns {name: path}."""
   import pandas as pd
@@ -149,16 +169,36 @@ def make_report(workdir: str) -> dict[str, str]:
                        dtype={"client": str})
   summary = pd.read_csv(os.path.join(workdir, "summary.csv"), dtype={"client": str})
   metric = config.get("target_metric", "accuracy")
-  swept = _study.swept_columns(frame)
   test = _collapse_local(frame[frame["split"] == "test"])
-  pooled = test[test["client"] == "pooled"]
   order = [m for m in config["methods"].split(",") if m in set(test["method"])]
-  colors = dict(zip(order, sns.color_palette("deep", len(order))))
-  hue = lambda methods: dict(hue="method", palette=colors,
-                             hue_order=[m for m in order if m in set(methods)])
-  figures = {}
-  fig_dir = workdir
+  study = _Study(plt, sns, config, metric, _study.swept_columns(frame), test,
+                 test[test["client"] == "pooled"], dict(zip(order, sns.color_palette(
+                     "deep", len(order)))), order, workdir)
+  figures = _convergence(study)
+  figures.update(_communication(study))
+  comparison, last = _comparison(study)
+  figures.update(comparison)
+  final_pooled = last[last["client"] == "pooled"]
+  figures.update(_sweeps(study, final_pooled))
+  privacy = _privacy_utility(final_pooled, metric, study.colors, plt, sns)
+  if privacy is not None:
+    figures["privacy_utility"] = _save(privacy, os.path.join(workdir,
+                                                             "privacy_utility.png"))
+  figures.update(_labels(workdir))
+  report = _html(workdir, meta, summary, figures, metric)
+  return {**figures, "report": report}
 
+
+def _centralized_level(study: _Study):
+  central = study.pooled[study.pooled["method"] == "centralized"]
+  if central.empty:
+    return central, None
+  return central, central[central["round"] == central["round"].max()][study.metric].mean()
+
+
+def _convergence(study: _Study) -> dict[str, str]:
+  plt, sns, config, metric = study.plt, study.sns, study.config, study.metric
+  pooled, colors, swept, hue = study.pooled, study.colors, study.swept, study.hue
   # Convergence: pooled test metric vs round, mean and 95% band over seeds.
   # Local-only training with its own schedule (per_method rounds / epochs / steps, as in
   # FLamby's baselines) has no communication rounds to share the x axis with: its final
@@ -170,9 +210,8 @@ def make_report(workdir: str) -> dict[str, str]:
   if not curves.empty:
     sns.lineplot(data=curves, x="round", y=metric, **hue(curves["method"]), style=style,
                  errorbar=("ci", 95), marker="o", ax=ax)
-  central = pooled[pooled["method"] == "centralized"]
-  if not central.empty:
-    level = central[central["round"] == central["round"].max()][metric].mean()
+  _, level = _centralized_level(study)
+  if level is not None:
     _centralized_line(ax, level)
   local = pooled[pooled["method"] == "local"]
   if "local" in own_schedule and not local.empty:
@@ -184,8 +223,14 @@ def make_report(workdir: str) -> dict[str, str]:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   _finish(ax, "communication round", f"pooled test {_label(metric)}",
           f"Convergence ({config['name']}): mean and 95% CI over seeds")
-  figures["convergence"] = _save(fig, os.path.join(fig_dir, "convergence.png"))
+  return {"convergence": _save(fig, os.path.join(study.fig_dir, "convergence.png"))}
 
+
+def _communication(study: _Study) -> dict[str, str]:
+  plt, sns, metric, pooled, hue = study.plt, study.sns, study.metric, study.pooled, study.hue
+  style = study.swept[0] if study.swept else None
+  central, level = _centralized_level(study)
+  figures = {}
   # Metric vs cumulative communication (MB, log scale), federated methods.
   comm = pooled[(pooled["method"] != "centralized") & (pooled["method"] != "local")
                 & (pooled["cumulative_bytes"] > 0)]
@@ -209,8 +254,14 @@ def make_report(workdir: str) -> dict[str, str]:
     _finish(ax, "cumulative communication, up + down (MB, log scale)",
             f"pooled test {_label(metric)}",
             f"{_label(metric).capitalize()} versus communication")
-    figures["communication"] = _save(fig, os.path.join(fig_dir, "communication.png"))
+    figures["communication"] = _save(fig, os.path.join(study.fig_dir, "communication.png"))
 
+  return figures
+
+
+def _comparison(study: _Study):
+  """Federated vs centralized vs local-only per test set; also returns the final rows."""
+  plt, sns, metric, test, hue = study.plt, study.sns, study.metric, study.test, study.hue
   # Federated vs centralized vs local-only, per hospital and pooled (final round).
   last = test[test["round"] == test.groupby(["method", "seed"])["round"].transform("max")]
   names = (last.drop_duplicates("client").set_index("client")["client_name"].to_dict())
@@ -223,10 +274,14 @@ def make_report(workdir: str) -> dict[str, str]:
           f"final test {_label(metric)}", "Federated vs centralized vs local-only")
   if len(client_order) > 6:
     ax.tick_params(axis="x", rotation=45)
-  figures["comparison"] = _save(fig, os.path.join(fig_dir, "comparison.png"))
+  return {"comparison": _save(fig, os.path.join(study.fig_dir, "comparison.png"))}, last
 
+
+
+def _sweeps(study: _Study, final_pooled) -> dict[str, str]:
+  plt, sns, metric, swept, hue = study.plt, study.sns, study.metric, study.swept, study.hue
+  figures = {}
   # Sweeps: final metric vs each swept value; round time vs number of clients.
-  final_pooled = last[last["client"] == "pooled"]
   for column in swept:
     others = [c for c in swept if c != column and final_pooled[c].nunique() > 1]
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
@@ -241,7 +296,7 @@ def make_report(workdir: str) -> dict[str, str]:
     _finish(ax, {"alpha": "Dirichlet alpha (label skew; log scale)",
                  "num_clients": "number of clients"}.get(column, column),
             f"final pooled test {_label(metric)}", f"Sweep over {column}")
-    figures[f"sweep_{column}"] = _save(fig, os.path.join(fig_dir, f"sweep_{column}.png"))
+    figures[f"sweep_{column}"] = _save(fig, os.path.join(study.fig_dir, f"sweep_{column}.png"))
   if "num_clients" in swept:
     timing = final_pooled.assign(round_ms=1e3 * final_pooled["wall_s"] /
                                  final_pooled["round"].clip(lower=1))
@@ -252,13 +307,14 @@ def make_report(workdir: str) -> dict[str, str]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _finish(ax, "number of clients", "wall time per round (ms, compile excluded)",
             "Round time versus clients (mean over seeds)")
-    figures["round_time"] = _save(fig, os.path.join(fig_dir, "round_time.png"))
+    figures["round_time"] = _save(fig, os.path.join(study.fig_dir, "round_time.png"))
 
-  privacy = _privacy_utility(final_pooled, metric, colors, plt, sns)
-  if privacy is not None:
-    figures["privacy_utility"] = _save(privacy, os.path.join(fig_dir,
-                                                             "privacy_utility.png"))
+  return figures
 
+
+def _labels(workdir: str) -> dict[str, str]:
+  """The label distribution of the partition (first point), if the study wrote one."""
+  figures = {}
   # Label distribution of the partition (first point).
   partition_path = os.path.join(workdir, "partition.json")
   if os.path.isfile(partition_path):
@@ -268,12 +324,11 @@ def make_report(workdir: str) -> dict[str, str]:
     first = partitions[sorted(partitions, key=int)[0]]
     counts = np.asarray(first["label_counts"])
     figures["labels"] = _partition.plot_label_counts(
-        counts, os.path.join(fig_dir, "label_distribution.png"),
+        counts, os.path.join(workdir, "label_distribution.png"),
         title="training labels per client" + (f" ({first['point']})" if first["point"]
                                                 else ""))
 
-  report = _html(workdir, meta, summary, figures, metric)
-  return {**figures, "report": report}
+  return figures
 
 
 def _html(workdir, meta, summary, figures, metric) -> str:

@@ -32,6 +32,7 @@ from fedjax_dx import _algorithms
 from fedjax_dx import _compression
 from fedjax_dx import _data
 from fedjax_dx import _distributed
+from fedjax_dx import _fields
 from fedjax_dx import _metrics
 from fedjax_dx import _models
 from fedjax_dx import _privacy
@@ -45,17 +46,7 @@ BASELINES = ("centralized", "local")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
               "fedadagrad", "fedavg_ft", "cyclic")
 # Fields a config may set per method (config.per_method.<method>.<field>).
-METHOD_FIELDS = ("optimizer", "learning_rate", "momentum", "server_learning_rate",
-                 "server_momentum", "mu", "fedopt_learning_rate", "fedopt_b1", "fedopt_b2",
-                 "fedopt_tau", "aggregator", "trim_fraction", "num_byzantine",
-                 "batch_size", "local_steps", "local_epochs", "clients_per_round",
-                 "sampling", "rounds", "eval_every", "stragglers", "straggler_policy",
-                 "fine_tune_steps", "client_chunk", "dp", "dp_clip", "dp_noise",
-                 "dp_target_epsilon", "dp_delta", "dp_accountant", "dp_adaptive_quantile",
-                 "dp_clip_learning_rate", "dp_count_noise", "compression",
-                 "compression_bits", "topk_fraction", "error_feedback",
-                 "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
-                 "secagg_tolerance", "guard")
+METHOD_FIELDS = _fields.METHOD_FIELDS
 DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
 MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_class_balanced_auc",
                "mia_calibrated_auc", "mia_calibrated_tpr_at_1pct_fpr")
@@ -303,84 +294,59 @@ def _check_shared_fields(config) -> None:
 
 
 def _check_method_fields(config, method: str, overridden: set[str]) -> None:
-  """Checks the fields one method uses (its per-method overrides applied)."""
+  """Checks the fields one method uses (its per-method overrides applied): each field's
+  type and range from the table (`_fields.FIELDS`), then the rules between fields."""
   def need(condition, field, expected):
     if not condition:
       name = f"per_method.{method}.{field}" if field in overridden else field
       raise StudyError(f"config.{name} = {_get(config, field)!r}: expected {expected}")
 
-  need(config.optimizer in ("sgd", "adam"), "optimizer", "sgd or adam")
-  need(config.learning_rate > 0, "learning_rate", "a number > 0")
-  need(0 <= config.momentum < 1, "momentum", "a number in [0, 1)")
-  need(config.server_learning_rate > 0, "server_learning_rate", "a number > 0")
-  need(0 <= config.server_momentum < 1, "server_momentum", "a number in [0, 1)")
-  need(config.mu >= 0, "mu", "a number >= 0 (FedProx)")
-  need(config.fedopt_learning_rate > 0, "fedopt_learning_rate", "a number > 0")
-  need(0 <= config.fedopt_b1 < 1, "fedopt_b1", "a number in [0, 1)")
-  need(0 <= config.fedopt_b2 < 1, "fedopt_b2", "a number in [0, 1)")
-  need(config.fedopt_tau > 0, "fedopt_tau", "a number > 0")
-  need(config.aggregator in ("mean", "median", "trimmed_mean", "krum"), "aggregator",
-       "mean, median, trimmed_mean or krum")
-  need(0 <= config.trim_fraction < 0.5, "trim_fraction", "a number in [0, 0.5)")
-  need(config.num_byzantine >= 0, "num_byzantine", "an integer >= 0")
-  need(config.clients_per_round >= 0, "clients_per_round", "an integer >= 0 (0 = all)")
-  need(config.sampling in _sampling.SAMPLINGS, "sampling", "uniform or size")
+  _fields.check_table(config, need)
   need(method != "scaffold" or config.optimizer == "sgd", "optimizer",
        "sgd for scaffold (its control variates assume client SGD)")
-  need(config.batch_size >= 1, "batch_size", "an integer >= 1")
   need((config.local_steps > 0) != (config.local_epochs > 0), "local_steps",
        "exactly one of local_steps and local_epochs > 0 (the other 0)")
   need(config.local_steps >= 0 and config.local_epochs >= 0, "local_epochs", ">= 0")
-  need(config.rounds >= 1, "rounds", "an integer >= 1")
-  need(config.eval_every >= 1, "eval_every", "an integer >= 1")
-  need(0 <= config.stragglers <= 1, "stragglers", "a share of participants in [0, 1]")
-  need(config.straggler_policy in ("paper", "drop", "keep"), "straggler_policy",
-       "paper (fedprox keeps stragglers' partial work, other strategies drop it), drop "
-       "or keep")
   budget = config.local_steps or config.local_epochs
   need(config.stragglers == 0 or method in BASELINES + ("cyclic",) or budget >= 2,
        "stragglers", f"0 with a budget of {budget} local step/epoch (stragglers do "
        "1 .. budget-1)")
   need(method != "fedavg_ft" or config.fine_tune_steps >= 1, "fine_tune_steps",
        "an integer >= 1 for fedavg_ft (local fine-tuning steps per client)")
-  need(config.client_chunk >= -1, "client_chunk",
-       "0 (all clients at once), -1 (chosen from device memory) or a group size >= 1")
   need(config.client_chunk == 0 or config.aggregator == "mean"
        or method not in _CHUNKABLE, "client_chunk",
        f"0 with aggregator {config.aggregator!r} (robust aggregators need every update "
        "at once)")
   need(not config.bucket_clients or method != "cyclic", "bucket_clients",
        "false for cyclic (padding clients would take turns in its cycle)")
-  need(config.dp in ("none", "central", "local", "example"), "dp",
-       "none, central, local (client level) or example (DP-SGD)")
   if config.dp != "none" and method in _PRIVATE:
-    need(config.dp_clip > 0, "dp_clip", "a clipping norm > 0")
-    need(config.dp_adaptive_quantile == 0 or 0 < config.dp_adaptive_quantile < 1,
-         "dp_adaptive_quantile", "0 (fixed clipping) or a quantile in (0, 1)")
-    need(config.dp_adaptive_quantile == 0 or config.dp == "central",
-         "dp_adaptive_quantile", "0 unless dp = 'central' (adaptive clipping is for "
-         "central client-level DP)")
-    need(config.dp_clip_learning_rate > 0, "dp_clip_learning_rate", "a number > 0")
-    need(config.dp_count_noise >= 0, "dp_count_noise",
-         "a noise std > 0 (or 0: expected participants / 20)")
-    need(config.dp_noise >= 0, "dp_noise", "a noise multiplier >= 0")
-    need(0 < config.dp_delta < 1, "dp_delta", "a number in (0, 1)")
-    need(config.dp_target_epsilon >= 0, "dp_target_epsilon",
-         "an epsilon > 0 (or 0: use dp_noise)")
-    need(config.dp_accountant in ("rdp", "pld"), "dp_accountant", "rdp or pld")
-    need(config.aggregator == "mean", "aggregator", "mean with dp (clipped updates are "
-         "averaged)")
+    _check_dp_fields(config, need)
   need(config.dp == "none" or method != "scaffold", "dp",
        "none for scaffold (its control variates would leak unclipped updates)")
-  need(config.compression in _compression.COMPRESSIONS, "compression",
-       "none, quantize or topk")
-  need(config.compression_bits in _compression.QUANTIZE_BITS, "compression_bits",
-       f"one of {_compression.QUANTIZE_BITS}")
-  need(0 < config.topk_fraction <= 1, "topk_fraction", "a share in (0, 1]")
-  need(8 <= config.secagg_bits <= 32, "secagg_bits", "an integer in [8, 32]")
-  need(config.secagg_bound >= 0, "secagg_bound",
-       "a coordinate bound > 0 (or 0: dp_clip with client-level DP, else 1)")
-  need(0 <= config.secagg_tolerance < 1, "secagg_tolerance", "a share in [0, 1)")
+  _check_upload_fields(config, method, need)
+
+
+def _check_dp_fields(config, need) -> None:
+  need(config.dp_clip > 0, "dp_clip", "a clipping norm > 0")
+  need(config.dp_adaptive_quantile == 0 or 0 < config.dp_adaptive_quantile < 1,
+       "dp_adaptive_quantile", "0 (fixed clipping) or a quantile in (0, 1)")
+  need(config.dp_adaptive_quantile == 0 or config.dp == "central",
+       "dp_adaptive_quantile", "0 unless dp = 'central' (adaptive clipping is for "
+       "central client-level DP)")
+  need(config.dp_clip_learning_rate > 0, "dp_clip_learning_rate", "a number > 0")
+  need(config.dp_count_noise >= 0, "dp_count_noise",
+       "a noise std > 0 (or 0: expected participants / 20)")
+  need(config.dp_noise >= 0, "dp_noise", "a noise multiplier >= 0")
+  need(0 < config.dp_delta < 1, "dp_delta", "a number in (0, 1)")
+  need(config.dp_target_epsilon >= 0, "dp_target_epsilon",
+       "an epsilon > 0 (or 0: use dp_noise)")
+  need(config.dp_accountant in ("rdp", "pld"), "dp_accountant", "rdp or pld")
+  need(config.aggregator == "mean", "aggregator", "mean with dp (clipped updates are "
+       "averaged)")
+
+
+def _check_upload_fields(config, method: str, need) -> None:
+  """Rules between compression, secure aggregation, the guard and the method."""
   need(0 <= config.secagg_dropout <= config.secagg_tolerance, "secagg_dropout",
        f"a share in [0, secagg_tolerance = {config.secagg_tolerance}] (more dropouts "
        "than the protocol tolerates would fail every round)")
@@ -389,9 +355,6 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
          "none with secure_aggregation (it already quantizes to secagg_bits)")
     need(config.aggregator == "mean", "aggregator",
          "mean with secure_aggregation (the server sees only the sum)")
-  need(config.guard == 0 or config.guard >= 1, "guard",
-       "0 (off) or a multiple >= 1 of the round's median update norm (updates that are "
-       "not finite or above it are dropped)")
   need(config.guard == 0 or config.client_chunk == 0 or method not in _CHUNKABLE,
        "client_chunk", "0 with guard (the guard needs every update of the round at once)")
   need(config.guard == 0 or method in _PRIVATE or method in BASELINES + ("cyclic",),
@@ -558,16 +521,7 @@ def build_method(config, method: str, model) -> _algorithms.Algorithm:
 
 
 # Everything that decides a compiled program; points that agree share one compile.
-_COMPILE_FIELDS = ("model", "optimizer", "learning_rate", "momentum",
-                   "server_learning_rate", "server_momentum", "mu", "fedopt_learning_rate",
-                   "fedopt_b1", "fedopt_b2", "fedopt_tau", "aggregator", "trim_fraction",
-                   "num_byzantine", "batch_size", "local_steps", "local_epochs",
-                   "stragglers", "straggler_policy", "fine_tune_steps",
-                   "clients_per_round", "client_chunk", "dp", "dp_clip", "dp_noise",
-                   "dp_adaptive_quantile", "dp_clip_learning_rate", "dp_count_noise",
-                   "compression", "compression_bits", "topk_fraction", "error_feedback",
-                   "secure_aggregation", "secagg_bits", "secagg_bound", "secagg_dropout",
-                   "secagg_tolerance", "guard")
+_COMPILE_FIELDS = _fields.COMPILE_FIELDS
 
 
 class _LazyExecutable:

@@ -26,11 +26,10 @@ pipelines are equal and hash alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.flatten_util
-import jax.numpy as jnp
 
 from fedjax_dx import _aggregation
 

@@ -1,0 +1,127 @@
+"""The study's method fields in one table: type, range, per-method, compile key.
+
+Every field a method reads is declared once here, with what it must hold and whether it
+may be overridden per method (`config.per_method.<method>.<field>`) and whether it
+changes a compiled program (then it is part of the compile key, so two runs that differ
+in it never share a program). `METHOD_FIELDS`, `COMPILE_FIELDS` and the range checks
+are derived from the table; checks that relate several fields are the rules in
+`check_method_fields`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+from fedjax_dx import _compression
+from fedjax_dx import _sampling
+
+
+class Field(NamedTuple):
+  """One config field a method reads."""
+
+  name: str  # attribute of the (per-method) config
+  kind: type  # int, float, str or bool (int is accepted where float is declared)
+  valid: Callable[[Any], bool] | None  # the range check, None for none
+  expected: str  # what the error says the field must be
+  per_method: bool = True  # may be overridden in config.per_method.<method>
+  compiled: bool = True  # part of the compile key (changes the compiled program)
+
+
+def _in(*choices):
+  return lambda v: v in choices
+
+
+def _between(low, high, *, low_open=False, high_open=False):
+  def check(v):
+    return ((v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+  return check
+
+
+_positive = lambda v: v > 0
+_non_negative = lambda v: v >= 0
+_unit = _between(0, 1, high_open=True)
+
+FIELDS: tuple[Field, ...] = (
+    Field("model", object, None, "", per_method=False),
+    Field("optimizer", str, _in("sgd", "adam"), "sgd or adam"),
+    Field("learning_rate", float, _positive, "a number > 0"),
+    Field("momentum", float, _unit, "a number in [0, 1)"),
+    Field("server_learning_rate", float, _positive, "a number > 0"),
+    Field("server_momentum", float, _unit, "a number in [0, 1)"),
+    Field("mu", float, _non_negative, "a number >= 0 (FedProx)"),
+    Field("fedopt_learning_rate", float, _positive, "a number > 0"),
+    Field("fedopt_b1", float, _unit, "a number in [0, 1)"),
+    Field("fedopt_b2", float, _unit, "a number in [0, 1)"),
+    Field("fedopt_tau", float, _positive, "a number > 0"),
+    Field("aggregator", str, _in("mean", "median", "trimmed_mean", "krum"),
+          "mean, median, trimmed_mean or krum"),
+    Field("trim_fraction", float, _between(0, 0.5, high_open=True), "a number in [0, 0.5)"),
+    Field("num_byzantine", int, _non_negative, "an integer >= 0"),
+    Field("clients_per_round", int, _non_negative, "an integer >= 0 (0 = all)"),
+    Field("sampling", str, _in(*_sampling.SAMPLINGS), "uniform or size", compiled=False),
+    Field("batch_size", int, lambda v: v >= 1, "an integer >= 1"),
+    Field("local_steps", int, None, ""),
+    Field("local_epochs", int, None, ""),
+    Field("rounds", int, lambda v: v >= 1, "an integer >= 1", compiled=False),
+    Field("eval_every", int, lambda v: v >= 1, "an integer >= 1", compiled=False),
+    Field("stragglers", float, _between(0, 1), "a share of participants in [0, 1]"),
+    Field("straggler_policy", str, _in("paper", "drop", "keep"),
+          "paper (fedprox keeps stragglers' partial work, other strategies drop it), "
+          "drop or keep"),
+    Field("fine_tune_steps", int, None, ""),
+    Field("client_chunk", int, lambda v: v >= -1,
+          "0 (all clients at once), -1 (chosen from device memory) or a group size >= 1"),
+    Field("dp", str, _in("none", "central", "local", "example"),
+          "none, central, local (client level) or example (DP-SGD)"),
+    Field("dp_clip", float, None, ""),
+    Field("dp_noise", float, None, ""),
+    Field("dp_target_epsilon", float, None, "", compiled=False),
+    Field("dp_delta", float, None, "", compiled=False),
+    Field("dp_accountant", str, None, "", compiled=False),
+    Field("dp_adaptive_quantile", float, None, ""),
+    Field("dp_clip_learning_rate", float, None, ""),
+    Field("dp_count_noise", float, None, ""),
+    Field("compression", str, _in(*_compression.COMPRESSIONS), "none, quantize or topk"),
+    Field("compression_bits", int, _in(*_compression.QUANTIZE_BITS),
+          f"one of {_compression.QUANTIZE_BITS}"),
+    Field("topk_fraction", float, _between(0, 1, low_open=True), "a share in (0, 1]"),
+    Field("error_feedback", bool, None, ""),
+    Field("secure_aggregation", bool, None, ""),
+    Field("secagg_bits", int, _between(8, 32), "an integer in [8, 32]"),
+    Field("secagg_bound", float, _non_negative,
+          "a coordinate bound > 0 (or 0: dp_clip with client-level DP, else 1)"),
+    Field("secagg_dropout", float, None, ""),
+    Field("secagg_tolerance", float, _unit, "a share in [0, 1)"),
+    Field("guard", float, lambda v: v == 0 or v >= 1,
+          "0 (off) or a multiple >= 1 of the round's median update norm (updates that "
+          "are not finite or above it are dropped)"),
+)
+
+METHOD_FIELDS = tuple(f.name for f in FIELDS if f.per_method)
+COMPILE_FIELDS = tuple(f.name for f in FIELDS if f.compiled)
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+def _type_ok(field: Field, value) -> bool:
+  if field.kind is object:
+    return True
+  if field.kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if field.kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, field.kind)
+
+
+def check_table(config, need: Callable[[bool, str, str], None]) -> None:
+  """The per-field checks of the table (type, then range), in table order."""
+  for field in FIELDS:
+    if field.kind is object:
+      continue
+    value = config[field.name]
+    kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    need(_type_ok(field, value), field.name, kind[field.kind])
+    if field.kind is float and isinstance(value, float) and math.isnan(value):
+      need(False, field.name, field.expected or "a number")
+    if field.valid is not None:
+      need(field.valid(value), field.name, field.expected)
