@@ -20,8 +20,11 @@ run: $(STAMP)
 demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m benchmarks.quickstart
 
+# 2 pytest workers (TEST_WORKERS=0: one process); XLA's fast-compile settings and a
+# persistent compilation cache in .pytest_cache/ (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput --out=results/throughput.csv
