@@ -41,6 +41,14 @@ jax.config.update("jax_num_cpu_devices", 4)
 import pytest  # noqa: E402
 
 
+def subprocess_xla_flags() -> str:
+  """The XLA flags this suite compiles with (for a subprocess that must not inherit
+  other XLA flags, such as a multi-host worker that sets its own device count)."""
+  if os.environ.get("FEDJAX_DX_TEST_FULL_OPT") == "1":
+    return ""
+  return " ".join(FAST_XLA_FLAGS)
+
+
 def full_optimisation_env(env: dict) -> dict:
   """`env` without the fast-compile flags, for a subprocess whose time is execution
   (a benchmark of convolutions), not compilation."""

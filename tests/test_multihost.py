@@ -11,6 +11,7 @@ import numpy as np
 
 import fedjax_dx as fdx
 from tests import multihost_case as case
+from tests.conftest import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def _free_port():
 
 def _start(process_id, port, out, num_processes=2):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = subprocess_xla_flags()  # only the fast-compile flags
   return subprocess.Popen(
       [sys.executable, "-m", "tests.multihost_worker", f"--coordinator=127.0.0.1:{port}",
        f"--num_processes={num_processes}", f"--process_id={process_id}", f"--out={out}"],
@@ -84,7 +85,7 @@ def test_bad_distributed_arguments_are_named():
 
 def _study(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = subprocess_xla_flags()  # only the fast-compile flags
   command = [sys.executable, "-m", "benchmarks.run", "--config=configs/test.py",
              f"--workdir={workdir}", "--compilation_cache=", "--noreport", "--quiet",
              "--config.methods=fedavg,fedprox,centralized,local", *flags]
