@@ -39,14 +39,6 @@ from fedjax_dx.agg import choose_share
 
 Params = Any
 _WEIGHTINGS = _agg.WEIGHTINGS
-_CYCLE_KEY = _engine.CYCLE_KEY
-_keys = _engine.round_keys
-_side_key = _engine.side_key
-_participation_vector = _engine.participation_vector
-_make_run = _engine.make_run
-_check_init_inputs = _engine.check_init_inputs
-_check_run_inputs = _engine.check_run_inputs
-_check_clients_and_participation = _engine.check_clients_and_participation
 
 __all__ = ["Algorithm", "ServerState", "Systems", "adaptive_update_noise", "choose_share",
            "straggler_work"]
@@ -149,6 +141,12 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
   budget = _local.LocalBudget.create(local_steps, local_epochs)
   systems, work = _check_round_options(options, budget, cohort_size, client_chunk)
   if isinstance(aggregator, _agg.Chain):
+    flags = sorted(k for k in _CHAIN_OPTIONS if options[k] != OPTIONS[k]
+                   and not (k in ("dp_clip", "dp_noise")
+                            and options["dp_mode"] == "example"))
+    if flags:
+      raise ValueError(f"fedavg got an aggregator chain and the flags {flags}, which "
+                       "build a chain too; put those stages in the chain instead")
     chain = aggregator
   else:
     chain = _options_chain(weighting, aggregator, options)
@@ -161,6 +159,12 @@ def fedavg(model: _models.Model, client_optimizer: optax.GradientTransformation,
                    server_optimizer=server_optimizer or optax.sgd(1.0), aggregator=chain,
                    systems=systems, work=work, cohort_size=cohort_size,
                    client_chunk=client_chunk, name=name)
+
+
+# The options `_options_chain` turns into stages (the others are client work/systems).
+_CHAIN_OPTIONS = tuple(k for k in OPTIONS if k.startswith(("dp_", "compression", "secagg_"))
+                       and k not in ("dp_mode",)) + (
+                           "topk_fraction", "error_feedback", "secure_aggregation", "guard")
 
 
 def _check_round_options(options, budget, cohort_size, client_chunk):
@@ -374,7 +378,7 @@ def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation,
   sgd = optax.sgd(1.0)
 
   def init(params, data: ClientData, rng) -> ServerState:
-    _check_init_inputs(model, data, batch_size)
+    _engine.check_init_inputs(model, data, batch_size)
     return ServerState(
         params=params, server_opt_state=sgd.init(params),
         positions=jnp.zeros((data.num_clients,), jnp.int32),
@@ -383,12 +387,13 @@ def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation,
 
   def apply(state: ServerState, data: ClientData, participation=None):
     num_clients = data.num_clients
-    participation = _participation_vector(participation, num_clients)
-    order = cyclic_order(_side_key(state, _CYCLE_KEY), state.round // num_clients,
+    participation = _engine.participation_vector(participation, num_clients)
+    order = cyclic_order(_engine.side_key(state, _engine.CYCLE_KEY),
+                         state.round // num_clients,
                          num_clients)
     k = order[state.round % num_clients]
     client = _local.Client(data.features[k], data.labels[k], data.num_examples[k])
-    key = _keys(state, num_clients, budget)[k]
+    key = _engine.round_keys(state, num_clients, budget)[k]
     out = _local.train_client(trainer, state.params, client_optimizer.init(state.params),
                               client, key, state.positions[k],
                               epochs_window=state.epochs_window)
@@ -409,7 +414,8 @@ def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation,
 
   # A round whose client sits out is allowed: the model just waits.
   return Algorithm(init=init, apply=apply,
-                   run=_make_run(apply, _check_clients_and_participation), name=name)
+                   run=_engine.make_run(apply, _engine.check_clients_and_participation),
+                   name=name)
 
 
 def cyclic_order(key: jax.Array, cycle: jax.Array, num_clients: int) -> jax.Array:
@@ -434,7 +440,7 @@ def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,
   trainer = _local.local_trainer(model, optimizer, batch_size=batch_size, budget=budget)
 
   def init(params, data: ClientData, rng) -> LocalState:
-    _check_init_inputs(model, data, batch_size)
+    _engine.check_init_inputs(model, data, batch_size)
     num_clients = data.num_clients
     stack = lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x))
     return LocalState(
@@ -446,9 +452,10 @@ def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,
 
   def apply(state: LocalState, data: ClientData, participation=None):
     num_clients = data.num_clients
-    took_part = _participation_vector(participation, num_clients) > 0
+    took_part = _engine.participation_vector(participation, num_clients) > 0
     out = _local.train_clients(
-        trainer, state.params, state.opt_state, data, _keys(state, num_clients, budget),
+        trainer, state.params, state.opt_state, data,
+        _engine.round_keys(state, num_clients, budget),
         state.positions, epochs_window=state.epochs_window, stacked=True)
 
     def keep(new, old):
@@ -465,7 +472,8 @@ def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,
                "num_participants": (took_part & (data.num_examples > 0)).sum()}
     return new_state, metrics
 
-  return Algorithm(init=init, apply=apply, run=_make_run(apply, _check_run_inputs),
+  return Algorithm(init=init, apply=apply,
+                   run=_engine.make_run(apply, _engine.check_run_inputs),
                    name=name)
 
 

@@ -82,6 +82,10 @@ def test_executors_refuse_a_chain_that_is_not_linear():
   state = algo.init(init_params(model), data, RNG)
   with pytest.raises(ValueError, match=r"stream needs aggregator='mean': 'median'"):
     algo.stream(state, jax.tree.map(np.asarray, data), chunk=2)
+  with pytest.raises(ValueError, match=r"an aggregator chain and the flags \['dp_clip', "
+                                       r"'dp_noise'\]"):
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_steps=1, dp_clip=1.0,
+               dp_noise=1.0, aggregator=agg.chain(agg.mean()))
   assert agg.chain(agg.clip(1.0), agg.mean("uniform"), agg.gaussian(1.0)).linear
   assert not agg.chain(agg.guard(), agg.mean()).linear
 
