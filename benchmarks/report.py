@@ -18,7 +18,7 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
-  from fedjax_dx import _report
+  from fedjax_dx import study
 
   needed = [f for f in ("config.json", "metrics.jsonl", "summary.csv")
             if not os.path.isfile(os.path.join(FLAGS.workdir, f))]
@@ -26,7 +26,7 @@ def main(argv):
     print(f"error: --workdir={FLAGS.workdir!r} lacks {', '.join(needed)}; run "
           "benchmarks.run into it first", file=sys.stderr)
     sys.exit(2)
-  paths = _report.make_report(FLAGS.workdir)
+  paths = study.make_report(FLAGS.workdir)
   for name, path in paths.items():
     print(f"{name}: {path}")
 

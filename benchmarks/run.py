@@ -46,7 +46,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.num_processes > 1 or FLAGS.coordinator_address:
-    from fedjax_dx import _distributed
+    from fedjax_dx.core import _distributed
     if not FLAGS.coordinator_address:
       raise app.UsageError("--num_processes > 1 needs --coordinator_address=HOST:PORT")
     try:
@@ -56,25 +56,24 @@ def main(argv):
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
-  from fedjax_dx import _study
+  from fedjax_dx import study
   import jax
   lead = jax.process_index() == 0
 
   if FLAGS.compilation_cache:
-    _study.enable_compilation_cache(os.path.expanduser(FLAGS.compilation_cache))
+    study.enable_compilation_cache(os.path.expanduser(FLAGS.compilation_cache))
   quiet = FLAGS.quiet or not lead
   if quiet:
     logging.getLogger().setLevel(logging.WARNING)
   try:
-    paths = _study.run_study(FLAGS.config, FLAGS.workdir, quiet=quiet)
-  except _study.StudyError as e:
+    paths = study.run_study(FLAGS.config, FLAGS.workdir, quiet=quiet)
+  except study.StudyError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if not lead:
     return
   if FLAGS.report:
-    from fedjax_dx import _report  # seaborn and matplotlib: import only when drawing
-    paths.update(_report.make_report(FLAGS.workdir))
+    paths.update(study.make_report(FLAGS.workdir))
   if not FLAGS.quiet:
     print(f"results: {os.path.abspath(paths['metrics'])}, "
           f"{os.path.abspath(paths['summary'])}")

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import fedjax_dx as fdx
-from fedjax_dx import _local
+from fedjax_dx.core import _local
 from benchmarks.workloads import BATCH, LEARNING_RATE
 from benchmarks.workloads import make_data, workload
 

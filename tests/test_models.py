@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import fedjax_dx as fdx
-from fedjax_dx import _models
+from fedjax_dx.core import _models
 from tests.test_algorithms import assert_trees_close, assert_trees_equal
 
 RNG = jax.random.PRNGKey(3)

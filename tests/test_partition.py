@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fedjax_dx import _partition as part
+from fedjax_dx.core import _partition as part
 
 
 def assert_exact_cover(parts, n):

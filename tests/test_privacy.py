@@ -167,8 +167,9 @@ def test_dp_sgd_clips_each_example_and_matches_a_per_example_loop():
   assert_trees_close(got.params, want.params, atol=1e-6)
   # A small clip: one step of one client against a loop over its examples.
   clip, batch = 0.05, 3
-  trainer = fdx.local_trainer(model, optax.sgd(1.0), batch_size=batch,
-                              budget=fdx.LocalBudget(steps=1), example_clip=clip)
+  trainer = fdx.local_trainer(
+      model, fdx.client.dp_sgd(optax.sgd(1.0), clip_norm=clip, noise_multiplier=0.0),
+      batch_size=batch, budget=fdx.LocalBudget(steps=1))
   x, y = jnp.asarray(xs[1][:batch]), jnp.asarray(ys[1][:batch])
   state = trainer.client_init(params, optax.sgd(1.0).init(params),
                               noise_key=jax.random.PRNGKey(0))
@@ -188,9 +189,9 @@ def test_dp_sgd_noise_has_the_stated_size():
   params = init_params(model)
   # One step at learning rate 1: the update is -(clipped sum + N(0, (zC)^2)) / B; the
   # clipped part has norm <= C spread over ~1,000 parameters, negligible next to it.
-  trainer = fdx.local_trainer(model, optax.sgd(1.0), batch_size=3,
-                              budget=fdx.LocalBudget(steps=1), example_clip=0.01,
-                              example_noise=3.0)
+  trainer = fdx.local_trainer(
+      model, fdx.client.dp_sgd(optax.sgd(1.0), clip_norm=0.01, noise_multiplier=3.0),
+      batch_size=3, budget=fdx.LocalBudget(steps=1))
   state = trainer.client_init(params, optax.sgd(1.0).init(params),
                               noise_key=jax.random.PRNGKey(1))
   x = data.features[0, :3]

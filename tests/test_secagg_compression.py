@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 import fedjax_dx as fdx
-from fedjax_dx import _secagg as sa
+from fedjax_dx.privacy import _secagg as sa
 from tests.test_algorithms import assert_trees_close, init_params, make_data
 
 RNG = jax.random.PRNGKey(11)

@@ -99,6 +99,27 @@ def test_upload_bytes_come_from_the_chain():
       fdx.upload_bytes("quantize", 1000, bits=4))
 
 
+def test_epsilon_comes_from_the_chain_noise_stage():
+  """The chain's epsilon is the accountant's epsilon of its Gaussian stage's event:
+  central noise amplified by sampling, local noise not; no noise stage, no epsilon."""
+  central = agg.chain(agg.clip(1.0), agg.mean("uniform"), agg.gaussian(1.1))
+  local = agg.chain(agg.clip(1.0), agg.mean("uniform"), agg.gaussian(1.1, "local"))
+  assert central.epsilon(rounds=50, sampling_rate=0.1, delta=1e-5) == (
+      fdx.privacy_epsilon(1.1, 0.1, 50, 1e-5))
+  assert local.epsilon(rounds=50, sampling_rate=0.1, delta=1e-5) == (
+      fdx.privacy_epsilon(1.1, 1.0, 50, 1e-5))
+  assert central.epsilon(rounds=50, sampling_rate=0.1, delta=1e-5, accountant="pld") < (
+      central.epsilon(rounds=50, sampling_rate=0.1, delta=1e-5))
+  with pytest.raises(ValueError, match="no stage spends privacy"):
+    agg.chain(agg.clip(1.0), agg.mean("uniform")).epsilon(
+        rounds=5, sampling_rate=1.0, delta=1e-5)
+  # Composition: two Gaussian releases at z are one release at z / sqrt(2) (RDP adds).
+  from fedjax_dx.privacy import _accounting  # pylint: disable=g-import-not-at-top
+  twice = _accounting.epsilon_of([_accounting.GaussianRelease(2.0, 1.0, 10)] * 2, 1e-5)
+  once = _accounting.epsilon(2.0 / np.sqrt(2.0), 1.0, 10, 1e-5)
+  np.testing.assert_allclose(twice, once, rtol=1e-6)
+
+
 def test_guard_equals_fedavg_over_the_clean_clients():
   """A hospital sending NaN is dropped and the mean renormalised over the others:
   exactly FedAvg without it (sequential reference)."""

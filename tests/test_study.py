@@ -183,7 +183,7 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
 import ml_collections  # noqa: E402
 
 from configs import test as test_config  # noqa: E402
-from fedjax_dx import _study  # noqa: E402
+from fedjax_dx import study  # noqa: E402
 
 
 def _study_frame(tmp_path, name, **changes):
@@ -193,7 +193,7 @@ def _study_frame(tmp_path, name, **changes):
     config[field] = value
   if per_method is not None:
     config.per_method = ml_collections.ConfigDict(per_method)
-  paths = _study.run_study(config, str(tmp_path / name), quiet=True)
+  paths = study.run_study(config, str(tmp_path / name), quiet=True)
   return pd.read_json(paths["metrics"], lines=True, dtype={"client": str})
 
 
@@ -226,9 +226,9 @@ def test_bad_per_method_overrides_are_named(tmp_path, per_method, message):
   config = test_config.get_config()
   config.methods = "fedavg,fedadam"
   config.per_method = ml_collections.ConfigDict(per_method)
-  with pytest.raises(_study.StudyError, match=message.replace("[", r"\[")
+  with pytest.raises(study.StudyError, match=message.replace("[", r"\[")
                      .replace("(", r"\(").replace(".", r"\.")):
-    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+    study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
 
 
@@ -305,8 +305,8 @@ def test_bad_scale_fields_are_named(tmp_path, changes, message):
   config = test_config.get_config()
   for field, value in changes.items():
     config[field] = value
-  with pytest.raises(_study.StudyError, match=message.replace("(", r"\(")):
-    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  with pytest.raises(study.StudyError, match=message.replace("(", r"\(")):
+    study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
 
 
@@ -363,8 +363,8 @@ def test_bad_privacy_fields_are_named(tmp_path, changes, message):
   config.methods = "fedavg"
   for field, value in changes.items():
     config[field] = value
-  with pytest.raises(_study.StudyError, match=re.escape(message)):
-    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  with pytest.raises(study.StudyError, match=re.escape(message)):
+    study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
 
 
@@ -421,7 +421,7 @@ def test_example_level_dp_compression_and_secagg_in_the_harness(tmp_path):
 
 
 def test_baselines_with_their_own_schedule_are_reference_lines():
-  from fedjax_dx import _report
+  from fedjax_dx.study import _report
   from configs import flamby_heart, heart_disease
   # FLamby's local-only baseline trains 50 epochs, not the strategies' 15 rounds.
   assert _report._own_schedule(flamby_heart.get_config().to_dict()) == {
@@ -444,8 +444,8 @@ def test_bad_compute_dtype_is_named(tmp_path, model, message):
   config = test_config.get_config()
   for field, value in model.items():
     config.model[field] = value
-  with pytest.raises(_study.StudyError, match=re.escape(message)):
-    _study.run_study(config, str(tmp_path / "x"), quiet=True)
+  with pytest.raises(study.StudyError, match=re.escape(message)):
+    study.run_study(config, str(tmp_path / "x"), quiet=True)
   assert not (tmp_path / "x").exists()
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fedjax_dx as fdx
-from fedjax_dx import _synthetic
+from fedjax_dx.core import _synthetic
 
 
 def numpy_recipe(alpha, beta, iid, num_devices, cap, rng):

@@ -8,9 +8,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fedjax_dx import _local
-from fedjax_dx import _privacy
 from fedjax_dx.agg._stage import Stage
+from fedjax_dx.core import _local
+from fedjax_dx.privacy import _mechanisms
 
 COUNT_TAG = 0xD0000005  # fold_in tag of the adaptive count's noise
 
@@ -59,7 +59,7 @@ class Clip(Stage):
     return ({"clip_norm": state} if self.adaptive else {}), {}
 
   def encode(self, state, row, message, client, ctx):
-    norm = _privacy.global_norm(message)
+    norm = _mechanisms.global_norm(message)
     clip_norm = ctx["clip_norm"]
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
     return jax.tree.map(lambda d: d * scale, message), row, {"clipped": norm > clip_norm}

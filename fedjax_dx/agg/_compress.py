@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fedjax_dx import _compression
+from fedjax_dx.agg import _codecs
 from fedjax_dx.agg._stage import Stage
 
 COMPRESS_TAG = 0xD0000002  # fold_in tag of the rounding keys
@@ -29,9 +29,9 @@ class Compress(Stage):
 
   def __post_init__(self):
     if self.kind not in ("quantize", "topk"):
-      raise ValueError(f"compression must be one of {_compression.COMPRESSIONS}, got "
+      raise ValueError(f"compression must be one of {_codecs.COMPRESSIONS}, got "
                        f"{self.kind!r}")
-    _compression.compressor(self.kind, bits=self.bits, topk_fraction=self.fraction)
+    _codecs.compressor(self.kind, bits=self.bits, topk_fraction=self.fraction)
 
   def init(self, params, num_clients):
     if not self.error_feedback:
@@ -42,8 +42,8 @@ class Compress(Stage):
   def encode(self, state, row, message, client, ctx):
     if self.error_feedback:
       message = message + row
-    compress = _compression.compressor(self.kind, bits=self.bits,
-                                       topk_fraction=self.fraction)
+    compress = _codecs.compressor(self.kind, bits=self.bits,
+                                  topk_fraction=self.fraction)
     key = jax.random.fold_in(jax.random.fold_in(ctx["noise_key"], COMPRESS_TAG),
                              client["id"])
     sent = compress(key, message)
@@ -52,8 +52,8 @@ class Compress(Stage):
     return sent, row, {}
 
   def upload_bytes(self, num_params, current):
-    return _compression.upload_bytes(self.kind, num_params, bits=self.bits,
-                                     topk_fraction=self.fraction)
+    return _codecs.upload_bytes(self.kind, num_params, bits=self.bits,
+                                topk_fraction=self.fraction)
 
 
 def quantize(bits: int = 8, *, error_feedback: bool = True) -> Compress:

@@ -8,9 +8,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fedjax_dx import _local
-from fedjax_dx import _privacy
 from fedjax_dx.agg._stage import Stage
+from fedjax_dx.core import _local
+from fedjax_dx.privacy import _accounting
+from fedjax_dx.privacy import _mechanisms
 
 NOISE_MODES = ("central", "local")
 
@@ -55,11 +56,16 @@ class Gaussian(Stage):
   def statics(self, ctx):
     return {"noise_multiplier": self.noise_multiplier}
 
+  def privacy_event(self, rounds, sampling_rate):
+    """Central noise is amplified by sampling; local noise claims no amplification."""
+    return _accounting.GaussianRelease(
+        self.noise_multiplier, sampling_rate if self.mode == "central" else 1.0, rounds)
+
   def encode(self, state, row, message, client, ctx):
     if self.mode != "local" or not self.active:
       return message, row, {}
     key = jax.random.fold_in(ctx["noise_key"], client["id"])
-    noise = _privacy.gaussian_like(key, message, self.noise_multiplier * ctx["clip_norm"])
+    noise = _mechanisms.gaussian_like(key, message, self.noise_multiplier * ctx["clip_norm"])
     return jax.tree.map(jnp.add, message, noise), row, {}
 
   def decode(self, state, total, ctx, clients):
@@ -68,7 +74,7 @@ class Gaussian(Stage):
     noise = self.noise_multiplier
     if ctx["adaptive_count_noise"] is not None:
       noise = adaptive_update_noise(noise, ctx["adaptive_count_noise"])
-    return jax.tree.map(jnp.add, total, _privacy.gaussian_like(
+    return jax.tree.map(jnp.add, total, _mechanisms.gaussian_like(
         ctx["noise_key"], total, noise * ctx["clip_norm"] * ctx["scale_weights"])
     ), state, {}
 

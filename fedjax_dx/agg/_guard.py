@@ -8,8 +8,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from fedjax_dx import _privacy
 from fedjax_dx.agg._stage import Screen
+from fedjax_dx.privacy import _mechanisms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Guard(Screen):
     message, and the kept weights are rescaled to the same total (unless the mean has
     a fixed denominator, as under DP)."""
     weights, sending = clients["weight"], clients["sending"]
-    norms = jax.vmap(_privacy.global_norm)(messages)
+    norms = jax.vmap(_mechanisms.global_norm)(messages)
     finite = jnp.isfinite(norms)
     keep = finite
     if self.max_norm_ratio is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from fedjax_dx import _aggregation
+from fedjax_dx.agg import _functional
 from fedjax_dx.agg._stage import Reducer
 
 
@@ -16,7 +16,7 @@ class Median(Reducer):
   name: ClassVar[str] = "median"
 
   def reduce(self, messages, weights):
-    return _aggregation.coordinate_median(messages, weights)
+    return _functional.coordinate_median(messages, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +28,10 @@ class TrimmedMean(Reducer):
   name: ClassVar[str] = "trimmed_mean"
 
   def __post_init__(self):
-    _aggregation.trimmed_mean(self.trim_fraction)  # range check
+    _functional.trimmed_mean(self.trim_fraction)  # range check
 
   def reduce(self, messages, weights):
-    return _aggregation.trimmed_mean(self.trim_fraction)(messages, weights)
+    return _functional.trimmed_mean(self.trim_fraction)(messages, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +44,14 @@ class Krum(Reducer):
   name: ClassVar[str] = "krum"
 
   def __post_init__(self):
-    _aggregation.krum(self.num_byzantine, self.num_selected)  # range check
+    _functional.krum(self.num_byzantine, self.num_selected)  # range check
 
   @property
   def min_participants(self) -> int:  # type: ignore[override]
     return 2 * self.num_byzantine + 3
 
   def reduce(self, messages, weights):
-    return _aggregation.krum(self.num_byzantine, self.num_selected)(messages, weights)
+    return _functional.krum(self.num_byzantine, self.num_selected)(messages, weights)
 
 
 def median() -> Median:
@@ -79,4 +79,4 @@ def by_name(name: str, **kwargs) -> Reducer | None:
     return trimmed_mean(kwargs.get("trim_fraction", 0.1))
   if name == "krum":
     return krum(kwargs.get("num_byzantine", 1), kwargs.get("num_selected", 1))
-  raise ValueError(f"aggregator must be one of {_aggregation.AGGREGATORS}, got {name!r}")
+  raise ValueError(f"aggregator must be one of {_functional.AGGREGATORS}, got {name!r}")

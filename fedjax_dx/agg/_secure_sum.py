@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dx import _local
-from fedjax_dx import _secagg
 from fedjax_dx.agg._stage import Stage
+from fedjax_dx.core import _local
+from fedjax_dx.privacy import _secagg
 
 SECAGG_TAG, DROPOUT_TAG = 0xD0000003, 0xD0000004  # fold_in tags of the round's keys
 

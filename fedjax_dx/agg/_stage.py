@@ -31,7 +31,8 @@ from typing import ClassVar
 import jax
 import jax.flatten_util
 
-from fedjax_dx import _aggregation
+from fedjax_dx.agg import _functional
+from fedjax_dx.privacy import _accounting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,11 @@ class Stage:
     del num_params
     return current
 
+  def privacy_event(self, rounds: int, sampling_rate: float):
+    """The `GaussianRelease` this stage spends over `rounds` rounds, or None."""
+    del rounds, sampling_rate
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Screen(Stage):
@@ -91,7 +97,7 @@ class Reducer(Stage):
   min_participants: ClassVar[int] = 1
 
   def reduce(self, messages, weights):
-    return _aggregation.weighted_mean(messages, weights)
+    return _functional.weighted_mean(messages, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +231,31 @@ class Chain:
     for stage in self.stages:
       size = stage.upload_bytes(num_params, size)
     return size
+
+  def privacy_events(self, rounds: int, sampling_rate: float) -> list:
+    """The privacy events of the stages that spend privacy (a Gaussian stage)."""
+    events = [stage.privacy_event(rounds, sampling_rate) for stage in self.stages]
+    return [event for event in events if event is not None]
+
+  def epsilon(self, *, rounds: int, sampling_rate: float, delta: float,
+              accountant: str = "rdp") -> float:
+    """The epsilon at `delta` this chain spends in `rounds` rounds (dp-accounting).
+
+    Args:
+      rounds: rounds run (each one release of every noising stage).
+      sampling_rate: the chance a client takes part in a round (1: all take part).
+      delta: the delta of the (epsilon, delta) guarantee.
+      accountant: "rdp" (Renyi DP) or "pld" (privacy loss distributions).
+
+    Example:
+      >>> private = agg.chain(agg.clip(1.0), agg.mean("uniform"), agg.gaussian(1.1))
+      >>> private.epsilon(rounds=50, sampling_rate=0.1, delta=1e-5)
+    """
+    events = self.privacy_events(rounds, sampling_rate)
+    if not events:
+      raise ValueError("aggregator chain: no stage spends privacy, so it has no epsilon "
+                       "(client-level DP is agg.clip(...) ... agg.gaussian(...))")
+    return _accounting.epsilon_of(events, delta, accountant)
 
 
 def _default_mean():

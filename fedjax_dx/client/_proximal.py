@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from fedjax_dx import _local
+from fedjax_dx.core import _local
 
 
 class ProximalState(NamedTuple):

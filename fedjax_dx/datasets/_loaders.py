@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from fedjax_dx import _partition
-from fedjax_dx._data import FederatedData, stack_clients
+from fedjax_dx.core import _partition
+from fedjax_dx.core._data import FederatedData, stack_clients
 from fedjax_dx.datasets import _heart_disease
 from fedjax_dx.datasets import _medmnist
 

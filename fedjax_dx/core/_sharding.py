@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from fedjax_dx._data import ClientData, FederatedData, pad_clients
+from fedjax_dx.core._data import ClientData, FederatedData, pad_clients
 
 CLIENTS = "clients"
 

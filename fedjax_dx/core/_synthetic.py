@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dx._data import FederatedData, stack_clients
+from fedjax_dx.core._data import FederatedData, stack_clients
 
 
 def _split_train_test(x, y, sizes, num_train, num_classes):

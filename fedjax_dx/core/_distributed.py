@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedjax_dx._data import ClientData
-from fedjax_dx._sharding import (CLIENTS, client_mesh, global_client_data,
+from fedjax_dx.core._data import ClientData
+from fedjax_dx.core._sharding import (CLIENTS, client_mesh, global_client_data,
                                  padded_client_count, shard_clients)
 
 _NUM_PROCESSES_KEY = "fedjax_dx/num_processes"

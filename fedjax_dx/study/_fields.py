@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple
 
-from fedjax_dx import _compression
-from fedjax_dx import _sampling
+from fedjax_dx.agg import _codecs
+from fedjax_dx.core import _sampling
 
 
 class Field(NamedTuple):
@@ -82,9 +82,9 @@ FIELDS: tuple[Field, ...] = (
     Field("dp_adaptive_quantile", float, None, ""),
     Field("dp_clip_learning_rate", float, None, ""),
     Field("dp_count_noise", float, None, ""),
-    Field("compression", str, _in(*_compression.COMPRESSIONS), "none, quantize or topk"),
-    Field("compression_bits", int, _in(*_compression.QUANTIZE_BITS),
-          f"one of {_compression.QUANTIZE_BITS}"),
+    Field("compression", str, _in(*_codecs.COMPRESSIONS), "none, quantize or topk"),
+    Field("compression_bits", int, _in(*_codecs.QUANTIZE_BITS),
+          f"one of {_codecs.QUANTIZE_BITS}"),
     Field("topk_fraction", float, _between(0, 1, low_open=True), "a share in (0, 1]"),
     Field("error_feedback", bool, None, ""),
     Field("secure_aggregation", bool, None, ""),

@@ -8,7 +8,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fedjax_dx._data import ClientData
+from fedjax_dx.core._data import ClientData
 
 
 def available_memory(device: jax.Device | None = None) -> int:

@@ -1,19 +1,18 @@
-"""Differential privacy: clipping and noising client updates, and the privacy budget.
+"""The privacy budget, from Google's `dp-accounting` (RDP or PLD accountant).
 
-The budget comes from Google's `dp-accounting` (RDP or PLD accountant): `epsilon` of a
-run from its noise multiplier, sampling rate and number of noised releases, and
-`noise_for_epsilon` for the noise multiplier that reaches a target epsilon.
+`epsilon` of a run from its noise multiplier, sampling rate and number of noised
+releases, `noise_for_epsilon` for the noise multiplier that reaches a target epsilon,
+and their example-level (DP-SGD) forms.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
 
 ACCOUNTANTS = ("rdp", "pld")
 DP_MODES = ("central", "local", "example")
@@ -83,6 +82,41 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
     return math.inf
   ledger = _accountant(accountant)
   ledger.compose(_event(noise_multiplier, sampling_rate, steps))
+  return float(ledger.get_epsilon(delta))
+
+
+class GaussianRelease(NamedTuple):
+  """The privacy event of a Gaussian mechanism released `releases` times."""
+
+  noise_multiplier: float  # noise std / sensitivity (the clipping norm)
+  sampling_rate: float  # chance a unit takes part in a release (1: no amplification)
+  releases: int  # how many times it is released (rounds)
+
+
+def epsilon_of(events: Sequence[GaussianRelease], delta: float,
+               accountant: str = "rdp") -> float:
+  """The epsilon at `delta` of several Gaussian releases composed (one: `epsilon`).
+
+  Args:
+    events: the mechanisms' events (e.g. from `fedjax_dx.agg.Chain.privacy_events`).
+    delta: the delta of the (epsilon, delta) guarantee.
+    accountant: "rdp" or "pld".
+
+  Returns:
+    epsilon (inf if any release is unnoised).
+  """
+  if not events:
+    raise ValueError("no privacy events: nothing in the pipeline adds noise")
+  if len(events) == 1:
+    return epsilon(*events[0], delta, accountant)
+  for event in events:
+    check_budget_args(delta=delta, sampling_rate=event.sampling_rate,
+                      steps=event.releases, accountant=accountant)
+    if event.noise_multiplier == 0:
+      return math.inf
+  ledger = _accountant(accountant)
+  for event in events:
+    ledger.compose(_event(*event))
   return float(ledger.get_epsilon(delta))
 
 
@@ -161,117 +195,3 @@ def example_level_noise(target_epsilon: float, batch_size: int, num_examples, st
   `target_epsilon` (the largest of the per-hospital calibrations)."""
   return max(noise_for_epsilon(target_epsilon, delta, rate, k, accountant)
              for rate, k in _example_level_groups(batch_size, num_examples, steps))
-
-
-def global_norm(tree: Any) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def clip_updates(deltas: Any, clip_norm) -> tuple[Any, jax.Array]:
-  """Scales each client's update (leading clients axis) to L2 norm <= `clip_norm`.
-
-  Returns:
-    `(clipped, was_clipped [C] bool)`.
-  """
-  norms = jax.vmap(global_norm)(deltas)
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
-
-  def scaled(d):
-    return d * scale.reshape((-1,) + (1,) * (d.ndim - 1))
-
-  return jax.tree.map(scaled, deltas), norms > clip_norm
-
-
-def gaussian_like(key: jax.Array, tree: Any, stddev) -> Any:
-  """Independent N(0, stddev^2) noise shaped like `tree`."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      stddev * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
-def _attack_scores(scores, member_mask, other_scores, other_mask):
-  from fedjax_dx import _metrics
-  all_scores = jnp.concatenate([scores, other_scores])
-  is_member = jnp.concatenate([jnp.ones_like(member_mask), jnp.zeros_like(other_mask)])
-  auc = _metrics.binary_auc(all_scores, is_member, jnp.concatenate([member_mask,
-                                                                    other_mask]))
-  # The threshold passed by 1% of non-members: the 99th percentile of their scores.
-  threshold = jnp.nanquantile(jnp.where(other_mask, other_scores, jnp.nan), 0.99)
-  passed = (scores > threshold) & member_mask
-  return auc, passed.sum() / jnp.maximum(member_mask.sum(), 1)
-
-
-def _class_balanced_auc(scores, labels, member_mask, other_scores, other_labels,
-                        other_mask, num_classes):
-  """The attack's AUC within each class, averaged over the classes that both sets
-  hold (NaN when none does)."""
-  from fedjax_dx import _metrics
-  all_scores = jnp.concatenate([scores, other_scores])
-  is_member = jnp.concatenate([jnp.ones_like(member_mask), jnp.zeros_like(other_mask)])
-  all_labels = jnp.concatenate([labels, other_labels])
-  all_mask = jnp.concatenate([member_mask, other_mask])
-  aucs = jnp.stack([_metrics.binary_auc(all_scores, is_member,
-                                        all_mask & (all_labels == c))
-                    for c in range(max(num_classes, 2))])
-  present = ~jnp.isnan(aucs)
-  return jnp.where(present.any(), jnp.where(present, aucs, 0.0).sum()
-                   / jnp.maximum(present.sum(), 1), jnp.nan)
-
-
-def membership_inference(model, params, members, non_members,
-                         reference_params=None) -> dict[str, jax.Array]:
-  """The loss-threshold membership-inference attack (Yeom et al., 2018) on one model.
-
-  The attacker guesses "member" when an example's loss is low. Its success over all
-  thresholds is the ROC AUC of the score `-loss` with training examples (`members`) as
-  positives and held-out examples (`non_members`) as negatives; 0.5 means the model
-  leaks nothing this attack can see. Also the true-positive rate at a 1% false-positive
-  rate (the threshold that 1% of non-members pass), the figure that matters for the
-  few patients most exposed.
-
-  The calibrated variant (difficulty calibration, Watson et al., ICLR 2022, without
-  shadow models) scores `loss_reference(x) - loss(x)`: how much training lowered the
-  example's loss, so examples that are easy for any model stop looking like members.
-  The reference is a model that saw none of the examples, such as the initial model.
-
-  The class-balanced AUC compares members and non-members of the same class only (the
-  plain attack's AUC within each class, averaged over the classes present in both
-  sets): when the two sets hold the classes in different proportions (PneumoniaMNIST's
-  train split has 74% pneumonia, its test split 62.5%), a model whose loss depends on
-  the class already separates them without memorising anyone; this AUC does not count
-  that.
-
-  Args:
-    model: the model.
-    params: one model's parameters.
-    members: `ClientData` it was trained on (all clients pooled by the attack).
-    non_members: `ClientData` it never saw (e.g. the test split).
-    reference_params: parameters of a model that saw neither set (the starting model
-      of training), for the calibrated attack; None: the plain attack only.
-
-  Returns:
-    `{"auc": [], "tpr_at_1pct_fpr": [], "class_balanced_auc": []}`, plus
-    `calibrated_auc` and `calibrated_tpr_at_1pct_fpr` with `reference_params`.
-  """
-  from fedjax_dx import _models
-
-  def losses(p, data):
-    features = data.features.reshape((-1,) + data.features.shape[2:])
-    return _models.per_example_loss(model, model.apply(p, features),
-                                    data.labels.reshape(-1))
-
-  member_mask, other_mask = members.mask.reshape(-1), non_members.mask.reshape(-1)
-  member_loss, other_loss = losses(params, members), losses(params, non_members)
-  auc, tpr = _attack_scores(-member_loss, member_mask, -other_loss, other_mask)
-  result = {"auc": auc, "tpr_at_1pct_fpr": tpr, "class_balanced_auc":
-            _class_balanced_auc(-member_loss, members.labels.reshape(-1), member_mask,
-                                -other_loss, non_members.labels.reshape(-1),
-                                other_mask, model.num_classes)}
-  if reference_params is not None:
-    auc, tpr = _attack_scores(losses(reference_params, members) - member_loss,
-                              member_mask,
-                              losses(reference_params, non_members) - other_loss,
-                              other_mask)
-    result.update(calibrated_auc=auc, calibrated_tpr_at_1pct_fpr=tpr)
-  return result

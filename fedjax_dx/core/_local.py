@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_dx import _models
-from fedjax_dx._data import ClientData
+from fedjax_dx.core import _models
+from fedjax_dx.core._data import ClientData
 
 Params = Any
 
@@ -177,50 +177,46 @@ class LocalTrainer(NamedTuple):
 
 
 def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation, *,
-                  batch_size: int, budget: LocalBudget,
-                  example_clip: float | None = None, example_noise: float = 0.0
-                  ) -> LocalTrainer:
+                  batch_size: int, budget: LocalBudget) -> LocalTrainer:
   """Builds the client_init / client_step / client_final of local training.
 
   Args:
     model: the model.
-    optimizer: the client optimizer (any optax `GradientTransformation`; FedProx is
-      `optax.chain(fedjax_dx.client.proximal(mu), optimizer)`).
+    optimizer: the client optimizer: any optax `GradientTransformation`, with the
+      client-side transformations of `fedjax_dx.client` chained in (FedProx:
+      `optax.chain(client.proximal(mu), opt)`; SCAFFOLD:
+      `optax.chain(client.scaffold_correction(), opt)`, the correction passed to each
+      step as an extra argument) or around it (example-level DP-SGD:
+      `client.dp_sgd(opt, ...)`, which brings its own per-example gradient and needs a
+      `noise_key` at `client_init`).
     batch_size: examples per local step.
     budget: local steps or local epochs per round.
-    example_clip: example-level DP-SGD (Abadi et al., 2016): every example's gradient
-      is clipped to this L2 norm, the clipped gradients are summed, Gaussian noise of
-      std `example_noise * example_clip` is added, and the sum is divided by
-      `batch_size` (needs a `noise_key` at `client_init`). None: plain gradients.
-    example_noise: DP-SGD's noise multiplier (>= 0).
 
   Returns:
     A `LocalTrainer`; `train_clients` runs it for every client at once.
   """
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-  if example_clip is not None:
-    check_hyperparameter(example_clip, "example_clip (DP-SGD clipping norm)", above=0.0)
-    check_hyperparameter(example_noise, "example_noise (DP-SGD noise multiplier)",
-                         minimum=0.0)
   batch = int(batch_size)
   num_steps = functools.partial(_num_steps, budget, batch)
+  needs_noise_key = getattr(optimizer, "needs_noise_key", False)
 
   def client_init(params, opt_state, correction=None, noise_key=None) -> ClientState:
-    if example_clip is not None and noise_key is None:
+    if needs_noise_key and noise_key is None:
       raise ValueError("example-level DP-SGD needs a noise_key at client_init")
     return ClientState(params=params, opt_state=opt_state,
                        loss_sum=jnp.zeros((), jnp.float32),
                        examples_seen=jnp.zeros((), jnp.int32),
                        steps_taken=jnp.zeros((), jnp.int32), correction=correction,
-                       noise_key=noise_key if example_clip is not None else None)
+                       noise_key=noise_key if needs_noise_key else None)
 
-  gradient = (functools.partial(_dp_sgd_gradient, model, example_clip, example_noise)
-              if example_clip is not None else functools.partial(_gradient, model))
+  gradient = (functools.partial(optimizer.gradient, model)
+              if hasattr(optimizer, "gradient") else functools.partial(_gradient, model))
   return LocalTrainer(
       client_batches=functools.partial(_client_batches, budget, batch, num_steps),
       client_init=client_init,
-      client_step=functools.partial(_client_step, optimizer, gradient),
+      client_step=functools.partial(_client_step, optax.with_extra_args_support(optimizer),
+                                    gradient),
       client_final=_client_final, num_steps=num_steps, batch_size=batch, budget=budget)
 
 
@@ -272,38 +268,14 @@ def _gradient(model, state: ClientState, batch: Batch, count):
   return loss, grads, state.noise_key
 
 
-def _dp_sgd_gradient(model, clip, noise_multiplier, state: ClientState, batch: Batch,
-                     count):
-  """DP-SGD: per-example gradients (vmap), each clipped, summed, noised, / B."""
-  def example_loss(params, x, y):
-    return _models.per_example_loss(model, model.apply(params, x[None]), y[None])[0]
-
-  losses, per_example = jax.vmap(jax.value_and_grad(example_loss),
-                                 in_axes=(None, 0, 0))(state.params, batch.x, batch.y)
-  leaves = jax.tree.leaves(per_example)
-  norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
-                       for g in leaves))
-  factor = batch.weight * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
-  summed = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1), per_example)
-  noise_key, step_key = jax.random.split(state.noise_key)
-  leaves, treedef = jax.tree.flatten(summed)
-  keys = jax.random.split(step_key, len(leaves))
-  noisy = jax.tree.unflatten(treedef, [
-      g + noise_multiplier * clip * jax.random.normal(k, g.shape, g.dtype)
-      for g, k in zip(leaves, keys)])
-  grads = jax.tree.map(lambda g: g / batch.weight.shape[0], noisy)  # fixed B
-  loss = (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
-  return loss, grads, noise_key
-
-
 def _client_step(optimizer, gradient: Callable, state: ClientState,
                  batch: Batch) -> ClientState:
-  """One local step: gradient (plain or DP-SGD), SCAFFOLD's correction, the optimizer."""
+  """One local step: the gradient (plain, or the transformation's own: DP-SGD), then
+  the client optimizer (with SCAFFOLD's correction as an extra argument)."""
   count = batch.weight.sum()
   loss, grads, noise_key = gradient(state, batch, count)
-  if state.correction is not None:
-    grads = jax.tree.map(jnp.add, grads, state.correction)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  extra = {} if state.correction is None else {"correction": state.correction}
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   # A step without real examples (a small client past its epochs) changes nothing.
   take = count > 0

@@ -12,8 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_dx import _models
-from fedjax_dx._data import ClientData
+from fedjax_dx.core import _models
+from fedjax_dx.core._data import ClientData
 
 METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity",
                 "specificity", "f1", "num_examples")

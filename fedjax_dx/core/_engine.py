@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_dx import _aggregation
-from fedjax_dx import _local
 from fedjax_dx import agg as _agg
-from fedjax_dx._data import ClientData, check_client_data
+from fedjax_dx.agg import _functional
+from fedjax_dx.core import _local
+from fedjax_dx.core._data import ClientData, check_client_data
 
 Params = Any
 
@@ -72,6 +72,8 @@ class Algorithm(NamedTuple):
       round with the client data in host memory, sent to the device chunk by chunk
       (transfers overlap training); the FedAvg family only.
     aggregator: the round's aggregator chain (`fedjax_dx.agg.Chain`), or None.
+    halves: the round cut at the wire (`RoundHalves`: the server's begin, one client's
+      half, the server's end), for one process per hospital; the FedAvg family only.
   """
 
   init: Callable[..., Any]
@@ -81,6 +83,7 @@ class Algorithm(NamedTuple):
   personalize: Callable[..., Any] | None = None
   stream: Callable[..., Any] | None = None
   aggregator: Any = None
+  halves: Any = None
 
 
 class Systems(NamedTuple):
@@ -218,12 +221,11 @@ class Gathers(NamedTuple):
 
 
 class ClientWork(NamedTuple):
-  """What local training does besides its optimizer (all optional; FedProx's proximal
-  term is a client transformation, `fedjax_dx.client.proximal`)."""
+  """What the round does around local training besides the client optimizer (the
+  client-side transformations, FedProx's proximal term, SCAFFOLD's correction and
+  DP-SGD, are in the client optimizer: `fedjax_dx.client`)."""
 
-  example_clip: float | None = None  # example-level DP-SGD's per-example clip
-  example_noise: float = 0.0  # example-level DP-SGD's noise multiplier
-  scaffold_learning_rate: float | None = None  # SCAFFOLD's correction (client SGD lr)
+  scaffold_learning_rate: float | None = None  # SCAFFOLD: keep control variates (lr)
   fine_tune_steps: int = 0  # personalization: local steps of the global model
 
 
@@ -246,10 +248,9 @@ class Round:
     self.client_optimizer = client_optimizer
     self.server_optimizer = server_optimizer
     self.uses_controls = work.scaffold_learning_rate is not None
-    self.example_dp = work.example_clip is not None
-    self.trainer = _local.local_trainer(
-        model, client_optimizer, batch_size=batch_size, budget=budget,
-        example_clip=work.example_clip, example_noise=work.example_noise)
+    self.example_dp = getattr(client_optimizer, "needs_noise_key", False)  # DP-SGD
+    self.trainer = _local.local_trainer(model, client_optimizer, batch_size=batch_size,
+                                        budget=budget)
 
   def begin(self, state, num_examples, participation) -> dict:
     """The round's arrays: participation, stragglers, cohort, weights, keys, and what
@@ -338,7 +339,7 @@ class Round:
     reducer = self.chain.reducer
     if reducer is not None:
       return reducer.reduce(messages, weights)
-    return _aggregation.weighted_mean(messages, weights)
+    return _functional.weighted_mean(messages, weights)
 
   def zero_total(self, state):
     size = sum(x.size for x in jax.tree.leaves(state.params))
@@ -539,6 +540,81 @@ def streamed(round_: Round) -> Callable:
   return stream
 
 
+class Upload(NamedTuple):
+  """What one client's half of a round returns to the server."""
+
+  message: Any  # the client's encoded, weighted message (its share of the sum)
+  position: jax.Array  # [1] int32: its data-stream position after the round
+  train_loss: jax.Array  # [1] float32: its mean local training loss
+  steps_taken: jax.Array  # [1] int32: local steps it took
+  values: dict  # [1] per-client values of the chain (weight, sending, clipped, ...)
+  control_change: Any  # SCAFFOLD's c_k_new - c_k ([1, ...]), or None
+  rows: dict  # [1, ...] its new per-client stage rows (error-feedback residual, ...)
+
+
+class RoundHalves(NamedTuple):
+  """One round of a linear chain cut where a deployment's network is:
+
+  * `begin(state, num_examples [C], participation [C] | None) -> ctx`: the server's
+    per-round values (weights, keys, dropout set, fixed-point scale); arrays only.
+  * `client(state, ctx, client_data, client) -> Upload`: one client's local training and
+    its chain `encode`; `client_data` holds that client alone (leading axis 1) and
+    `client` is its index. It reads only row `client` of the per-client state
+    (position, stage rows, control variate) and the broadcast global model.
+  * `end(state, ctx, num_examples, uploads: {client: Upload}) -> (state, metrics)`: the
+    server sums the messages (modulo 2^bits under secure aggregation), decodes the sum,
+    applies the server optimizer and stores the clients' positions and rows.
+
+  Calling `client` for each participant and `end` on their uploads gives the round
+  `apply` gives (tests). Each part is jitted; nothing in them is vmapped over clients.
+  """
+
+  begin: Callable[..., Any]
+  client: Callable[..., Any]
+  end: Callable[..., Any]
+
+
+def halves(round_: Round) -> RoundHalves:
+  """The round's client half and server halves, callable from separate processes."""
+  jit_begin = jax.jit(lambda state, sizes, p: round_.arrays(round_.begin(state, sizes, p)))
+
+  @jax.jit
+  def client(state, ctx, client_data, client):
+    members = jnp.reshape(jnp.asarray(client, jnp.int32), (1,))
+    message, (small, values, change, rows) = round_.group_sum(
+        state, ctx, client_data, members, jnp.ones((1,), bool))
+    return Upload(message, *small, values, change, rows)
+
+  @jax.jit
+  def add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+  jit_end = jax.jit(round_.end, static_argnums=(9,))
+
+  def begin(state, num_examples, participation=None):
+    check_chunkable(round_.chain, "a round cut into client and server halves")
+    if round_.cohort_size is not None:
+      raise ValueError("the round's halves train the clients the server calls; build "
+                       "the algorithm without cohort_size")
+    return jit_begin(state, jnp.asarray(num_examples), participation)
+
+  def end(state, ctx, num_examples, uploads: dict):
+    if not uploads:
+      raise ValueError("end needs the uploads of at least one client")
+    members = sorted(uploads)
+    total = round_.zero_total(state)
+    for k in members:
+      total = add(total, uploads[k].message)
+    parts = [uploads[k] for k in members]
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    small = (stacked.position, stacked.train_loss, stacked.steps_taken)
+    return jit_end(state, ctx, jnp.asarray(num_examples), total, small, stacked.values,
+                   stacked.control_change, stacked.rows,
+                   jnp.asarray(members, jnp.int32), False)
+
+  return RoundHalves(begin, client, end)
+
+
 def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalBudget,
               server_optimizer, aggregator: _agg.Chain, systems: Systems = Systems(),
               work: ClientWork = ClientWork(), cohort_size: int | None = None,
@@ -565,7 +641,10 @@ def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalB
                  systems=systems, work=work, cohort_size=cohort_size,
                  client_chunk=client_chunk)
   fine_tune_budget = _local.LocalBudget(steps=int(work.fine_tune_steps))
-  fine_tuner = (_local.local_trainer(model, client_optimizer, batch_size=batch_size,
+  # Fine-tuning is a hospital's own use of the model: plain gradients, no DP-SGD noise.
+  fine_tune_optimizer = optax.GradientTransformation(client_optimizer.init,
+                                                     client_optimizer.update)
+  fine_tuner = (_local.local_trainer(model, fine_tune_optimizer, batch_size=batch_size,
                                      budget=fine_tune_budget)
                 if work.fine_tune_steps else None)
 
@@ -619,4 +698,5 @@ def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalB
 
   return Algorithm(init=init, apply=round_.apply, run=make_run(round_.apply, check),
                    name=name, personalize=personalize if fine_tuner else None,
-                   stream=streamed(round_), aggregator=aggregator)
+                   stream=streamed(round_), aggregator=aggregator,
+                   halves=halves(round_))

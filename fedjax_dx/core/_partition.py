@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fedjax_dx._data import ClientData, stack_clients
+from fedjax_dx.core._data import ClientData, stack_clients
 
 
 def _check_common(num_examples: int, num_clients: int, min_examples: int) -> None:

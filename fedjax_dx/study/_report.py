@@ -10,7 +10,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedjax_dx import _study
+from fedjax_dx.study._schema import METRICS
+from fedjax_dx.study._storage import write_atomic
+from fedjax_dx.study._summary import swept_columns
 
 
 
@@ -47,10 +49,10 @@ def _collapse_local(frame):
   owner = local["method"].str.slice(6)
   own = local[(local["client"] == owner)]
   pooled = local[local["client"] == "pooled"]
-  group = [c for c in pooled.columns if c not in _study.METRICS and c not in (
+  group = [c for c in pooled.columns if c not in METRICS and c not in (
       "method", "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
       "compile_s")]
-  pooled = pooled.groupby(group, dropna=False, as_index=False)[list(_study.METRICS)].mean()
+  pooled = pooled.groupby(group, dropna=False, as_index=False)[list(METRICS)].mean()
   local_rows = pd.concat([own, pooled], ignore_index=True)
   local_rows["method"] = "local"
   return pd.concat([rest, local_rows], ignore_index=True)
@@ -171,7 +173,7 @@ def make_report(workdir: str) -> dict[str, str]:
   metric = config.get("target_metric", "accuracy")
   test = _collapse_local(frame[frame["split"] == "test"])
   order = [m for m in config["methods"].split(",") if m in set(test["method"])]
-  study = _Study(plt, sns, config, metric, _study.swept_columns(frame), test,
+  study = _Study(plt, sns, config, metric, swept_columns(frame), test,
                  test[test["client"] == "pooled"], dict(zip(order, sns.color_palette(
                      "deep", len(order)))), order, workdir)
   figures = _convergence(study)
@@ -318,7 +320,7 @@ def _labels(workdir: str) -> dict[str, str]:
   # Label distribution of the partition (first point).
   partition_path = os.path.join(workdir, "partition.json")
   if os.path.isfile(partition_path):
-    from fedjax_dx import _partition
+    from fedjax_dx.core import _partition
     with open(partition_path) as f:
       partitions = json.load(f)
     first = partitions[sorted(partitions, key=int)[0]]
@@ -353,7 +355,7 @@ def _html(workdir, meta, summary, figures, metric) -> str:
              if c not in ("method", "client", "client_name") and not c.endswith("_std")
              and c not in ("target",)]]
   table = summary[columns].copy()
-  for m in _study.METRICS:
+  for m in METRICS:
     if f"{m}_mean" in summary:
       table[f"{m}_mean"] = [f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
                             for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
@@ -367,5 +369,5 @@ def _html(workdir, meta, summary, figures, metric) -> str:
   parts.append(table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}"))
   parts.append("</body></html>")
   path = os.path.join(workdir, "report.html")
-  _study.write_atomic(path, "\n".join(parts))
+  write_atomic(path, "\n".join(parts))
   return path

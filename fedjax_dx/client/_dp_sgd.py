@@ -1,0 +1,86 @@
+"""Example-level DP-SGD (Abadi et al., 2016) as a client-side transformation."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_dx.core import _models
+from fedjax_dx.privacy import _accounting
+
+
+class DpSgd(NamedTuple):
+  """A client optimizer whose gradients are DP-SGD's; see `dp_sgd`.
+
+  It is an optax transformation (`init`/`update` are the wrapped optimizer's) that also
+  brings its own `gradient`: local training asks it for each step's gradient.
+  """
+
+  init: Callable  # the wrapped optimizer's init
+  update: Callable  # the wrapped optimizer's update
+  clip_norm: float  # every example's gradient is clipped to this L2 norm
+  noise_multiplier: float  # noise std / clip_norm, added to the clipped sum
+
+  needs_noise_key = True  # local training hands each client its own noise key
+
+  def gradient(self, model, state, batch, count):
+    """`(loss, grads, next noise key)` of one step: per-example gradients (vmap), each
+    clipped to `clip_norm`, summed, noised with std `noise_multiplier * clip_norm`, and
+    divided by the fixed batch size."""
+    def example_loss(params, x, y):
+      return _models.per_example_loss(model, model.apply(params, x[None]), y[None])[0]
+
+    losses, per_example = jax.vmap(jax.value_and_grad(example_loss),
+                                   in_axes=(None, 0, 0))(state.params, batch.x, batch.y)
+    leaves = jax.tree.leaves(per_example)
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                         for g in leaves))
+    factor = batch.weight * jnp.minimum(1.0, self.clip_norm / jnp.maximum(norms, 1e-12))
+    summed = jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1), per_example)
+    noise_key, step_key = jax.random.split(state.noise_key)
+    leaves, treedef = jax.tree.flatten(summed)
+    keys = jax.random.split(step_key, len(leaves))
+    noisy = jax.tree.unflatten(treedef, [
+        g + self.noise_multiplier * self.clip_norm * jax.random.normal(k, g.shape, g.dtype)
+        for g, k in zip(leaves, keys)])
+    grads = jax.tree.map(lambda g: g / batch.weight.shape[0], noisy)  # fixed B
+    loss = (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
+    return loss, grads, noise_key
+
+  def epsilon(self, *, batch_size: int, num_examples, steps, delta: float,
+              accountant: str = "rdp") -> float:
+    """The worst hospital's epsilon after `steps[k]` noised steps on `num_examples[k]`
+    examples (sampling rate `batch_size / n_k`)."""
+    return _accounting.example_level_epsilon(self.noise_multiplier, batch_size,
+                                             num_examples, steps, delta, accountant)
+
+
+def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
+           noise_multiplier: float) -> DpSgd:
+  """Example-level differential privacy for each hospital's local training.
+
+  Every example's gradient is clipped to `clip_norm`, the clipped gradients are summed,
+  Gaussian noise of std `noise_multiplier * clip_norm` is added and the sum is divided by
+  the batch size; `optimizer` then takes the step. Wrap the whole client optimizer
+  (outermost: `dp_sgd(optax.chain(client.proximal(mu), optax.sgd(lr)), ...)`).
+
+  Args:
+    optimizer: the client optimizer.
+    clip_norm: per-example clipping norm (> 0; may be traced).
+    noise_multiplier: noise std over `clip_norm` (>= 0; may be traced).
+
+  Returns:
+    A `DpSgd` (an optax transformation with its own gradient and `epsilon`).
+
+  Example:
+    >>> opt = fdx.client.dp_sgd(optax.sgd(0.1), clip_norm=1.0, noise_multiplier=1.1)
+    >>> algo = fdx.fedavg(model, opt, batch_size=16, local_steps=20)
+  """
+  from fedjax_dx.core import _local  # pylint: disable=g-import-not-at-top
+  _local.check_hyperparameter(clip_norm, "DP-SGD clip_norm", above=0.0)
+  _local.check_hyperparameter(noise_multiplier, "DP-SGD noise_multiplier", minimum=0.0)
+  return DpSgd(optimizer.init, optimizer.update, clip_norm, noise_multiplier)
+

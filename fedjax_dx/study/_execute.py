@@ -1,0 +1,480 @@
+"""Execution: every method x point x seed, with progress, resume and multi-host runs."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_dx.agg import _codecs
+from fedjax_dx.core import _data
+from fedjax_dx.core import _distributed
+from fedjax_dx.core import _sampling
+from fedjax_dx.core import _sharding
+from fedjax_dx.privacy import _accounting
+from fedjax_dx.privacy import _secagg
+from fedjax_dx.strategies import _baselines
+from fedjax_dx.study._build import aggregator_chain, dp_sampling_rate, example_noise
+from fedjax_dx.study._build import privacy_noise
+from fedjax_dx.study._checks import check_config, method_config, methods_of
+from fedjax_dx.study._programs import ProgramCache, compiler_options
+from fedjax_dx.study._schema import CHUNKABLE, METRICS, PRIVATE, SHARDED, STRATEGIES, StudyError
+from fedjax_dx.study._storage import environment, finalize, prepare_workdir, write_atomic
+from fedjax_dx.study._sweep import apply_point, column_name, point_id, sweep_points
+
+
+def _tree_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _metric_rows(result, names, *, prefix: dict, model_index=None) -> list[dict]:
+  rows = []
+  clients = {k: np.asarray(v) for k, v in result["clients"].items()}
+  pooled = {k: np.asarray(v) for k, v in result["pooled"].items()}
+  if model_index is not None:
+    clients = {k: v[model_index] for k, v in clients.items()}
+    pooled = {k: v[model_index] for k, v in pooled.items()}
+  for k in range(len(names)):
+    row = dict(prefix, client=k, client_name=names[k])
+    row.update({m: _clean(clients[m][k]) for m in METRICS})
+    row["num_examples"] = int(clients["num_examples"][k])
+    rows.append(row)
+  row = dict(prefix, client="pooled", client_name="pooled")
+  row.update({m: _clean(pooled[m]) for m in METRICS})
+  row["num_examples"] = int(pooled["num_examples"])
+  rows.append(row)
+  return rows
+
+
+def _clean(x) -> float | None:
+  x = float(x)
+  return None if math.isnan(x) else x
+
+
+def _seed_slice(tree, index: int):
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+class MethodRun:
+  """One method for several seeds at once (one vmapped program), in two phases:
+  `__init__` builds the states and lowers the programs (Python, serial) and hands
+  them to worker threads to compile (XLA); `execute` waits for them, trains, evaluates
+  every `eval_every` rounds and returns the result rows of each seed."""
+
+  def __init__(self, config, method, data, names, cache, seeds, swept):
+    # Several processes (multi-host): federated methods train and evaluate on global
+    # arrays whose clients axis spans every device of every process; the baselines
+    # and cyclic run on each process's own copy (the same result everywhere).
+    self.sharded = _distributed.is_multiprocess() and method in SHARDED
+    example = data.train.features[0, :1]
+    if self.sharded:
+      data = cache.global_data(data)
+    self.data, self.names = data, names
+    self.seeds, self.swept, self.cache = list(seeds), swept, cache
+    self.model = model = cache.model(config, data.num_classes)
+    self.train = train = (_data.pool_clients(data.train) if method == "centralized"
+                          else data.train)
+    sizes = np.asarray(data.train.num_examples)
+    keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+    params = cache.initial_params(model, keys[:, 0], example)
+    if method in CHUNKABLE and config.client_chunk != 0:
+      config = cache.fit_client_chunk(config, method, model, params, train, keys[0, 1])
+    self.private = config.dp != "none" and method in PRIVATE
+    self.sizes, self._epsilons = sizes, {}
+    participation = self._participation(config, method, seeds, train.num_clients)
+    if self.private:
+      self.sampling_rate = dp_sampling_rate(config, int(np.sum(sizes > 0)))
+      if config.dp_target_epsilon > 0:
+        config = copy.deepcopy(config)
+        if config.dp == "example":
+          config.dp_noise = example_noise(config, sizes, self._local_steps(
+              config, participation.max(0).sum(0)))
+        else:
+          config.dp_noise = privacy_noise(config, self.sampling_rate)
+    self.config, self.method = config, method
+    # Client-level privacy is spent by the chain's noise stage: it gives the epsilon.
+    self.chain = (aggregator_chain(config, method)
+                  if self.private and config.dp != "example" else None)
+    self.algo = algo = cache.algorithm(config, method, model)
+    if self.sharded:  # global data cannot be closed over: one init per seed, stacked
+      mesh = _sharding.client_mesh()
+      params = _sharding.replicate(params, mesh)
+      self.states = _baselines.stack_states([
+          algo.init(_seed_slice(params, s), train, keys[s, 1])
+          for s in range(len(seeds))])
+    else:  # one batched init for all seeds (data not batched: init's host checks run)
+      self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
+                                                                            keys[:, 1])
+    one_seed = self.states.replace(positions=self.states.positions[0])  # for the checks
+    for rounds_participation in participation:
+      algo.run.check(one_seed, train, rounds_participation)
+    self.participation = participation  # [S, R, C]
+    self.initial_params = params  # [S, ...]: the calibrated attack's reference models
+    self.param_bytes = _tree_bytes(jax.tree.map(lambda x: x[0], params))
+    self.num_params = int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(params)))
+    self.data_bytes = int(sizes.sum()) * (
+        int(np.prod(data.train.feature_shape)) * 4 + 4)  # float32 features + int32 label
+    self.kind = {"local": "stacked", "fedavg_ft": "personalized"}.get(method, "global")
+    chunks = {min(config.eval_every, config.rounds), config.rounds % config.eval_every}
+    self.programs = {c: cache.program(algo, self.states, train,
+                                      jnp.asarray(self.participation[:, :c]))
+                     for c in sorted(chunks) if c}
+    self.evaluator = cache.evaluator(model, self.kind, algo, self._evaluated_models(),
+                                     data)
+    self.compile_s = 0.0
+
+  def _evaluated_models(self):
+    if self.kind == "personalized":
+      return self.states
+    if self.method == "centralized":  # the pooled model: its LocalState's only "client"
+      return jax.tree.map(lambda x: x[:, 0], self.states.params)
+    return self.states.params
+
+  def _participation(self, config, method, seeds, num_clients) -> np.ndarray:
+    """Each seed's participation schedule `[S, R, C]` (sampled clients per round)."""
+    schedules = []
+    for seed in seeds:
+      rounds_participation = np.ones((config.rounds, num_clients), np.float32)
+      if method in STRATEGIES and method != "cyclic" and config.clients_per_round:
+        rounds_participation = _sampling.sample_participation(
+            seed, config.rounds, self.sizes, config.clients_per_round,
+            by=config.sampling)
+      schedules.append(rounds_participation)
+    return np.stack(schedules)
+
+  def _local_steps(self, config, rounds_taken_part) -> np.ndarray:
+    """Noised local steps each client has taken after `rounds_taken_part` ([C])
+    rounds (the full budget: stragglers' shorter rounds only spend less)."""
+    if config.local_steps:
+      return config.local_steps * np.asarray(rounds_taken_part, np.int64)
+    per_round = np.ceil(self.sizes * config.local_epochs / config.batch_size)
+    return (per_round * np.asarray(rounds_taken_part)).astype(np.int64)
+
+  def _privacy_columns(self, round_index: int, seed_index: int) -> dict[str, Any]:
+    """epsilon spent after `round_index` rounds (dp-accounting), for private methods:
+    client level from the rounds, example level from each hospital's DP-SGD steps."""
+    if not self.private:
+      return {}
+    config = self.config
+    if round_index == 0:
+      eps = 0.0
+    elif config.dp == "example":
+      taken = self.participation[seed_index, :round_index].astype(bool).sum(0)
+      steps = self._local_steps(config, taken)
+      key = tuple(steps.tolist())
+      if key not in self._epsilons:
+        self._epsilons[key] = _accounting.example_level_epsilon(
+            config.dp_noise, config.batch_size, self.sizes, steps, config.dp_delta,
+            config.dp_accountant)
+      eps = self._epsilons[key]
+    else:
+      key = round_index
+      if key not in self._epsilons:
+        self._epsilons[key] = self.chain.epsilon(
+            rounds=round_index, sampling_rate=self.sampling_rate, delta=config.dp_delta,
+            accountant=config.dp_accountant)
+      eps = self._epsilons[key]
+    return {"epsilon": None if math.isinf(eps) else round(eps, 6),
+            "dp_delta": config.dp_delta, "dp_noise": round(config.dp_noise, 6),
+            "dp_clip": config.dp_clip, "dp_mode": config.dp}
+
+  def _round_bytes(self, metrics) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes up and down per seed of the rounds behind `metrics` ([S, R] counts):
+    the model down to each participant; up, each upload's exact size (compressed, or
+    the masked vector plus the secure-aggregation protocol's messages)."""
+    config, num_seeds = self.config, len(self.seeds)
+    per_round = lambda name: np.asarray(metrics[name]).reshape(num_seeds, -1)
+    participants, uploads = per_round("num_participants"), per_round("num_uploads")
+    copies = 2 if self.method == "scaffold" else 1  # SCAFFOLD adds its control variates
+    down = copies * self.param_bytes * participants.sum(1)
+    if self.method in PRIVATE and config.secure_aggregation:
+      dropped = per_round("secagg_dropped")
+      up = np.zeros(num_seeds, np.int64)
+      for s in range(num_seeds):
+        for sent, lost in zip(uploads[s] + dropped[s], dropped[s]):
+          protocol_up, protocol_down = _secagg.round_bytes(
+              self.num_params, config.secagg_bits, int(sent), int(lost))
+          up[s] += protocol_up
+          down[s] += protocol_down
+      return up, down
+    if self.method in PRIVATE:
+      each = _codecs.upload_bytes(config.compression, self.num_params,
+                                  bits=config.compression_bits,
+                                  topk_fraction=config.topk_fraction)
+    else:
+      each = copies * self.param_bytes
+    return each * uploads.sum(1), down
+
+  def execute(self, progress) -> dict[int, list[dict]]:
+    for program in self.programs.values():
+      program.compile(self.cache.options)  # waits for the worker thread
+    # Wall time of this method's own compiles (0 when an earlier point compiled them).
+    self.compile_s = sum(p.compile_s for p in self.programs.values()
+                         if p not in self.cache.reported)
+    self.cache.reported.update(self.programs.values())
+    config, method, data, seeds = self.config, self.method, self.data, self.seeds
+    rows = {seed: [] for seed in seeds}
+    done, wall = 0, 0.0
+    cumulative = np.zeros(len(seeds), np.int64)
+    zeros = np.zeros(len(seeds), np.int64)
+
+    host = _distributed.fetch if self.sharded else jax.device_get
+
+    def evaluate_now(round_index, bytes_up, bytes_down):
+      results = host(self.evaluator(self._evaluated_models(), data.train, data.test))
+      privacy = [self._privacy_columns(round_index, s) for s in range(len(seeds))]
+      for split, result in zip(("train", "test"), results):
+        for s, seed in enumerate(seeds):
+          one = _seed_slice(result, s)
+          base = dict(seed=seed, round=round_index, num_clients=len(self.names),
+                      split=split, bytes_up=int(bytes_up[s]),
+                      bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
+                      wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
+                      batched_seeds=len(seeds), **privacy[s], **guard_columns(s),
+                      **{k: v for k, v in self.swept.items() if k != "num_clients"})
+          if self.kind == "stacked":
+            for m in range(len(self.names)):  # real clients (not bucket padding)
+              rows[seed].extend(_metric_rows(one, self.names,
+                                             prefix=dict(base, method=f"local_{m}"),
+                                             model_index=m))
+          else:
+            rows[seed].extend(_metric_rows(one, self.names,
+                                           prefix=dict(base, method=method)))
+            if split == "test" and attack is not None:  # on the pooled test row
+              rows[seed][-1].update({f"mia_{k}": _clean(v[s]) for k, v in attack.items()})
+
+    # Client updates the guard dropped (not finite, or blown up), summed over rounds.
+    guard_dropped = np.zeros(len(seeds), np.int64)
+    guarded = method in PRIVATE and config.guard > 0
+    guard_columns = lambda s: {"guard_dropped": int(guard_dropped[s])} if guarded else {}
+    attack = None
+    evaluate_now(0, zeros, zeros)
+    while done < config.rounds:
+      chunk = min(config.eval_every, config.rounds - done)
+      final = done + chunk == config.rounds
+      start = time.perf_counter()
+      self.states, metrics = self.programs[chunk](
+          self.states, self.train, jnp.asarray(self.participation[:, done:done + chunk]))
+      jax.block_until_ready(self.states)
+      wall += time.perf_counter() - start
+      metrics = host(metrics)
+      if method in STRATEGIES:  # models sent down to participants and back up
+        bytes_up, bytes_down = self._round_bytes(metrics)
+      elif method == "centralized":  # the raw data moves once
+        bytes_up = np.full(len(seeds), self.data_bytes if done == 0 else 0)
+        bytes_down = zeros
+      else:
+        bytes_up = bytes_down = zeros
+      cumulative += bytes_up + bytes_down
+      if guarded:
+        guard_dropped += np.asarray(metrics["guard_dropped"]).reshape(len(seeds), -1).sum(1)
+      done += chunk
+      if final and config.membership_audit and self.kind == "global":
+        attack = host(self.cache.attack(self.model)(
+            self._evaluated_models(), self.initial_params, data.train, data.test))
+      evaluate_now(done, bytes_up, bytes_down)
+      progress(done * len(seeds))
+    return rows
+
+
+class Progress:
+  """Points done, rounds and ETA, on stderr (one updating line on a terminal)."""
+
+  def __init__(self, total_rounds: int, quiet: bool):
+    self.total, self.done, self.quiet = total_rounds, 0, quiet
+    self.start = time.perf_counter()
+    self.tty = sys.stderr.isatty()
+    self.label = ""
+
+  def advance(self, rounds: int, label: str | None = None):
+    self.done += rounds
+    if label is not None:
+      self.label = label
+    if self.quiet:
+      return
+    elapsed = time.perf_counter() - self.start
+    eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+    line = (f"{self.label} | rounds {self.done}/{self.total} | elapsed {elapsed:.0f}s | "
+            f"ETA {eta:.0f}s")
+    if self.tty:
+      sys.stderr.write("\r" + line[:150].ljust(150))
+      sys.stderr.flush()
+
+  def log(self, message: str):
+    if not self.quiet:
+      if self.tty:
+        sys.stderr.write("\r" + " " * 150 + "\r")
+      logging.info(message)
+
+
+def _check_data_dependent(config, cache: ProgramCache) -> None:
+  """Checks that need the data (client counts), before anything is written."""
+  methods = methods_of(config)
+  for point in sweep_points(config):
+    variant = apply_point(config, point)
+    where = f" in sweep point {point}" if point else ""
+    data, _, _ = cache.dataset(variant)
+    with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
+    for method in methods:
+      mc = method_config(variant, method)
+      prefix = ("per_method." + method + "."
+                if "clients_per_round" in variant.get("per_method", {}).get(method, {})
+                else "")
+      if mc.clients_per_round > with_data:
+        raise StudyError(
+            f"config.{prefix}clients_per_round = {mc.clients_per_round}: cannot sample "
+            f"more clients than exist ({with_data} with data){where}")
+      if mc.dp != "none" and method in PRIVATE and mc.dp_target_epsilon > 0:
+        if mc.dp == "example":  # reachable with every client in every round?
+          sizes = np.asarray(data.train.num_examples)
+          steps = (mc.local_steps * mc.rounds if mc.local_steps else
+                   np.ceil(sizes * mc.local_epochs / mc.batch_size) * mc.rounds)
+          example_noise(mc, sizes, np.asarray(steps, np.int64))
+        else:
+          privacy_noise(mc, dp_sampling_rate(mc, with_data))  # reachable?
+      participants = mc.clients_per_round or with_data
+      if (method in STRATEGIES and method not in ("scaffold", "cyclic")
+          and mc.aggregator == "krum" and participants < 2 * mc.num_byzantine + 3):
+        raise StudyError(
+            f"config.num_byzantine = {mc.num_byzantine}: krum needs at least "
+            f"{2 * mc.num_byzantine + 3} participating clients per round (2 f + 3), "
+            f"{method} has {participants}{where}; lower num_byzantine or use more "
+            "clients")
+
+
+def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
+  """Runs (or resumes) a study into `workdir`; returns the paths written.
+
+  All seeds of a (point, method) train together in one vmapped program
+  (`config.batch_seeds`, default on); each (point, seed) is written to its own resume
+  record once every method has run.
+  """
+  check_config(config)
+  config_json = config.to_dict()
+  # Multi-host: every process runs every program; process 0 alone reads and writes
+  # the workdir and tells the others what is left to do.
+  lead = jax.process_index() == 0
+  resuming = bool(_on_lead(lead, lambda: [prepare_workdir(workdir, config_json)], 1)[0])
+  cache = ProgramCache(compiler_options(config))
+  try:
+    _check_data_dependent(config, cache)
+    if not resuming:
+      _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "config.json"), json.dumps(
+          {"config": config_json, "created": datetime.datetime.now().isoformat(),
+           **environment()}, indent=2, default=str)))
+    points = sweep_points(config)
+    fields = list(points[0])
+    seeds = [config.seed + s for s in range(config.num_seeds)]
+    methods = methods_of(config)
+
+    def rounds_of(point) -> int:  # rounds of all methods of one (point, seed)
+      variant = apply_point(config, point)
+      return sum(method_config(variant, m).rounds for m in methods)
+
+    todo = [(i, p, s) for i, p in enumerate(points) for s in seeds]
+    progress = Progress(sum(rounds_of(p) for _, p, _ in todo), quiet)
+    partitions = {}
+    points_dir = os.path.join(workdir, "points")
+    path_of = lambda i, p, s: os.path.join(points_dir, point_id(i, p, s) + ".jsonl")
+
+    def points_done() -> list[bool]:
+      os.makedirs(points_dir, exist_ok=True)
+      return [os.path.isfile(path_of(i, p, s)) for i, p, s in todo]
+
+    done_before = [bool(d) for d in _on_lead(lead, points_done, len(todo))]
+    is_done = lambda i, p, s: done_before[todo.index((i, p, s))]
+    if resuming:
+      finished = sum(done_before)
+      progress.log(f"resuming the study in {workdir}: {finished} of {len(todo)} "
+                   "(point, seed) runs already done")
+    for index, point in enumerate(points):
+      variant = apply_point(config, point)
+      swept = {column_name(f, fields): v for f, v in point.items()}
+      data, names, counts = cache.dataset(variant)
+      partitions[str(index)] = {"point": swept, "client_names": names,
+                                "label_counts": counts.tolist()}
+      missing = [s for s in seeds if not is_done(index, point, s)]
+      progress.advance(rounds_of(point) * (len(seeds) - len(missing)),
+                       f"point {index + 1}/{len(points)} (done)")
+      groups = [missing] if config.batch_seeds else [[s] for s in missing]
+      for group in filter(None, groups):
+        rows = {seed: [] for seed in group}
+        seeds_label = (f"seed{'s' if len(group) > 1 else ''} "
+                       f"{','.join(map(str, group))}")
+        progress.advance(0, f"point {index + 1}/{len(points)}: compiling {len(methods)} "
+                         f"methods, {seeds_label}")
+        # Trace and lower every method; XLA compiles meanwhile on worker threads.
+        # Multi-host: every process runs every method, the baselines (and cyclic) on
+        # its own copy too. Only process 0's results are written, but a process that
+        # skipped them would wait meanwhile in the next method's collectives (or at
+        # shutdown) for as long as they train, under the runtime's timeouts.
+        runs = [MethodRun(method_config(variant, m), m, data, names, cache, group, swept)
+                for m in methods]
+        for run in runs:
+          progress.advance(0, f"point {index + 1}/{len(points)} {run.method} {seeds_label}")
+          counter = [0]
+
+          def advance(done, counter=counter):
+            progress.advance(done - counter[0])
+            counter[0] = done
+
+          for seed, seed_rows in run.execute(advance).items():
+            rows[seed] += seed_rows
+
+        def write_points(index=index, point=point, group=group, rows=rows):
+          for seed in group:
+            write_atomic(path_of(index, point, seed),
+                         "".join(json.dumps(r) + "\n" for r in rows[seed]))
+
+        _on_lead(lead, write_points)
+        progress.log(f"finished point {index + 1}/{len(points)}: {swept or 'no sweep'}, "
+                     f"seed(s) {group}")
+    _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "partition.json"),
+                                        json.dumps(partitions)))
+  finally:
+    cache.close()
+  if not lead:
+    return {}
+  return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
+
+
+def _on_lead(lead: bool, action: Callable[[], Any], size: int = 0) -> list[int]:
+  """Runs `action` on process 0 alone (it reads and writes the workdir) and gives every
+  process its `size` integer results, or its error: a workdir refused, or one that
+  cannot be written, on process 0 stops every process with that reason instead of
+  leaving the others waiting for it in the next collective. One process: `action`'s
+  result, or its error as a `StudyError`."""
+  values, error = [0] * size, ""
+  if lead:
+    try:
+      values = list(action() or [])
+    except StudyError as e:
+      error = str(e)
+    except OSError as e:
+      error = f"cannot write the study: {e}"
+  if _distributed.is_multiprocess():
+    from jax.experimental import multihost_utils
+    message = np.frombuffer(error.encode()[:4096], np.uint8)
+    encoded = np.zeros(1 + size + 4096, np.int32)
+    encoded[0] = len(message)
+    encoded[1:1 + size] = values
+    encoded[1 + size:1 + size + len(message)] = message
+    encoded = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+    values = encoded[1:1 + size].tolist()
+    error = bytes(encoded[1 + size:1 + size + encoded[0]].astype(np.uint8)).decode(
+        errors="replace")
+    if error and not lead:
+      error = f"process 0 stopped the study: {error}"
+  if error:
+    raise StudyError(error)
+  return values

@@ -1,0 +1,100 @@
+"""Storage: atomic writes, the run's environment record, workdir resume checks, finalize.
+
+Every file is written to a temporary name, then renamed: a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from typing import Any
+
+import jax
+
+from fedjax_dx.study._schema import StudyError
+from fedjax_dx.study._summary import methods_order, summarize, summary_table
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def environment() -> dict[str, Any]:
+  """Package versions and the device a study ran on."""
+  import importlib.metadata as md
+  versions = {}
+  for package in ("fedjax_dx", "jax", "jaxlib", "flax", "optax", "numpy", "pandas",
+                  "ml_collections", "tensorflow_datasets", "scikit-learn"):
+    try:
+      versions[package] = md.version(package)
+    except md.PackageNotFoundError:
+      pass
+  device = jax.devices()[0]
+  return {"versions": versions, "python": platform.python_version(),
+          "device": {"platform": device.platform, "kind": device.device_kind,
+                     "count": len(jax.devices()), "processes": jax.process_count()},
+          "host": platform.node()}
+
+
+def to_plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def prepare_workdir(workdir: str, config_json: dict) -> bool:
+  """Creates or checks the workdir; True when resuming the same study."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      stored = json.load(f)["config"]
+    if stored != config_json:
+      differing = sorted(_diff(stored, config_json))
+      raise StudyError(
+          f"workdir {workdir!r} holds another study (its config.json differs in "
+          f"{', '.join(differing[:8])}); choose a new --workdir or remove that one")
+    return True
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise StudyError(f"workdir {workdir!r} is not empty and holds no study (no "
+                     "config.json); choose a new or empty --workdir")
+  return False
+
+
+def _diff(a, b, prefix=""):
+  keys = set(a) | set(b)
+  for k in keys:
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      yield from _diff(a[k], b[k], f"{prefix}{k}.")
+    elif a.get(k) != b.get(k):
+      yield f"{prefix}{k}"
+
+
+def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
+  """Assembles metrics.jsonl (canonical order) and summary.csv from the point files."""
+  import pandas as pd
+
+  lines = []
+  for pid in ids:
+    with open(os.path.join(workdir, "points", pid + ".jsonl")) as f:
+      lines.extend(f.readlines())
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  write_atomic(metrics_path, "".join(lines))
+  frame = pd.read_json(metrics_path, lines=True, dtype={"client": str})
+  summary = summarize(frame, config)
+  summary_path = os.path.join(workdir, "summary.csv")
+  write_atomic(summary_path, summary.to_csv(index=False))
+  table_path = os.path.join(workdir, "summary_table.md")
+  write_atomic(table_path, summary_table(summary, config.target_metric,
+                                         methods_order(config, summary)))
+  return {"metrics": metrics_path, "summary": summary_path, "table": table_path}

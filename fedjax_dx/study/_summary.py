@@ -1,0 +1,96 @@
+"""Summaries: final metrics mean/std over seeds and rounds/bytes to a target, as tables."""
+
+from __future__ import annotations
+
+from fedjax_dx.study._checks import methods_of
+from fedjax_dx.study._schema import METRICS, MIA_COLUMNS
+
+
+def methods_order(config, summary) -> list[str]:
+  """Result method names in config order (`local` expands to local_0, local_1, ...)."""
+  order = []
+  for method in methods_of(config):
+    if method == "local":
+      order += sorted((m for m in set(summary["method"]) if m.startswith("local_")),
+                      key=lambda m: int(m.split("_")[1]))
+    else:
+      order.append(method)
+  return [m for m in order if m in set(summary["method"])]
+
+
+def summary_table(summary, metric: str, methods: list[str]) -> str:
+  """A Markdown table: one row per method (and swept point), one column per test set,
+  cells `mean ± std` over seeds of the final-round `metric`."""
+  swept = [c for c in summary.columns if c not in (
+      "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
+      "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
+      "seeds_reaching_target", "target", "epsilon") and not c.endswith(("_mean", "_std"))]
+  clients = summary.drop_duplicates("client")
+  clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
+                                  for c in clients["client"]]).sort_values("order")
+  names = clients["client_name"].tolist()
+
+  def cell(mean, std, seeds):
+    if mean != mean:  # NaN: undefined on this test set
+      return "–"
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 and std == std else f"{mean:.3f}"
+
+  header = [*swept, "method", *names]
+  lines = [f"Final test {metric}, mean ± std over seeds (n = "
+           f"{int(summary['num_seeds'].max())})", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  groups = summary.groupby(swept, sort=True, dropna=False) if swept else [((), summary)]
+  for key, group in groups:
+    key = key if isinstance(key, tuple) else (key,)
+    for method in methods:
+      rows = group[group["method"] == method].set_index("client_name")
+      if rows.empty:
+        continue
+      cells = [cell(rows.at[n, f"{metric}_mean"], rows.at[n, f"{metric}_std"],
+                    rows.at[n, "num_seeds"]) if n in rows.index else "–" for n in names]
+      lines.append("| " + " | ".join([*(f"{v:g}" if isinstance(v, float) else str(v)
+                                        for v in key), method, *cells]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def swept_columns(frame) -> list[str]:
+  """Columns of swept values (num_clients counts when it varies)."""
+  fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
+           "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
+           "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
+           "dp_mode", *MIA_COLUMNS, *METRICS}
+  varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
+  return varying + [c for c in frame.columns if c not in fixed]
+
+
+def summarize(frame, config):
+  """Final test metrics per method x client x swept point: mean/std over seeds."""
+  test = frame[frame["split"] == "test"]
+  keys = ["method", "client", "client_name", *swept_columns(frame)]
+  last_round = test.groupby(keys + ["seed"], dropna=False)["round"].transform("max")
+  final = test[test["round"] == last_round]
+  grouped = final.groupby(keys, dropna=False, sort=False)
+  summary = grouped[list(METRICS)].agg(["mean", "std"])
+  summary.columns = [f"{m}_{s}" for m, s in summary.columns]
+  summary["num_seeds"] = grouped["seed"].nunique()
+  summary["rounds"] = grouped["round"].max()
+  summary["cumulative_bytes"] = grouped["cumulative_bytes"].mean()
+  summary["wall_s_mean"] = grouped["wall_s"].mean()
+  summary["compile_s_mean"] = grouped["compile_s"].mean()
+  if "epsilon" in final:  # privacy spent by the end (private methods only)
+    summary["epsilon"] = grouped["epsilon"].max()
+  for column in MIA_COLUMNS:  # the audit of the final model
+    if column in final:
+      summary[f"{column}_mean"] = grouped[column].mean()
+  target, value = config.target_metric, config.target_value
+  reached = test[test[target] >= value]
+  first = reached.groupby(keys + ["seed"], dropna=False).agg(
+      round_to_target=("round", "min"), bytes_to_target=("cumulative_bytes", "min"))
+  per_key = first.groupby(keys, dropna=False).agg(
+      rounds_to_target=("round_to_target", "mean"),
+      bytes_to_target=("bytes_to_target", "mean"),
+      seeds_reaching_target=("round_to_target", "count"))
+  summary = summary.join(per_key, how="left")
+  summary["seeds_reaching_target"] = summary["seeds_reaching_target"].fillna(0).astype(int)
+  summary["target"] = f"{target}>={value}"
+  return summary.reset_index()
