@@ -20,6 +20,19 @@ def client_key(rng, round_index, client, budget):
   return jax.random.fold_in(jax.random.fold_in(round_base, round_index), client)
 
 
+_GRADIENTS = {}
+
+
+def _batch_gradient(model):
+  """The gradient of one batch's mean loss, compiled once per model (the loop around it
+  stays plain Python: one client, one step at a time)."""
+  if id(model) not in _GRADIENTS:
+    def loss_fn(p, xb, yb):
+      return jnp.mean(fdx.per_example_loss(model, model.apply(p, xb), yb))
+    _GRADIENTS[id(model)] = (model, jax.jit(jax.grad(loss_fn)))
+  return _GRADIENTS[id(model)][1]
+
+
 def train_one_client(model, optimizer, params, x, y, key, start, budget, batch_size,
                      opt_state=None, prox_mu=0.0, correction=None, steps_out=None):
   """Trains one client on its unpadded examples, one Python step at a time."""
@@ -36,15 +49,12 @@ def train_one_client(model, optimizer, params, x, y, key, start, budget, batch_s
       orders[epoch] = np.asarray(fdx.epoch_order(key, epoch, n, n))[:n]
     return orders[epoch]
 
-  def loss_fn(p, xb, yb):
-    return jnp.mean(fdx.per_example_loss(model, model.apply(p, xb), yb))
-
   opt_state = optimizer.init(params) if opt_state is None else opt_state
   position = start
   while position < limit:
     batch_positions = range(position, min(position + batch_size, limit))
     idx = np.array([order(p // n)[p % n] for p in batch_positions])
-    grads = jax.grad(loss_fn)(params, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    grads = _batch_gradient(model)(params, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
     if prox_mu:
       grads = jax.tree.map(lambda g, w, a: g + prox_mu * (w - a), grads, params, anchor)
     if correction is not None:

@@ -62,8 +62,11 @@ def test_a_process_count_unlike_the_coordinators_is_refused(tmp_path):
   assert ("num_processes=3 on process 1, but the coordinator 127.0.0.1:"
           in outputs[1][1]), outputs[1][1][-2000:]
   assert "start every process with --num_processes=2" in outputs[1][1]
+  # The coordinator refuses too, at once and by name (not a collective timing out).
+  assert "process(es) [1] started with num_processes=[3]" in outputs[0][1], (
+      outputs[0][1][-2000:])
   for w in workers:
-    assert w.returncode != 0  # neither trains alone
+    assert w.returncode == 2  # neither trains alone
 
 
 def test_bad_distributed_arguments_are_named():

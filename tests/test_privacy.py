@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import fedjax_dx as fdx
+from fedjax_dx import agg
 from tests.test_algorithms import assert_trees_close, init_params, make_data
 
 RNG = jax.random.PRNGKey(5)
@@ -34,10 +35,11 @@ def test_epsilon_matches_the_values_dp_accounting_publishes():
     (lambda: fdx.noise_for_epsilon(-1.0, 1e-5, 1.0, 10), r"target epsilon must be > 0"),
     (lambda: fdx.noise_for_epsilon(1e-4, 1e-5, 1.0, 10**6),
      r"target epsilon 0.0001 is not reached by any noise multiplier up to 1000"),
-    (lambda: fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2,
-                        local_steps=1, dp_clip=0.0), r"dp_clip .* must be > 0, got 0.0"),
-    (lambda: fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2,
-                        local_steps=1, dp_noise=1.0), r"dp_noise=1.0 needs dp_clip"),
+    (lambda: agg.clip(0.0), r"dp_clip .* must be > 0, got 0.0"),
+    (lambda: agg.chain(agg.mean("uniform"), agg.gaussian(1.0)),
+     r"Gaussian is scaled to the clipping norm: put a clip stage before it"),
+    (lambda: fdx.client.dp_sgd(optax.sgd(0.1), clip_norm=0.0, noise_multiplier=1.0),
+     r"DP-SGD clip_norm must be > 0"),
 ])
 def test_bad_privacy_arguments_are_named(call, message):
   with pytest.raises(ValueError, match=message):
@@ -58,7 +60,8 @@ def test_dp_fedavg_without_noise_is_the_uniform_mean_of_clipped_updates():
   plain = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4,
                      weighting="uniform")
   state, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=1)
-  big = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4, dp_clip=1e6)
+  big = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4,
+                   aggregator=agg.chain(agg.clip(1e6), agg.mean("uniform")))
   big_state, metrics = big.run(big.init(params, data, RNG), data, num_rounds=1)
   assert_trees_close(big_state.params, state.params, atol=1e-6)
   assert float(metrics["clip_fraction"][0]) == 0.0
@@ -70,7 +73,8 @@ def test_dp_fedavg_without_noise_is_the_uniform_mean_of_clipped_updates():
              for k in range(4)]
   clipped = [u * min(1.0, 0.05 / np.linalg.norm(u)) for u in updates]
   expected = flat(params) + np.mean(clipped, axis=0)
-  small = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4, dp_clip=0.05)
+  small = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4,
+                     aggregator=agg.chain(agg.clip(0.05), agg.mean("uniform")))
   small_state, metrics = small.run(small.init(params, data, RNG), data, num_rounds=1)
   np.testing.assert_allclose(flat(small_state.params), expected, atol=1e-6)
   assert float(metrics["clip_fraction"][0]) == 1.0
@@ -82,8 +86,9 @@ def test_noise_has_the_stated_size(mode):
   _, _, data = make_data()
   params = init_params(model)
   # Learning rate 0: every update is 0, so the new model minus the old one is the noise.
-  algo = fdx.fedavg(model, optax.sgd(0.0), batch_size=3, local_steps=1, dp_clip=0.5,
-                    dp_noise=2.0, dp_mode=mode)
+  algo = fdx.fedavg(model, optax.sgd(0.0), batch_size=3, local_steps=1,
+                    aggregator=agg.chain(agg.clip(0.5), agg.mean("uniform"),
+                                         agg.gaussian(2.0, mode)))
   state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=1)
   noise = np.concatenate([np.ravel(a - b) for a, b in zip(
       jax.tree.leaves(state.params), jax.tree.leaves(params))])
@@ -161,8 +166,9 @@ def test_dp_sgd_clips_each_example_and_matches_a_per_example_loop():
   # A huge clip and no noise: DP-SGD is plain SGD (local steps: every batch is full).
   plain = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=3)
   want, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=2)
-  free = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=3, dp_clip=1e6,
-                    dp_mode="example")
+  free = fdx.fedavg(model, fdx.client.dp_sgd(optax.sgd(0.5), clip_norm=1e6,
+                                             noise_multiplier=0.0),
+                    batch_size=3, local_steps=3)
   got, _ = free.run(free.init(params, data, RNG), data, num_rounds=2)
   assert_trees_close(got.params, want.params, atol=1e-6)
   # A small clip: one step of one client against a loop over its examples.
@@ -220,8 +226,10 @@ def test_adaptive_clipping_follows_the_quantile_of_update_norms():
   _, _, data = make_data()
   params = init_params(model)
   clip, eta, quantile = 0.05, 0.3, 0.5
-  algo = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4, dp_clip=clip,
-                    dp_adaptive_quantile=quantile, dp_clip_learning_rate=eta)
+  algo = fdx.fedavg(model, optax.sgd(0.5), batch_size=3, local_steps=4,
+                    aggregator=agg.chain(agg.clip(clip, adaptive_quantile=quantile,
+                                                  learning_rate=eta),
+                                         agg.mean("uniform")))
   state = algo.init(params, data, RNG)
   local = fdx.local_only(model, optax.sgd(0.5), batch_size=3, local_steps=4)
   lstate, _ = local.run(local.init(params, data, RNG), data, num_rounds=1)
@@ -247,12 +255,11 @@ def test_adaptive_clipping_keeps_the_budget_of_its_noise_multiplier():
   assert z_update > z
   with pytest.raises(ValueError, match=r"needs dp_count_noise > 0.5"):
     fdx.adaptive_update_noise(1.0, 0.4)
-  with pytest.raises(ValueError, match=r"adaptive clipping .* needs dp_mode='central'"):
-    fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2, local_steps=1,
-               dp_clip=1.0, dp_mode="local", dp_adaptive_quantile=0.5)
+  with pytest.raises(ValueError, match=r"adaptive clipping .* needs central noise"):
+    agg.chain(agg.clip(1.0, adaptive_quantile=0.5), agg.mean("uniform"),
+              agg.gaussian(1.0, "local"))
   with pytest.raises(ValueError, match=r"dp_adaptive_quantile must lie in \(0, 1\)"):
-    fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2, local_steps=1,
-               dp_clip=1.0, dp_adaptive_quantile=1.5)
+    agg.clip(1.0, adaptive_quantile=1.5)
 
 
 def test_calibrated_attack_scores_the_loss_drop():

@@ -3,7 +3,6 @@ called one client at a time in a Python loop, and the server's end give the roun
 vmapped engine gives."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -27,7 +26,7 @@ def _algorithms(model):
           agg.mean(), agg.top_k(0.3))),
       "secure_sum_dropouts": fdx.fedavg(model, sgd, **COMMON, aggregator=agg.chain(
           agg.mean(), agg.secure_sum(dropout=0.25))),
-      "scaffold_stragglers": fdx.scaffold(model, 0.1, **COMMON, stragglers=0.5),
+      "scaffold_stragglers": fdx.scaffold(model, 0.1, **COMMON, systems=fdx.Systems(0.5)),
       "fedprox_adam_server": fdx.fedprox(
           model, sgd, mu=0.1, **COMMON, server_optimizer=optax.adam(0.05),
           systems=fdx.Systems(0.5, "keep")),

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 import fedjax_dx as fdx
+from fedjax_dx import agg
 from fedjax_dx.privacy import _secagg as sa
 from tests.test_algorithms import assert_trees_close, init_params, make_data
 
@@ -120,13 +121,15 @@ def test_secure_fedavg_equals_fedavg_and_survives_dropouts():
   plain = make()
   want, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=3)
   for chunk in (None, 3):
-    secure = make(secure_aggregation=True, secagg_bound=10.0, client_chunk=chunk)
+    secure = make(aggregator=agg.chain(agg.mean(), agg.secure_sum(bound=10.0)),
+                  client_chunk=chunk)
     state, metrics = secure.run(secure.init(params, data, RNG), data, num_rounds=3)
     assert_trees_close(state.params, want.params, atol=1e-6)
     assert not np.any(metrics["secagg_failed"])
   # One of 4 drops out after masking each round (tolerance 0.3 allows floor(1.2) = 1):
   # one round equals FedAvg over the other three, whichever it was.
-  secure = make(secure_aggregation=True, secagg_bound=10.0, secagg_dropout=0.25)
+  secure = make(aggregator=agg.chain(agg.mean(),
+                                     agg.secure_sum(bound=10.0, dropout=0.25)))
   state, metrics = secure.run(secure.init(params, data, RNG), data, num_rounds=1)
   assert int(metrics["secagg_dropped"][0]) == 1 and int(metrics["num_uploads"][0]) == 3
   matches = []
@@ -138,7 +141,8 @@ def test_secure_fedavg_equals_fedavg_and_survives_dropouts():
         jax.tree.leaves(state.params), jax.tree.leaves(ref.params))))
   assert sum(matches) == 1
   # Two of four drop: more than the protocol tolerates, so the round is discarded.
-  failing = make(secure_aggregation=True, secagg_bound=10.0, secagg_dropout=0.5)
+  failing = make(aggregator=agg.chain(agg.mean(),
+                                      agg.secure_sum(bound=10.0, dropout=0.5)))
   state, metrics = failing.run(failing.init(params, data, RNG), data, num_rounds=1)
   assert bool(metrics["secagg_failed"][0])
   assert_trees_close(state.params, params, atol=0)
@@ -183,7 +187,7 @@ def test_top_k_with_error_feedback_matches_a_sequential_reference():
   model, data, params = _setup()
   frac, lr, rounds = 0.25, 0.3, 3
   algo = fdx.fedavg(model, optax.sgd(lr), batch_size=3, local_steps=4,
-                    compression="topk", topk_fraction=frac)
+                    aggregator=agg.chain(agg.mean(), agg.top_k(frac)))
   state = algo.init(params, data, RNG)
   local = fdx.local_only(model, optax.sgd(lr), batch_size=3, local_steps=4)
   global_flat = _flat(params)
@@ -214,7 +218,7 @@ def test_top_k_with_error_feedback_matches_a_sequential_reference():
                   <= global_flat.size - k + 1e-9)
   # Nothing is lost overall: the model moved by the sent parts, the rest waits.
   plain = fdx.fedavg(model, optax.sgd(lr), batch_size=3, local_steps=4,
-                     compression="topk", topk_fraction=1.0)
+                     aggregator=agg.chain(agg.mean(), agg.top_k(1.0)))
   full, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=1)
   ref = fdx.fedavg(model, optax.sgd(lr), batch_size=3, local_steps=4)
   ref_state, _ = ref.run(ref.init(params, data, RNG), data, num_rounds=1)
@@ -227,11 +231,11 @@ def test_quantized_fedavg_is_close_to_fedavg_and_chunking_changes_nothing():
                                  **kw)
   plain = make()
   want, _ = plain.run(plain.init(params, data, RNG), data, num_rounds=2)
-  q16 = make(compression="quantize", compression_bits=16)
+  q16 = make(aggregator=agg.chain(agg.mean(), agg.quantize(16)))
   got, _ = q16.run(q16.init(params, data, RNG), data, num_rounds=2)
   assert_trees_close(got.params, want.params, atol=1e-3)
-  for kw in (dict(compression="quantize", compression_bits=4),
-             dict(compression="topk", topk_fraction=0.2)):
+  for kw in (dict(aggregator=agg.chain(agg.mean(), agg.quantize(4))),
+             dict(aggregator=agg.chain(agg.mean(), agg.top_k(0.2)))):
     whole = make(**kw)
     chunked = make(client_chunk=3, **kw)
     a, _ = whole.run(whole.init(params, data, RNG), data, num_rounds=2)
@@ -240,20 +244,20 @@ def test_quantized_fedavg_is_close_to_fedavg_and_chunking_changes_nothing():
     assert_trees_close(a.client_residuals, b.client_residuals, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(compression="zip"), r"compression must be one of .* got 'zip'"),
-    (dict(compression="quantize", compression_bits=3), r"compression_bits must be one"),
-    (dict(compression="topk", topk_fraction=0.0), r"topk_fraction must lie in \(0, 1\]"),
-    (dict(secure_aggregation=True, secagg_bits=40), r"secagg_bits must be an integer"),
-    (dict(secure_aggregation=True, aggregator="median"), r"needs aggregator='mean'"),
-    (dict(secure_aggregation=True, compression="topk"), r"already quantizes"),
-    (dict(secure_aggregation=True, secagg_bound=0.0), r"secagg_bound must be > 0"),
-    (dict(secure_aggregation=True, secagg_tolerance=1.0), r"secagg_tolerance must lie"),
+@pytest.mark.parametrize("build,message", [
+    (lambda: agg.chain(agg.mean(), "zip"), r"chain takes stages .* got 'zip'"),
+    (lambda: agg.quantize(3), r"compression_bits must be one"),
+    (lambda: agg.top_k(0.0), r"topk_fraction must lie in \(0, 1\]"),
+    (lambda: agg.secure_sum(40), r"secagg_bits must be an integer"),
+    (lambda: agg.chain(agg.median(), agg.secure_sum()), r"needs aggregator='mean'"),
+    (lambda: agg.chain(agg.top_k(0.1), agg.secure_sum()), r"already quantizes"),
+    (lambda: agg.secure_sum(bound=0.0), r"secagg_bound must be > 0"),
+    (lambda: agg.secure_sum(tolerance=1.0), r"secagg_tolerance must lie"),
 ])
-def test_bad_compression_and_secagg_arguments_are_named(kwargs, message):
-  with pytest.raises(ValueError, match=message):
+def test_bad_compression_and_secagg_arguments_are_named(build, message):
+  with pytest.raises((ValueError, TypeError), match=message):
     fdx.fedavg(fdx.logistic_regression(), optax.sgd(0.1), batch_size=2, local_steps=1,
-               **kwargs)
+               aggregator=build())
 
 
 def test_pairwise_mask_signs_are_antisymmetric():

@@ -1,5 +1,6 @@
-"""The aggregator chain (`fedjax_dx.agg`): its rules, the chain API against the keyword
-flags, the executors' refusals, and the guard against faulty hospitals."""
+"""The aggregator chain (`fedjax_dx.agg`): its rules, the study's config fields as chains,
+epsilon and upload bytes from the chain, the executors' refusals, and the guard against
+faulty hospitals."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,7 @@ import pytest
 import fedjax_dx as fdx
 from fedjax_dx import agg
 from tests import reference
-from tests.test_algorithms import (assert_trees_close, assert_trees_equal, init_params,
-                                   make_data)
+from tests.test_algorithms import assert_trees_close, init_params, make_data
 
 RNG = jax.random.PRNGKey(5)
 
@@ -44,29 +44,39 @@ def test_chain_ordering_rules_are_checked(stages, message):
     agg.chain(*stages)
 
 
-def test_chain_api_equals_the_keyword_flags_bitwise():
-  xs, ys, data = make_data()
-  model = fdx.logistic_regression()
-  params = init_params(model)
-  common = dict(batch_size=4, local_steps=3)
-  pairs = [
-      (dict(dp_clip=0.05, dp_noise=1.0, dp_adaptive_quantile=0.5, dp_count_noise=1.0),
+def test_study_config_builds_the_chain_written_by_hand():
+  """The study's config fields become the chain a user would write (equal chains are
+  equal pipelines and share one compiled program)."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _build  # pylint: disable=g-import-not-at-top
+
+  def config(**changes):
+    c = test_config.get_config()
+    for field, value in changes.items():
+      c[field] = value
+    return c
+
+  cases = [
+      (config(), "fedavg", agg.chain(agg.mean())),
+      (config(aggregator="trimmed_mean", trim_fraction=0.2), "fedavg",
+       agg.chain(agg.mean(), agg.trimmed_mean(0.2))),
+      (config(dp="central", dp_clip=0.05, dp_noise=1.0, dp_adaptive_quantile=0.5,
+              dp_count_noise=1.0), "fedprox",
        agg.chain(agg.clip(0.05, adaptive_quantile=0.5, count_noise=1.0),
                  agg.mean("uniform"), agg.gaussian(1.0))),
-      (dict(compression="topk", topk_fraction=0.3),
-       agg.chain(agg.mean(), agg.top_k(0.3))),
-      (dict(secure_aggregation=True, secagg_dropout=0.25),
-       agg.chain(agg.mean(), agg.secure_sum(dropout=0.25))),
-      (dict(aggregator="median"), agg.chain(agg.median())),
+      (config(dp="local", dp_clip=0.5, dp_noise=0.3, secure_aggregation=True,
+              secagg_dropout=0.25), "fedavg",
+       agg.chain(agg.clip(0.5), agg.mean("uniform"), agg.gaussian(0.3, "local"),
+                 agg.secure_sum(bound=0.5, dropout=0.25))),
+      (config(compression="topk", topk_fraction=0.3, guard=5.0), "fedadam",
+       agg.chain(agg.guard(5.0), agg.mean(), agg.top_k(0.3))),
+      (config(compression="quantize", compression_bits=4, error_feedback=False), "fedavg",
+       agg.chain(agg.mean(), agg.quantize(4, error_feedback=False))),
+      (config(dp="central", dp_clip=0.5, dp_noise=1.0, guard=5.0), "centralized",
+       agg.chain(agg.mean())),  # the baselines are not private
   ]
-  for flags, chain in pairs:
-    by_flags = fdx.fedavg(model, optax.sgd(0.1), **common, **flags)
-    by_chain = fdx.fedavg(model, optax.sgd(0.1), **common, aggregator=chain)
-    a, metrics_a = by_flags.run(by_flags.init(params, data, RNG), data, num_rounds=2)
-    b, metrics_b = by_chain.run(by_chain.init(params, data, RNG), data, num_rounds=2)
-    assert_trees_equal(a.params, b.params)
-    assert_trees_equal(metrics_a, metrics_b)
-  assert by_chain.aggregator == agg.chain(agg.median())  # equal pipelines compare equal
+  for c, method, want in cases:
+    assert _build.aggregator_chain(c, method) == want, (method, want)
   assert hash(agg.chain(agg.clip(1.0), agg.mean("uniform"))) == hash(
       agg.chain(agg.clip(1.0), agg.mean("uniform")))
 
@@ -82,10 +92,6 @@ def test_executors_refuse_a_chain_that_is_not_linear():
   state = algo.init(init_params(model), data, RNG)
   with pytest.raises(ValueError, match=r"stream needs aggregator='mean': 'median'"):
     algo.stream(state, jax.tree.map(np.asarray, data), chunk=2)
-  with pytest.raises(ValueError, match=r"an aggregator chain and the flags \['dp_clip', "
-                                       r"'dp_noise'\]"):
-    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_steps=1, dp_clip=1.0,
-               dp_noise=1.0, aggregator=agg.chain(agg.mean()))
   assert agg.chain(agg.clip(1.0), agg.mean("uniform"), agg.gaussian(1.0)).linear
   assert not agg.chain(agg.guard(), agg.mean()).linear
 
@@ -127,7 +133,8 @@ def test_guard_equals_fedavg_over_the_clean_clients():
   model = fdx.mlp(hidden=(6,), num_classes=2)
   params = init_params(model)
   budget = fdx.LocalBudget(steps=3)
-  algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3, guard=True)
+  algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
+                    aggregator=agg.chain(agg.guard(), agg.mean()))
   state = algo.init(params, data, RNG)
   broken = _poisoned(data, [1], nan=True)
   state, metrics = algo.run.compiled(state, broken, jnp.ones((3, data.num_clients)))
@@ -191,7 +198,7 @@ def test_guard_keeps_the_model_finite_and_accurate_with_30_percent_faulty_client
     return algo.run.compiled(state, train_data, rounds)
 
   clean, _ = train(data.train)
-  guarded, metrics = train(broken, guard=10.0)
+  guarded, metrics = train(broken, aggregator=agg.chain(agg.guard(10.0), agg.mean()))
   unguarded, _ = train(broken)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(guarded.params))
   np.testing.assert_array_equal(metrics["guard_dropped"], len(faulty))

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 import fedjax_dx as fdx
+from fedjax_dx import agg
 from tests import reference
 from tests.test_algorithms import assert_trees_close, init_params, make_data
 
@@ -216,8 +217,8 @@ def test_stragglers_equal_sequential_reference(policy, budget):
   xs, ys, data = make_data()
   params = init_params(model)
   mu = 0.3 if policy == "keep" else 0.0
-  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, prox_mu=mu, stragglers=0.5,
-                    straggler_policy=policy, **budget)
+  algo = fdx.fedavg(model, optax.chain(fdx.client.proximal(mu), optax.sgd(0.1)),
+                    batch_size=3, systems=fdx.Systems(0.5, policy), **budget)
   state, metrics = algo.run(algo.init(params, data, RNG), data, num_rounds=4)
   expected = reference.straggler_rounds(
       model, optax.sgd(0.1), params, xs, ys, rng=RNG, num_rounds=4,
@@ -234,8 +235,8 @@ def test_stragglers_change_the_result_and_zero_stragglers_change_nothing():
   _, _, data = make_data()
   params = init_params(model)
   runs = {}
-  for name, kwargs in [("plain", {}), ("zero", dict(stragglers=0.0)),
-                       ("half", dict(stragglers=0.5))]:
+  for name, kwargs in [("plain", {}), ("zero", dict(systems=fdx.Systems(0.0))),
+                       ("half", dict(systems=fdx.Systems(0.5)))]:
     algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=3, **kwargs)
     runs[name] = algo.run(algo.init(params, data, RNG), data, num_rounds=3)[0].params
   assert_trees_close(runs["plain"], runs["zero"], atol=0)
@@ -259,7 +260,8 @@ def test_all_participants_dropped_leaves_the_model_unchanged():
   model = fdx.logistic_regression()
   _, _, data = make_data()
   params = init_params(model)
-  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=2, stragglers=1.0)
+  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=2,
+                    systems=fdx.Systems(1.0))
   state, metrics = algo.run(algo.init(params, data, RNG), data, num_rounds=2)
   assert_trees_close(state.params, params, atol=0)
   assert np.all(np.isnan(np.asarray(metrics["train_loss"])))
@@ -334,12 +336,14 @@ def test_batched_runner_over_seeds_and_learning_rates_equals_separate_runs():
 def test_straggler_and_fine_tuning_arguments_are_checked():
   model = fdx.logistic_regression()
   with pytest.raises(ValueError, match=r"stragglers .* \[0, 1\], got 1.5"):
-    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3, stragglers=1.5)
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3,
+               systems=fdx.Systems(1.5))
   with pytest.raises(ValueError, match=r"at least 2 local epochs .* got 1"):
-    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=1, stragglers=0.5)
+    fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=1,
+               systems=fdx.Systems(0.5))
   with pytest.raises(ValueError, match=r"straggler_policy .* got 'wait'"):
     fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3,
-               straggler_policy="wait")
+               systems=fdx.Systems(0.5, "wait"))
   with pytest.raises(ValueError, match=r"fine_tune_steps .* got -1"):
     fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_epochs=3, fine_tune_steps=-1)
 
@@ -356,7 +360,7 @@ def test_training_only_the_cohort_equals_masking_everyone(method):
       return fdx.scaffold(model, 0.1, batch_size=3, local_steps=4, **kwargs)
     if method == "fedprox_stragglers":
       return fdx.fedprox(model, optax.sgd(0.1), mu=0.2, batch_size=3, local_epochs=3,
-                         stragglers=0.5, **kwargs)
+                         systems=fdx.Systems(0.5, "keep"), **kwargs)
     return fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_steps=4, **kwargs)
 
   results = {}
@@ -392,7 +396,7 @@ def test_memory_bounded_rounds_equal_the_unchunked_round(method):
       return fdx.scaffold(model, 0.1, batch_size=3, local_steps=4, **kwargs)
     if method == "fedprox_stragglers_cohort":
       return fdx.fedprox(model, optax.sgd(0.1), mu=0.2, batch_size=3, local_epochs=3,
-                         stragglers=0.5, cohort_size=7, **kwargs)
+                         systems=fdx.Systems(0.5, "keep"), cohort_size=7, **kwargs)
     return fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_steps=4,
                       server_optimizer=optax.adam(0.05), **kwargs)
 
@@ -458,13 +462,15 @@ def test_host_streamed_round_equals_the_in_memory_round(kind):
   make = {
       "fedavg_adam": lambda **kw: fdx.fedavg(model, optax.sgd(0.2),
                                              server_optimizer=optax.adam(0.1),
-                                             stragglers=0.4, **common, **kw),
+                                             systems=fdx.Systems(0.4), **common, **kw),
       "scaffold": lambda **kw: fdx.scaffold(model, 0.2, **common, **kw),
-      "topk": lambda **kw: fdx.fedavg(model, optax.sgd(0.2), compression="topk",
-                                      topk_fraction=0.3, **common, **kw),
-      "secagg_dp": lambda **kw: fdx.fedavg(model, optax.sgd(0.2), dp_clip=0.5,
-                                           dp_noise=0.3, secure_aggregation=True,
-                                           secagg_dropout=0.2, **common, **kw),
+      "topk": lambda **kw: fdx.fedavg(
+          model, optax.sgd(0.2), aggregator=agg.chain(agg.mean(), agg.top_k(0.3)),
+          **common, **kw),
+      "secagg_dp": lambda **kw: fdx.fedavg(
+          model, optax.sgd(0.2), aggregator=agg.chain(
+              agg.clip(0.5), agg.mean("uniform"), agg.gaussian(0.3),
+              agg.secure_sum(bound=0.5, dropout=0.2)), **common, **kw),
   }[kind]
   in_memory = make(client_chunk=2)
   streamed = make()

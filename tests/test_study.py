@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import pandas as pd
 import pytest
+
+from configs import test as test_config
+from fedjax_dx import study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_COLUMNS = ["loss", "accuracy", "auc", "sensitivity", "specificity", "f1",
@@ -87,28 +91,61 @@ def test_end_to_end_tiny_study(tmp_path):
     ("--config.no_such_field=1", "no_such_field"),
     ("--config.rounds=abc", "rounds"),
     ("--config.rounds=0", "config.rounds = 0: expected an integer >= 1"),
-    ("--config.methods=fedavg,fedmagic", "config.methods: unknown ['fedmagic']"),
-    ("--config.sweep=dataset.nope=1,2", "config.dataset.nope: no such field"),
-    ("--config.sweep=learning_rate=0.1,-1",
-     "config.learning_rate = -1.0: expected a number > 0 (in sweep point"),
-    ("--config.local_epochs=2", "exactly one of local_steps and local_epochs"),
-    ("--config.optimizer=adam", "config.optimizer = 'adam': expected sgd for scaffold"),
-    ("--config.stragglers=1.5", "config.stragglers = 1.5: expected a share"),
-    ("--config.stragglers=0.5", "config.stragglers = 0.5: expected 0 with a budget of"),
-    ("--config.straggler_policy=wait", "config.straggler_policy = 'wait'"),
-    ("--config.methods=fedavg_ft --config.fine_tune_steps=0",
-     "config.fine_tune_steps = 0: expected an integer >= 1 for fedavg_ft"),
-    ("--config.aggregator=krum", "krum needs at least 5 participating clients"),
-    ("--config.trim_fraction=0.5", "config.trim_fraction = 0.5: expected a number in"),
-    ("--config.mu=-0.5", "config.mu = -0.5: expected a number >= 0 (FedProx)"),
-    ("--config.aggregator=mode", "config.aggregator = 'mode'"),
 ])
 def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, flag, message):
+  """Through the command line: flag parsing errors and a config check (the other
+  config checks run in-process below, through the same `check_config`)."""
   workdir = tmp_path / "study"
-  extra = ["--config.local_steps=1"] if "stragglers=0.5" in flag else []
-  result = run("--config=configs/test.py", f"--workdir={workdir}", *flag.split(), *extra)
+  result = run("--config=configs/test.py", f"--workdir={workdir}", flag)
   assert result.returncode != 0
   assert message in result.stderr
+  assert not workdir.exists()
+
+
+def test_the_field_table_declares_every_method_field_with_the_default_config_value():
+  """One declaration per field: the table's defaults are the default study's values, and
+  every field the default study sets at method level is in the table (or is one of the
+  study-level fields listed here)."""
+  from configs import heart_disease  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _fields  # pylint: disable=g-import-not-at-top
+  default = heart_disease.get_config()
+  assert _fields.DEFAULTS == {name: default[name] for name in _fields.DEFAULTS}
+  study_level = {"name", "methods", "dataset", "seed", "num_seeds", "batch_seeds",
+                 "bucket_clients", "membership_audit", "fast_compile", "per_method",
+                 "sweep", "target_metric", "target_value"}
+  table = {f.name for f in _fields.FIELDS}
+  assert set(default.keys()) - study_level == table
+  assert set(_fields.METHOD_FIELDS) <= table and set(_fields.COMPILE_FIELDS) <= table
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ("methods=fedavg,fedmagic", "config.methods: unknown ['fedmagic']"),
+    ("sweep=dataset.nope=1,2", "config.dataset.nope: no such field"),
+    ("sweep=learning_rate=0.1,-1",
+     "config.learning_rate = -1.0: expected a number > 0 (in sweep point"),
+    ("local_epochs=2", "exactly one of local_steps and local_epochs"),
+    ("optimizer=adam", "config.optimizer = 'adam': expected sgd for scaffold"),
+    ("stragglers=1.5", "config.stragglers = 1.5: expected a share"),
+    ("stragglers=0.5 local_steps=1", "config.stragglers = 0.5: expected 0 with a budget of"),
+    ("straggler_policy=wait", "config.straggler_policy = 'wait'"),
+    ("methods=fedavg_ft fine_tune_steps=0",
+     "config.fine_tune_steps = 0: expected an integer >= 1 for fedavg_ft"),
+    ("aggregator=krum", "krum needs at least 5 participating clients"),
+    ("trim_fraction=0.5", "config.trim_fraction = 0.5: expected a number in"),
+    ("mu=-0.5", "config.mu = -0.5: expected a number >= 0 (FedProx)"),
+    ("aggregator=mode", "config.aggregator = 'mode'"),
+])
+def test_bad_config_is_refused_by_name_before_anything_is_written(tmp_path, overrides,
+                                                                  message):
+  config = test_config.get_config()
+  for override in overrides.split():
+    field, value = override.split("=", 1)
+    current = config[field]
+    config[field] = value if isinstance(current, str) else type(current)(value)
+  workdir = tmp_path / "study"
+  with pytest.raises(study.StudyError) as error:
+    study.run_study(config, str(workdir), quiet=True)
+  assert message in str(error.value)
   assert not workdir.exists()
 
 
@@ -180,10 +217,6 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
 
 # ----------------------------------------------- in-process: strategies in the harness
 
-import ml_collections  # noqa: E402
-
-from configs import test as test_config  # noqa: E402
-from fedjax_dx import study  # noqa: E402
 
 
 def _study_frame(tmp_path, name, **changes):

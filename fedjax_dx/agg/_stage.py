@@ -304,6 +304,13 @@ def check_chain(stages: tuple[Stage, ...]) -> None:
           f"before it, got {names}")
     if getattr(stage, "is_clip", False) and weightings and i > weightings[0]:
       raise _order_error(f"clip before weighting (mean), got {names}")
+  adaptive = any(getattr(s, "is_clip", False) and s.adaptive for s in stages)
+  local = [s for s in stages if getattr(s, "mode", "central") == "local"]
+  if adaptive and local:
+    raise _order_error(
+        "adaptive clipping (adaptive_quantile) needs central noise: the server noises "
+        "the clipped count, and local noise would leave it unprotected; use "
+        "gaussian(..., mode='central') or a fixed clip")
   for i, stage in enumerate(stages):
     if isinstance(stage, Screen) and any(getattr(s, "is_clip", False)
                                          or getattr(s, "is_compression", False)

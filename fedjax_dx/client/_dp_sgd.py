@@ -20,9 +20,10 @@ class DpSgd(NamedTuple):
   """
 
   init: Callable  # the wrapped optimizer's init
-  update: Callable  # the wrapped optimizer's update
+  update: Callable  # the wrapped optimizer's update; refuses gradients not DP-SGD's
   clip_norm: float  # every example's gradient is clipped to this L2 norm
   noise_multiplier: float  # noise std / clip_norm, added to the clipped sum
+  inner: optax.GradientTransformation  # the wrapped optimizer
 
   needs_noise_key = True  # local training hands each client its own noise key
 
@@ -65,7 +66,8 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
   Every example's gradient is clipped to `clip_norm`, the clipped gradients are summed,
   Gaussian noise of std `noise_multiplier * clip_norm` is added and the sum is divided by
   the batch size; `optimizer` then takes the step. Wrap the whole client optimizer
-  (outermost: `dp_sgd(optax.chain(client.proximal(mu), optax.sgd(lr)), ...)`).
+  (outermost: `dp_sgd(optax.chain(client.proximal(mu), optax.sgd(lr)), ...)`): nested
+  inside another optax chain it would see plain gradients, so its update refuses them.
 
   Args:
     optimizer: the client optimizer.
@@ -82,5 +84,13 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
   from fedjax_dx.core import _local  # pylint: disable=g-import-not-at-top
   _local.check_hyperparameter(clip_norm, "DP-SGD clip_norm", above=0.0)
   _local.check_hyperparameter(noise_multiplier, "DP-SGD noise_multiplier", minimum=0.0)
-  return DpSgd(optimizer.init, optimizer.update, clip_norm, noise_multiplier)
+  inner = optax.with_extra_args_support(optimizer)
+
+  def update(grads, state, params=None, *, private_gradient=False, **extra_args):
+    if not private_gradient:
+      raise ValueError("dp_sgd got gradients that are not DP-SGD's: it must wrap the "
+                       "whole client optimizer (outermost), not sit inside an optax chain")
+    return inner.update(grads, state, params, **extra_args)
+
+  return DpSgd(optimizer.init, update, clip_norm, noise_multiplier, optimizer)
 

@@ -70,21 +70,33 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
 
 
 def check_process_count(num_processes: int, coordinator_address: str = "") -> None:
-  """Refuses a process whose process count differs from the coordinator's: process 0
-  publishes its count in the runtime's key-value store, every process compares."""
+  """Refuses a run whose processes disagree on the process count, on every process at
+  once: each process publishes its count in the runtime's key-value store and compares
+  them all with the coordinator's. (Refusing on the odd process alone would leave the
+  others to train until a collective with it times out.)"""
   from jax._src import distributed
   client = distributed.global_state.client
   if client is None:
     raise ValueError("the distributed runtime is not initialised (call initialize)")
-  if jax.process_index() == 0:
+  me = jax.process_index()
+  client.key_value_set(f"{_NUM_PROCESSES_KEY}/{me}", str(num_processes))
+  if me == 0:
     client.key_value_set(_NUM_PROCESSES_KEY, str(num_processes))
   theirs = int(client.blocking_key_value_get(_NUM_PROCESSES_KEY, 60_000))
+  counts = {i: int(client.blocking_key_value_get(f"{_NUM_PROCESSES_KEY}/{i}", 60_000))
+            for i in range(min(theirs, jax.process_count()))}
+  odd = {i: n for i, n in counts.items() if n != theirs}
   if theirs != num_processes or jax.process_count() != num_processes:
     raise ValueError(
-        f"num_processes={num_processes} on process {jax.process_index()}, but the "
+        f"num_processes={num_processes} on process {me}, but the "
         f"coordinator {coordinator_address or ''} runs {theirs} processes "
         f"({jax.process_count()} joined); start every process with "
         f"--num_processes={theirs}")
+  if odd:
+    raise ValueError(
+        f"process(es) {sorted(odd)} started with num_processes="
+        f"{sorted(set(odd.values()))}, but the coordinator {coordinator_address or ''} "
+        f"runs {theirs} processes; start every process with --num_processes={theirs}")
 
 
 def local_clients(num_clients: int, mesh: jax.sharding.Mesh | None = None

@@ -138,6 +138,30 @@ def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
   return is_straggler, jnp.where(is_straggler, partial, full_budget).astype(jnp.int32)
 
 
+def check_systems(systems: Systems, budget: _local.LocalBudget) -> Systems:
+  """`systems` if it can run with `budget`, else a ValueError naming the field."""
+  stragglers, policy = systems
+  if policy not in STRAGGLER_POLICIES:
+    raise ValueError(f"straggler_policy must be one of {STRAGGLER_POLICIES}, got "
+                     f"{policy!r}")
+  if not 0 <= stragglers <= 1:
+    raise ValueError(f"stragglers (share of participants) must lie in [0, 1], got "
+                     f"{stragglers!r}")
+  full_budget = budget.steps if budget.steps is not None else budget.epochs
+  if stragglers > 0 and full_budget < 2:
+    raise ValueError(
+        f"stragglers={stragglers} needs a budget of at least 2 local "
+        f"{'steps' if budget.steps else 'epochs'} (stragglers do 1 .. budget-1), got "
+        f"{full_budget}")
+  return systems
+
+
+def check_round_shape(cohort_size, client_chunk) -> None:
+  for field, value in (("cohort_size", cohort_size), ("client_chunk", client_chunk)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      raise ValueError(f"{field} must be a positive integer or None, got {value!r}")
+
+
 def participation_vector(participation, num_clients):
   if participation is None:
     return jnp.ones((num_clients,), jnp.float32)
@@ -642,8 +666,7 @@ def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalB
                  client_chunk=client_chunk)
   fine_tune_budget = _local.LocalBudget(steps=int(work.fine_tune_steps))
   # Fine-tuning is a hospital's own use of the model: plain gradients, no DP-SGD noise.
-  fine_tune_optimizer = optax.GradientTransformation(client_optimizer.init,
-                                                     client_optimizer.update)
+  fine_tune_optimizer = getattr(client_optimizer, "inner", client_optimizer)
   fine_tuner = (_local.local_trainer(model, fine_tune_optimizer, batch_size=batch_size,
                                      budget=fine_tune_budget)
                 if work.fine_tune_steps else None)

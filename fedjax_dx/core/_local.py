@@ -210,13 +210,16 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
                        steps_taken=jnp.zeros((), jnp.int32), correction=correction,
                        noise_key=noise_key if needs_noise_key else None)
 
-  gradient = (functools.partial(optimizer.gradient, model)
-              if hasattr(optimizer, "gradient") else functools.partial(_gradient, model))
+  if hasattr(optimizer, "gradient"):  # a transformation with its own gradient (DP-SGD)
+    gradient = functools.partial(optimizer.gradient, model)
+    step_optimizer, marks = optimizer, {"private_gradient": True}
+  else:
+    gradient = functools.partial(_gradient, model)
+    step_optimizer, marks = optax.with_extra_args_support(optimizer), {}
   return LocalTrainer(
       client_batches=functools.partial(_client_batches, budget, batch, num_steps),
       client_init=client_init,
-      client_step=functools.partial(_client_step, optax.with_extra_args_support(optimizer),
-                                    gradient),
+      client_step=functools.partial(_client_step, step_optimizer, gradient, marks),
       client_final=_client_final, num_steps=num_steps, batch_size=batch, budget=budget)
 
 
@@ -268,13 +271,14 @@ def _gradient(model, state: ClientState, batch: Batch, count):
   return loss, grads, state.noise_key
 
 
-def _client_step(optimizer, gradient: Callable, state: ClientState,
+def _client_step(optimizer, gradient: Callable, marks: dict, state: ClientState,
                  batch: Batch) -> ClientState:
   """One local step: the gradient (plain, or the transformation's own: DP-SGD), then
   the client optimizer (with SCAFFOLD's correction as an extra argument)."""
   count = batch.weight.sum()
   loss, grads, noise_key = gradient(state, batch, count)
-  extra = {} if state.correction is None else {"correction": state.correction}
+  extra = dict(marks) if state.correction is None else {**marks,
+                                                         "correction": state.correction}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   # A step without real examples (a small client past its epochs) changes nothing.

@@ -27,8 +27,16 @@ def _prepare(name: str, data_dir: str | None, raw_dir: str | None, **builder_kwa
 
   builder = tfds.builder(name, data_dir=data_dir or default_data_dir(), raw_dir=raw_dir,
                          **builder_kwargs)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+  except FileExistsError:
+    # Another process (a parallel study) prepared the same data set first: the TFDS
+    # rename of its finished copy beat ours. Read theirs: it is the same data.
+    builder = tfds.builder(name, data_dir=data_dir or default_data_dir(),
+                           raw_dir=raw_dir, **builder_kwargs)
+    if not builder.is_prepared():
+      raise
   return builder
 
 

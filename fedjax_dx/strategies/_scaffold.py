@@ -13,8 +13,11 @@ from fedjax_dx import agg as _agg
 from fedjax_dx import client as _client
 from fedjax_dx.core import _local
 from fedjax_dx.core._engine import Algorithm
+from fedjax_dx.core._engine import check_round_shape
+from fedjax_dx.core._engine import check_systems
+from fedjax_dx.core._engine import ClientWork
 from fedjax_dx.core._engine import federated
-from fedjax_dx.strategies._fedavg import OPTIONS, check_round_options
+from fedjax_dx.core._engine import Systems
 
 _WEIGHTINGS = _agg.WEIGHTINGS
 
@@ -22,8 +25,7 @@ _WEIGHTINGS = _agg.WEIGHTINGS
 def scaffold(model, learning_rate: float, *, batch_size: int,
              local_steps: int | None = None, local_epochs: int | None = None,
              server_learning_rate: float = 1.0, weighting: str = "num_examples",
-             stragglers: float = 0.0, straggler_policy: str = "keep",
-             cohort_size: int | None = None, client_chunk: int | None = None,
+             systems: Systems | None = None, cohort_size: int | None = None, client_chunk: int | None = None,
              name: str = "scaffold") -> Algorithm:
   """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
 
@@ -32,17 +34,17 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
   `w <- w + server_learning_rate * sum_k weight_k (y_k - w)` and
   `c <- c + (1/N) sum_{k in S} (c_k_new - c_k)`, N the clients with data. The `c_k`
   live in the state on the clients axis and persist while a client sits out.
+  `systems`: stragglers (default `Systems(policy="keep")`); see `fedavg`.
   """
   _local.check_hyperparameter(learning_rate, "SCAFFOLD learning_rate", above=0.0)
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
   budget = _local.LocalBudget.create(local_steps, local_epochs)
-  systems, work = check_round_options(
-      {**OPTIONS, "stragglers": stragglers, "straggler_policy": straggler_policy},
-      budget, cohort_size, client_chunk)
+  systems = check_systems(systems or Systems(policy="keep"), budget)
+  check_round_shape(cohort_size, client_chunk)
   client_optimizer = optax.chain(_client.scaffold_correction(), optax.sgd(learning_rate))
   return federated(model, client_optimizer, batch_size=batch_size, budget=budget,
                    server_optimizer=optax.sgd(server_learning_rate),
                    aggregator=_agg.chain(_agg.mean(weighting)), systems=systems,
-                   work=work._replace(scaffold_learning_rate=learning_rate),
+                   work=ClientWork(scaffold_learning_rate=learning_rate),
                    cohort_size=cohort_size, client_chunk=client_chunk, name=name)

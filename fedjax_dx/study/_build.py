@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 from fedjax_dx import agg
+from fedjax_dx import client
 from fedjax_dx.agg import _robust
 from fedjax_dx.core import _data
 from fedjax_dx.core import _engine
@@ -64,10 +65,16 @@ def build_model(config, num_classes: int) -> _models.Model:
                      compute_dtype=m.compute_dtype)
 
 
-def _optimizer(config):
+def client_optimizer(config, method: str | None = None):
+  """The client optimizer of a method's config (DP-SGD around it for dp='example')."""
   if config.optimizer == "adam":
-    return optax.adam(config.learning_rate)
-  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+    optimizer = optax.adam(config.learning_rate)
+  else:
+    optimizer = optax.sgd(config.learning_rate, momentum=config.momentum or None)
+  if method in PRIVATE and config.dp == "example":  # DP-SGD: in local training
+    optimizer = client.dp_sgd(optimizer, clip_norm=config.dp_clip,
+                              noise_multiplier=config.dp_noise)
+  return optimizer
 
 
 def aggregator_chain(config, method: str) -> agg.Chain:
@@ -131,35 +138,33 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
                client_chunk=config.client_chunk if config.client_chunk > 0 else None)
   common = dict(aggregator=aggregator_chain(config, method), systems=systems, **shape,
                 **budget)
-  if method in PRIVATE and config.dp == "example":  # DP-SGD: in local training
-    common.update(dp_mode="example", dp_clip=config.dp_clip, dp_noise=config.dp_noise)
   server_sgd = optax.sgd(config.server_learning_rate)
   if method in ("fedavg", "fedavg_ft"):
     return _fedavg.fedavg(
-        model, _optimizer(config), server_optimizer=server_sgd, name=method,
+        model, client_optimizer(config, method), server_optimizer=server_sgd, name=method,
         fine_tune_steps=config.fine_tune_steps if method == "fedavg_ft" else 0, **common)
   if method == "fedavgm":
-    return _fedavg.fedavgm(model, _optimizer(config), name=method,
+    return _fedavg.fedavgm(model, client_optimizer(config, method), name=method,
                            server_learning_rate=config.server_learning_rate,
                            server_momentum=config.server_momentum, **common)
   if method == "fedprox":
-    return _fedavg.fedprox(model, _optimizer(config), mu=config.mu, name=method,
+    return _fedavg.fedprox(model, client_optimizer(config, method), mu=config.mu, name=method,
                            server_optimizer=server_sgd, **common)
   if method == "scaffold":
     return _scaffold.scaffold(model, config.learning_rate, name=method,
                               server_learning_rate=config.server_learning_rate,
-                              stragglers=systems.stragglers, straggler_policy=systems.policy,
+                              systems=systems,
                               **shape, **budget)
   if method in ("fedadam", "fedyogi", "fedadagrad"):
-    return _fedavg.fedopt(model, _optimizer(config), server=method[3:],
+    return _fedavg.fedopt(model, client_optimizer(config, method), server=method[3:],
                           server_learning_rate=config.fedopt_learning_rate,
                           b1=config.fedopt_b1, b2=config.fedopt_b2,
                           tau=config.fedopt_tau, name=method, **common)
   if method == "cyclic":
-    return _cyclic.cyclic(model, _optimizer(config), name=method, **budget)
+    return _cyclic.cyclic(model, client_optimizer(config), name=method, **budget)
   if method == "centralized":
-    return _baselines.centralized(model, _optimizer(config), name=method, **budget)
-  return _baselines.local_only(model, _optimizer(config), name=method, **budget)
+    return _baselines.centralized(model, client_optimizer(config), name=method, **budget)
+  return _baselines.local_only(model, client_optimizer(config), name=method, **budget)
 
 
 def privacy_noise(config, sampling_rate: float) -> float:

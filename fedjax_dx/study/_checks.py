@@ -12,7 +12,9 @@ import os
 
 from fedjax_dx.core import _models
 from fedjax_dx.study import _fields
-from fedjax_dx.study._schema import BASELINES, CHUNKABLE, DATASETS, METHOD_FIELDS, METRICS, PRIVATE, STRATEGIES, StudyError, get_field, split_list
+from fedjax_dx.study._schema import (BASELINES, CHUNKABLE, DATASETS, METHOD_FIELDS,
+                                     METRICS, PRIVATE, STRATEGIES, StudyError,
+                                     get_field, split_list)
 from fedjax_dx.study._sweep import apply_point, sweep_points
 
 

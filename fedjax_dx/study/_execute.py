@@ -21,15 +21,17 @@ from fedjax_dx.core import _data
 from fedjax_dx.core import _distributed
 from fedjax_dx.core import _sampling
 from fedjax_dx.core import _sharding
-from fedjax_dx.privacy import _accounting
 from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
-from fedjax_dx.study._build import aggregator_chain, dp_sampling_rate, example_noise
+from fedjax_dx.study._build import aggregator_chain, client_optimizer, dp_sampling_rate
+from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
 from fedjax_dx.study._checks import check_config, method_config, methods_of
 from fedjax_dx.study._programs import ProgramCache, compiler_options
-from fedjax_dx.study._schema import CHUNKABLE, METRICS, PRIVATE, SHARDED, STRATEGIES, StudyError
-from fedjax_dx.study._storage import environment, finalize, prepare_workdir, write_atomic
+from fedjax_dx.study._schema import (CHUNKABLE, METRICS, PRIVATE, SHARDED, STRATEGIES,
+                                     StudyError)
+from fedjax_dx.study._storage import (environment, finalize, prepare_workdir,
+                                      write_atomic)
 from fedjax_dx.study._sweep import apply_point, column_name, point_id, sweep_points
 
 
@@ -102,9 +104,12 @@ class MethodRun:
         else:
           config.dp_noise = privacy_noise(config, self.sampling_rate)
     self.config, self.method = config, method
-    # Client-level privacy is spent by the chain's noise stage: it gives the epsilon.
-    self.chain = (aggregator_chain(config, method)
-                  if self.private and config.dp != "example" else None)
+    # The mechanism that spends privacy gives the epsilon: the chain's noise stage
+    # (client level) or the client optimizer's DP-SGD (example level).
+    self.spender = None
+    if self.private:
+      self.spender = (client_optimizer(config, method) if config.dp == "example"
+                      else aggregator_chain(config, method))
     self.algo = algo = cache.algorithm(config, method, model)
     if self.sharded:  # global data cannot be closed over: one init per seed, stacked
       mesh = _sharding.client_mesh()
@@ -173,14 +178,14 @@ class MethodRun:
       steps = self._local_steps(config, taken)
       key = tuple(steps.tolist())
       if key not in self._epsilons:
-        self._epsilons[key] = _accounting.example_level_epsilon(
-            config.dp_noise, config.batch_size, self.sizes, steps, config.dp_delta,
-            config.dp_accountant)
+        self._epsilons[key] = self.spender.epsilon(
+            batch_size=config.batch_size, num_examples=self.sizes, steps=steps,
+            delta=config.dp_delta, accountant=config.dp_accountant)
       eps = self._epsilons[key]
     else:
       key = round_index
       if key not in self._epsilons:
-        self._epsilons[key] = self.chain.epsilon(
+        self._epsilons[key] = self.spender.epsilon(
             rounds=round_index, sampling_rate=self.sampling_rate, delta=config.dp_delta,
             accountant=config.dp_accountant)
       eps = self._epsilons[key]
