@@ -88,6 +88,13 @@ class SecureSum(Stage):
   def upload_bytes(self, num_params, current):
     return -(-num_params * self.bits // 8)
 
+  def protocol_bytes(self, num_params: int, senders: int, dropped: int
+                     ) -> tuple[int, int]:
+    """`(up, down)` bytes of one round's protocol messages (keys, shares, the masked
+    vectors, the unmasking round) with `senders` masked uploads of which `dropped`
+    dropped out (`fedjax_dx.secagg.round_bytes`)."""
+    return _secagg.round_bytes(num_params, self.bits, senders, dropped)
+
 
 def secure_sum(bits: int = 32, *, bound: float = 1.0, dropout: float = 0.0,
                tolerance: float = 0.3) -> SecureSum:

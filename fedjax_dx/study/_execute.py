@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_dx.agg import _codecs
+from fedjax_dx import agg
 from fedjax_dx.core import _data
 from fedjax_dx.core import _distributed
 from fedjax_dx.core import _sampling
 from fedjax_dx.core import _sharding
-from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
 from fedjax_dx.study._build import aggregator_chain, client_optimizer, dp_sampling_rate
 from fedjax_dx.study._build import example_noise
@@ -106,10 +105,12 @@ class MethodRun:
     self.config, self.method = config, method
     # The mechanism that spends privacy gives the epsilon: the chain's noise stage
     # (client level) or the client optimizer's DP-SGD (example level).
+    # The FedAvg family's aggregator chain: its upload bytes and, private, its epsilon.
+    self.chain = aggregator_chain(config, method) if method in PRIVATE else None
     self.spender = None
     if self.private:
       self.spender = (client_optimizer(config, method) if config.dp == "example"
-                      else aggregator_chain(config, method))
+                      else self.chain)
     self.algo = algo = cache.algorithm(config, method, model)
     if self.sharded:  # global data cannot be closed over: one init per seed, stacked
       mesh = _sharding.client_mesh()
@@ -197,25 +198,24 @@ class MethodRun:
     """Bytes up and down per seed of the rounds behind `metrics` ([S, R] counts):
     the model down to each participant; up, each upload's exact size (compressed, or
     the masked vector plus the secure-aggregation protocol's messages)."""
-    config, num_seeds = self.config, len(self.seeds)
+    num_seeds = len(self.seeds)
     per_round = lambda name: np.asarray(metrics[name]).reshape(num_seeds, -1)
     participants, uploads = per_round("num_participants"), per_round("num_uploads")
     copies = 2 if self.method == "scaffold" else 1  # SCAFFOLD adds its control variates
     down = copies * self.param_bytes * participants.sum(1)
-    if self.method in PRIVATE and config.secure_aggregation:
+    secure = self.chain and self.chain.find(agg.SecureSum)
+    if secure:
       dropped = per_round("secagg_dropped")
       up = np.zeros(num_seeds, np.int64)
       for s in range(num_seeds):
         for sent, lost in zip(uploads[s] + dropped[s], dropped[s]):
-          protocol_up, protocol_down = _secagg.round_bytes(
-              self.num_params, config.secagg_bits, int(sent), int(lost))
+          protocol_up, protocol_down = secure.protocol_bytes(self.num_params, int(sent),
+                                                             int(lost))
           up[s] += protocol_up
           down[s] += protocol_down
       return up, down
-    if self.method in PRIVATE:
-      each = _codecs.upload_bytes(config.compression, self.num_params,
-                                  bits=config.compression_bits,
-                                  topk_fraction=config.topk_fraction)
+    if self.chain is not None:  # exact upload size after the chain (compression)
+      each = self.chain.upload_bytes(self.num_params)
     else:
       each = copies * self.param_bytes
     return each * uploads.sum(1), down
