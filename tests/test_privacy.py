@@ -179,7 +179,7 @@ def test_dp_sgd_clips_each_example_and_matches_a_per_example_loop():
   x, y = jnp.asarray(xs[1][:batch]), jnp.asarray(ys[1][:batch])
   state = trainer.client_init(params, optax.sgd(1.0).init(params),
                               noise_key=jax.random.PRNGKey(0))
-  stepped = trainer.client_step(state, fdx.Batch(x=x, y=y, weight=jnp.ones(batch)))
+  stepped = jax.jit(trainer.client_step)(state, fdx.Batch(x=x, y=y, weight=jnp.ones(batch)))
   total = np.zeros_like(_flat(params))
   for i in range(batch):
     g = _flat(jax.grad(lambda p: fdx.per_example_loss(
@@ -201,7 +201,7 @@ def test_dp_sgd_noise_has_the_stated_size():
   state = trainer.client_init(params, optax.sgd(1.0).init(params),
                               noise_key=jax.random.PRNGKey(1))
   x = data.features[0, :3]
-  stepped = trainer.client_step(state, fdx.Batch(x=x, y=data.labels[0, :3],
+  stepped = jax.jit(trainer.client_step)(state, fdx.Batch(x=x, y=data.labels[0, :3],
                                                  weight=jnp.ones(3)))
   noise = _flat(stepped.params) - _flat(params)
   assert np.std(noise) == pytest.approx(3.0 * 0.01 / 3, rel=0.1)

@@ -7,6 +7,8 @@ AUC on a client with one class only) are NaN, never an error.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import jax
@@ -104,6 +106,7 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
   return metrics
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program, not op by op
 def evaluate(model: _models.Model, params: Any, data: ClientData) -> dict[str, Any]:
   """Evaluates one model on every client's data and on the pooled data.
 
@@ -119,6 +122,7 @@ def evaluate(model: _models.Model, params: Any, data: ClientData) -> dict[str, A
   return _evaluate_logits(model, logits, data)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program, not op by op
 def evaluate_personalized(model: _models.Model, stacked_params: Any,
                           data: ClientData) -> dict[str, Any]:
   """Evaluates personalized models: client k's own model on client k's data.
@@ -148,6 +152,7 @@ def _evaluate_logits(model, logits, data: ClientData) -> dict[str, Any]:
   return {"clients": per_client, "pooled": pooled}
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program, not op by op
 def evaluate_stacked(model: _models.Model, stacked_params: Any,
                      data: ClientData) -> dict[str, Any]:
   """Evaluates M stacked models (e.g. local-only training) on every client.

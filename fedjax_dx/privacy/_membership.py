@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +37,7 @@ def _class_balanced_auc(scores, labels, member_mask, other_scores, other_labels,
                    / jnp.maximum(present.sum(), 1), jnp.nan)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program, not op by op
 def membership_inference(model, params, members, non_members,
                          reference_params=None) -> dict[str, jax.Array]:
   """The loss-threshold membership-inference attack (Yeom et al., 2018) on one model.
