@@ -15,7 +15,6 @@ import numpy as np
 
 
 ACCOUNTANTS = ("rdp", "pld")
-DP_MODES = ("central", "local", "example")
 MAX_NOISE_MULTIPLIER = 1000.0
 
 
