@@ -214,23 +214,18 @@ def test_guard_keeps_the_model_finite_and_accurate_with_30_percent_faulty_client
 
 
 def test_study_guard_field_counts_drops_and_is_checked(tmp_path):
-  import pandas as pd  # pylint: disable=g-import-not-at-top
-  from tests.test_study import run  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path / "guarded"
-  result = run("--config=configs/test.py", f"--workdir={workdir}", "--noreport",
-               "--config.methods=fedavg,centralized", "--config.guard=10",
-               "--config.num_seeds=1")
-  assert result.returncode == 0, result.stderr
-  metrics = pd.read_json(workdir / "metrics.jsonl", lines=True, dtype={"client": str})
+  import re  # pylint: disable=g-import-not-at-top
+  from fedjax_dx import study  # pylint: disable=g-import-not-at-top
+  from tests.test_study import _study_frame  # pylint: disable=g-import-not-at-top
+  metrics = _study_frame(tmp_path, "guarded", methods="fedavg,centralized", guard=10.0,
+                         num_seeds=1)
   fedavg = metrics[metrics["method"] == "fedavg"]
   assert (fedavg["guard_dropped"] == 0).all()  # clean synthetic hospitals: none dropped
   assert fedavg["round"].max() == 4
-  refused = run("--config=configs/test.py", f"--workdir={tmp_path / 'bad'}",
-                "--config.guard=0.5")
-  assert refused.returncode != 0
-  assert "config.guard = 0.5: expected 0 (off) or a multiple >= 1" in refused.stderr
-  assert not (tmp_path / "bad" / "config.json").exists()
-  chunked = run("--config=configs/test.py", f"--workdir={tmp_path / 'chunked'}",
-                "--config.guard=10", "--config.client_chunk=2", "--config.methods=fedavg")
-  assert chunked.returncode != 0
-  assert "config.client_chunk = 2: expected 0 with guard" in chunked.stderr
+  with pytest.raises(study.StudyError, match=re.escape(
+      "config.guard = 0.5: expected 0 (off) or a multiple >= 1")):
+    _study_frame(tmp_path, "bad", guard=0.5)
+  assert not (tmp_path / "bad").exists()
+  with pytest.raises(study.StudyError, match=re.escape(
+      "config.client_chunk = 2: expected 0 with guard")):
+    _study_frame(tmp_path, "chunked", guard=10.0, client_chunk=2, methods="fedavg")

@@ -149,44 +149,65 @@ def test_bad_config_is_refused_by_name_before_anything_is_written(tmp_path, over
   assert not workdir.exists()
 
 
+# The in-process studies of this module share data sets and compiled programs, as
+# studies in one notebook would (results are the same with or without; a test about
+# compile times gives its study a cache of its own).
+PROGRAMS = study.ProgramCache()
+
+
+def _study_frame(tmp_path, name, programs=PROGRAMS, **changes):
+  """configs/test.py with `changes`, run in this process into `tmp_path / name`."""
+  config = test_config.get_config()
+  per_method = changes.pop("per_method", None)
+  for field, value in changes.items():
+    config[field] = value
+  if per_method is not None:
+    config.per_method = ml_collections.ConfigDict(per_method)
+  paths = study.run_study(config, str(tmp_path / name), quiet=True, programs=programs)
+  return pd.read_json(paths["metrics"], lines=True, dtype={"client": str})
+
+
 def test_client_sampling_counts_only_sampled_clients_bytes(tmp_path):
-  workdir = tmp_path / "sampled"
-  result = run("--config=configs/test.py", f"--workdir={workdir}", "--noreport",
-               "--config.methods=fedavg", "--config.clients_per_round=2",
-               "--config.num_seeds=1")
-  assert result.returncode == 0, result.stderr
-  metrics = pd.read_json(workdir / "metrics.jsonl", lines=True, dtype={"client": str})
+  metrics = _study_frame(tmp_path, "sampled", methods="fedavg", clients_per_round=2,
+                         num_seeds=1)
   fed = metrics[(metrics["client"] == "pooled") & (metrics["split"] == "test")]
   # 2 of 3 clients per round, 2 rounds per evaluation, 14 float32 parameters.
   assert fed["bytes_up"].tolist() == [0, 14 * 4 * 2 * 2, 14 * 4 * 2 * 2]
-  result = run("--config=configs/test.py", f"--workdir={tmp_path / 'x'}",
-               "--config.clients_per_round=4")
-  assert result.returncode != 0 and "cannot sample more clients than exist" in result.stderr
+  with pytest.raises(study.StudyError, match="cannot sample more clients than exist"):
+    _study_frame(tmp_path, "x", clients_per_round=4)
   assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
 def test_workdir_of_another_study_is_refused_untouched(tmp_path):
   workdir = tmp_path / "study"
-  assert run("--config=configs/test.py", f"--workdir={workdir}",
-             "--config.rounds=2", "--noreport").returncode == 0
+  _study_frame(tmp_path, "study", rounds=2)
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
-  result = run("--config=configs/test.py", f"--workdir={workdir}", "--config.rounds=3")
-  assert result.returncode != 0
-  assert "holds another study" in result.stderr and "rounds" in result.stderr
+  with pytest.raises(study.StudyError, match="holds another study .*rounds"):
+    _study_frame(tmp_path, "study", rounds=3)
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
   other = tmp_path / "other"
   other.mkdir()
   (other / "notes.txt").write_text("mine")
-  result = run("--config=configs/test.py", f"--workdir={other}")
-  assert result.returncode != 0 and "holds no study" in result.stderr
+  with pytest.raises(study.StudyError, match="holds no study"):
+    _study_frame(tmp_path, "other")
+  assert sorted(os.listdir(other)) == ["notes.txt"]
 
 
 def test_killed_sweep_resumes_to_the_same_results(tmp_path):
+  """A sweep killed (SIGKILL) in a separate process after its first point, resumed,
+  ends on exactly the results of an uninterrupted run. The uninterrupted run and the
+  resume run in this process and share the module's program cache (the resume
+  compiles nothing new; the killed process compiled for itself)."""
   # Points of different client counts compile separately: slow enough to kill mid-way.
-  sweep = "--config.sweep=dataset.num_clients=3,4,5"
+  sweep = "dataset.num_clients=3,4,5"
   resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
-  process = run("--config=configs/test.py", f"--workdir={resumed}", sweep, "--noreport",
-                wait=False)
+  config = test_config.get_config()
+  config.sweep = sweep
+  programs = PROGRAMS
+  study.run_study(config, str(fresh), quiet=True, programs=programs)
+
+  process = run("--config=configs/test.py", f"--workdir={resumed}",
+                f"--config.sweep={sweep}", "--noreport", wait=False)
   deadline = time.time() + 300
   points = resumed / "points"
   while time.time() < deadline and process.poll() is None:
@@ -200,10 +221,8 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   assert 1 <= done_before < 6
   assert not (resumed / "metrics.jsonl").exists()
 
-  assert run("--config=configs/test.py", f"--workdir={resumed}", sweep,
-             "--noreport").returncode == 0
-  assert run("--config=configs/test.py", f"--workdir={fresh}", sweep,
-             "--noreport").returncode == 0
+  study.run_study(config, str(resumed), quiet=True, programs=programs)
+  assert len(list(points.glob("*.jsonl"))) == 6
   timing = ["wall_s", "compile_s", "batched_seeds"]
   a = pd.read_json(resumed / "metrics.jsonl", lines=True).drop(columns=timing)
   b = pd.read_json(fresh / "metrics.jsonl", lines=True).drop(columns=timing)
@@ -217,17 +236,6 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
 
 # ----------------------------------------------- in-process: strategies in the harness
 
-
-
-def _study_frame(tmp_path, name, **changes):
-  config = test_config.get_config()
-  per_method = changes.pop("per_method", None)
-  for field, value in changes.items():
-    config[field] = value
-  if per_method is not None:
-    config.per_method = ml_collections.ConfigDict(per_method)
-  paths = study.run_study(config, str(tmp_path / name), quiet=True)
-  return pd.read_json(paths["metrics"], lines=True, dtype={"client": str})
 
 
 def _final(frame, method, column="accuracy"):
@@ -317,7 +325,8 @@ def test_chunked_and_bucketed_studies_equal_the_plain_one(tmp_path):
                 sweep="dataset.num_clients=3,4")
   plain = _study_frame(tmp_path, "plain", **common)
   chunked = _study_frame(tmp_path, "chunked", client_chunk=2, **common)
-  auto = _study_frame(tmp_path, "auto", client_chunk=-1, bucket_clients=True, **common)
+  auto = _study_frame(tmp_path, "auto", client_chunk=-1, bucket_clients=True,
+                      programs=study.ProgramCache(), **common)  # its own compile times
   columns = ["method", "seed", "round", "num_clients", "client", "split", "loss",
              "accuracy", "auc", "cumulative_bytes"]
   for other in (chunked, auto):
@@ -484,10 +493,9 @@ def test_bad_compute_dtype_is_named(tmp_path, model, message):
 
 def test_a_private_study_draws_privacy_against_utility(tmp_path):
   workdir = tmp_path / "private"
-  result = run("--config=configs/test.py", f"--workdir={workdir}",
-               "--config.methods=fedavg,centralized", "--config.num_seeds=1",
-               "--config.sweep=dp+dp_target_epsilon=none/0,central/8,central/64")
-  assert result.returncode == 0, result.stderr
+  _study_frame(tmp_path, "private", methods="fedavg,centralized", num_seeds=1,
+               sweep="dp+dp_target_epsilon=none/0,central/8,central/64")
+  study.make_report(str(workdir))
   summary = pd.read_csv(workdir / "summary.csv", dtype={"client": str})
   private = summary[summary["epsilon"].notna()]
   assert sorted(private["epsilon"].round().unique()) == [8, 64]
@@ -495,3 +503,13 @@ def test_a_private_study_draws_privacy_against_utility(tmp_path):
   assert audited["mia_class_balanced_auc_mean"].between(0, 1).all()
   assert (workdir / "privacy_utility.png").stat().st_size > 1000
   assert "privacy_utility" in (workdir / "report.html").read_text()
+
+
+def test_a_program_cache_serves_only_studies_of_its_compile_options(tmp_path):
+  config = test_config.get_config()
+  config.fast_compile = False
+  programs = study.ProgramCache({"xla_backend_optimization_level": 0})
+  with pytest.raises(study.StudyError, match="config.fast_compile = False: the programs "
+                     "cache given compiles with XLA options"):
+    study.run_study(config, str(tmp_path / "x"), quiet=True, programs=programs)
+  assert not (tmp_path / "x").exists()

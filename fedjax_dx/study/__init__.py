@@ -24,6 +24,7 @@ from fedjax_dx.study._checks import method_config
 from fedjax_dx.study._checks import methods_of
 from fedjax_dx.study._execute import run_study
 from fedjax_dx.study._fields import FIELDS
+from fedjax_dx.study._programs import ProgramCache
 from fedjax_dx.study._programs import enable_compilation_cache
 from fedjax_dx.study._schema import DATASETS
 from fedjax_dx.study._schema import METRICS
@@ -45,6 +46,7 @@ __all__ = (
     "DATASETS",
     "FIELDS",
     "METRICS",
+    "ProgramCache",
     "STRATEGIES",
     "StudyError",
     "check_config",

@@ -26,7 +26,7 @@ from fedjax_dx.study._build import aggregator_chain, client_optimizer, dp_sampli
 from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
 from fedjax_dx.study._checks import check_config, method_config, methods_of
-from fedjax_dx.study._programs import ProgramCache, compiler_options
+from fedjax_dx.study._programs import UNSET_OPTIONS, ProgramCache, compiler_options
 from fedjax_dx.study._schema import (CHUNKABLE, METRICS, PRIVATE, SHARDED, STRATEGIES,
                                      StudyError)
 from fedjax_dx.study._storage import (environment, finalize, prepare_workdir,
@@ -357,12 +357,31 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
             "clients")
 
 
-def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
+def run_study(config, workdir: str, *, quiet: bool = False,
+              programs: ProgramCache | None = None) -> dict[str, str]:
   """Runs (or resumes) a study into `workdir`; returns the paths written.
 
   All seeds of a (point, method) train together in one vmapped program
   (`config.batch_seeds`, default on); each (point, seed) is written to its own resume
   record once every method has run.
+
+  Args:
+    config: the study's config (`configs/heart_disease.py`'s fields).
+    workdir: where results go; a workdir holding the same study resumes it.
+    quiet: no progress line and no log.
+    programs: a `ProgramCache` to keep data sets and compiled programs in across
+      studies of one process (a notebook, a script running related studies):
+      points of a later study that agree with an earlier one in every compile
+      field and shape reuse its programs instead of tracing and compiling them
+      again. Results are the same either way. Default: one cache per study.
+
+  Returns:
+    The paths written: metrics, summary, summary table, config.
+
+  Example:
+    >>> programs = study.ProgramCache()
+    >>> study.run_study(config, "/tmp/a", programs=programs)
+    >>> config.rounds = 40  # a new study; its 30-round programs are reused
   """
   check_config(config)
   config_json = config.to_dict()
@@ -370,7 +389,15 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
   # the workdir and tells the others what is left to do.
   lead = jax.process_index() == 0
   resuming = bool(_on_lead(lead, lambda: [prepare_workdir(workdir, config_json)], 1)[0])
-  cache = ProgramCache(compiler_options(config))
+  options = compiler_options(config)
+  if programs is not None and programs.options == UNSET_OPTIONS:
+    programs.options = options
+  if programs is not None and programs.options != options:
+    raise StudyError(
+        f"config.fast_compile = {config.fast_compile}: the programs cache given compiles "
+        f"with XLA options {programs.options}, this study with {options}; pass a "
+        "ProgramCache made with the same fast_compile setting")
+  cache = programs if programs is not None else ProgramCache(options)
   try:
     _check_data_dependent(config, cache)
     if not resuming:
@@ -447,7 +474,7 @@ def run_study(config, workdir: str, *, quiet: bool = False) -> dict[str, str]:
     _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "partition.json"),
                                         json.dumps(partitions)))
   finally:
-    cache.close()
+    cache.close()  # its worker threads; a cache given by the caller keeps its programs
   if not lead:
     return {}
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])

@@ -65,10 +65,21 @@ class _LazyExecutable:
     return self.compile().executable(*args)
 
 
-class ProgramCache:
-  """Algorithms, compiled programs, evaluators and data shared across seeds and points."""
+UNSET_OPTIONS = "unset"  # a ProgramCache that takes its first study's options
 
-  def __init__(self, options: dict[str, Any] | None = None):
+
+class ProgramCache:
+  """Algorithms, compiled programs, evaluators and data sets shared across the seeds
+  and points of a study, and across studies given the same cache (`run_study`'s
+  `programs`). Programs are keyed by everything that decides them (method, compile
+  fields, model, shapes), so a cached program computes exactly what a new one would.
+
+  Args:
+    options: XLA compiler options of every program (`compiler_options(config)`);
+      by default those of the first study that uses the cache.
+  """
+
+  def __init__(self, options: dict[str, Any] | None | str = UNSET_OPTIONS):
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
