@@ -15,7 +15,10 @@ import ml_collections
 
 from configs import heart_disease
 
-_FEDOPT = {"fedopt_b1": 0.9, "fedopt_b2": 0.999, "fedopt_tau": 1e-8}
+# FLamby's FedOpt (flamby/strategies/fed_opt.py): Algorithm 2 of Reddi et al. without
+# bias correction, from v = 0.
+_FEDOPT = {"fedopt_b1": 0.9, "fedopt_b2": 0.999, "fedopt_tau": 1e-8,
+           "fedopt_form": "flamby"}
 
 
 def get_config() -> ml_collections.ConfigDict:

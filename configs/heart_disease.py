@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.fedopt_b1 = 0.9
   config.fedopt_b2 = 0.999
   config.fedopt_tau = 1e-8
+  # paper: Reddi et al. 2021 Algorithm 2 (no bias correction, v_{-1} = tau^2);
+  # flamby: the same from v_{-1} = 0 (FLamby's fed_opt.py); bias_corrected: optax's
+  # adam / yogi / adagrad
+  config.fedopt_form = "paper"
   config.aggregator = "mean"  # mean | median | trimmed_mean | krum (any strategy)
   config.trim_fraction = 0.1  # trimmed_mean: share cut at each end
   config.num_byzantine = 1  # krum: f

@@ -91,6 +91,8 @@ from fedjax_dx.strategies._fedavg import fedavg
 from fedjax_dx.strategies._fedavg import fedavgm
 from fedjax_dx.strategies._fedavg import fedopt
 from fedjax_dx.strategies._fedavg import fedprox
+from fedjax_dx.strategies._fedopt import FedOptState
+from fedjax_dx.strategies._fedopt import fedopt_server
 from fedjax_dx.strategies._scaffold import scaffold
 
 # Namespaces: fdx.agg (aggregator stages), fdx.client (client transformations),
@@ -137,6 +139,7 @@ __all__ = (
     "fedavg",
     "fedavgm",
     "fedopt",
+    "fedopt_server",
     "fedprox",
     "krum",
     "make_aggregator",
@@ -144,6 +147,7 @@ __all__ = (
     "trimmed_mean",
     "weighted_mean",
     "FederatedData",
+    "FedOptState",
     "gather_batch",
     "from_flax",
     "global_params",

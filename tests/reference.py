@@ -232,3 +232,43 @@ def fine_tuned(model, optimizer, params, xs, ys, *, rng, round_index, steps, bat
                            jax.random.fold_in(base, k), 0, fdx.LocalBudget(steps=steps),
                            batch_size)[0]
           for k in range(len(ys))]
+
+
+class Algorithm2Server:
+  """The server step of Reddi et al. (2021), Algorithm 2, transcribed in NumPy
+  (float64) with the `init`/`update` calls `fedopt_rounds` makes: on the averaged
+  client change `delta = -pseudo_gradient`,
+
+    m = b1 m + (1 - b1) delta
+    v = v + delta^2 (adagrad) | v - (1 - b2) delta^2 sign(v - delta^2) (yogi)
+      | b2 v + (1 - b2) delta^2 (adam)
+    x = x + lr m / (sqrt(v) + tau),   from m = 0 and v = initial_v.
+  """
+
+  def __init__(self, server, lr, b1, b2, tau, initial_v):
+    self.server, self.lr, self.b1, self.b2 = server, lr, b1, b2
+    self.tau, self.initial_v = tau, initial_v
+
+  def init(self, params):
+    leaves = [np.asarray(p, np.float64) for p in jax.tree.leaves(params)]
+    return ([np.zeros_like(p) for p in leaves],
+            [np.full_like(p, self.initial_v) for p in leaves])
+
+  def update(self, pseudo_gradient, state, params=None):
+    del params
+    ms, vs = state
+    steps, new_ms, new_vs = [], [], []
+    for g, m, v in zip(jax.tree.leaves(pseudo_gradient), ms, vs):
+      delta = -np.asarray(g, np.float64)
+      m = self.b1 * m + (1 - self.b1) * delta
+      if self.server == "adagrad":
+        v = v + delta**2
+      elif self.server == "yogi":
+        v = v - (1 - self.b2) * delta**2 * np.sign(v - delta**2)
+      else:
+        v = self.b2 * v + (1 - self.b2) * delta**2
+      steps.append((self.lr * m / (np.sqrt(v) + self.tau)).astype(np.float32))
+      new_ms.append(m)
+      new_vs.append(v)
+    return (jax.tree.unflatten(jax.tree.structure(pseudo_gradient), steps),
+            (new_ms, new_vs))

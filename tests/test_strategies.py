@@ -46,13 +46,27 @@ def test_fedprox_with_mu_zero_is_fedavg():
   assert_trees_close(a.params, b.params, atol=0)
 
 
-@pytest.mark.parametrize("name,server", [
-    ("fedadam", optax.adam(0.05, b1=0.9, b2=0.999, eps=1e-8)),
-    ("fedyogi", optax.yogi(0.05, b1=0.9, b2=0.999, eps=1e-8)),
-    ("fedadagrad", optax.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-8)),
-    ("fedavgm", optax.sgd(0.7, momentum=0.9)),
+_ALGORITHM2 = lambda server, v0: reference.Algorithm2Server(server, 0.05, 0.9, 0.999, 1e-3,
+                                                            v0)
+
+
+@pytest.mark.parametrize("name,form,server", [
+    ("fedadam", "paper", _ALGORITHM2("adam", 1e-6)),
+    ("fedyogi", "paper", _ALGORITHM2("yogi", 1e-6)),
+    ("fedadagrad", "paper", _ALGORITHM2("adagrad", 1e-6)),
+    ("fedadam", "flamby", _ALGORITHM2("adam", 0.0)),
+    ("fedyogi", "flamby", _ALGORITHM2("yogi", 0.0)),
+    ("fedadagrad", "flamby", _ALGORITHM2("adagrad", 0.0)),
+    ("fedadam", "bias_corrected", optax.adam(0.05, b1=0.9, b2=0.999, eps=1e-3)),
+    ("fedyogi", "bias_corrected", optax.yogi(0.05, b1=0.9, b2=0.999, eps=1e-3)),
+    ("fedadagrad", "bias_corrected",
+     optax.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-3)),
+    ("fedavgm", None, optax.sgd(0.7, momentum=0.9)),
 ])
-def test_server_optimizers_equal_sequential_reference(name, server):
+def test_server_optimizers_equal_sequential_reference(name, form, server):
+  """FedOpt in each form against local training one client at a time and the server
+  step in NumPy (Algorithm 2 of Reddi et al. 2021, tau = 1e-3 so that the paper's
+  v_{-1} = tau^2 differs from FLamby's 0) or optax's bias-corrected optimizers."""
   model = fdx.logistic_regression()
   xs, ys, data = make_data()
   params = init_params(model)
@@ -61,13 +75,40 @@ def test_server_optimizers_equal_sequential_reference(name, server):
                        server_momentum=0.9, batch_size=4, local_steps=3)
   else:
     algo = fdx.fedopt(model, optax.sgd(0.1), server=name[3:], server_learning_rate=0.05,
-                      batch_size=4, local_steps=3)
+                      tau=1e-3, form=form, batch_size=4, local_steps=3)
   assert algo.name == name
   state, _ = algo.run(algo.init(params, data, RNG), data, num_rounds=3)
   expected = reference.fedopt_rounds(model, optax.sgd(0.1), server, params, xs, ys,
                                      rng=RNG, num_rounds=3, budget=fdx.LocalBudget(steps=3),
                                      batch_size=4)
   assert_trees_close(state.params, expected)
+
+
+@pytest.mark.parametrize("server", ["adam", "yogi", "adagrad"])
+def test_fedopt_server_is_algorithm_2_step_by_step(server):
+  """Eight server steps on random pseudo-gradients (scales 0.01 to 1) against the
+  NumPy transcription, from v_{-1} = tau^2, 0 and 0.5; and no bias correction: the
+  first adam step is (1 - b1) / sqrt(1 - b2) = 3.16 times optax's corrected one."""
+  params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros((3,))}
+  for v0 in (None, 0.0, 0.5):
+    ours = fdx.fedopt_server(server, 0.02, b1=0.8, b2=0.99, tau=1e-4, initial_v=v0)
+    numpy = reference.Algorithm2Server(server, 0.02, 0.8, 0.99, 1e-4,
+                                       1e-8 if v0 is None else v0)
+    state, ref_state = ours.init(params), numpy.init(params)
+    update = jax.jit(ours.update)
+    for step in range(8):
+      key = jax.random.fold_in(jax.random.PRNGKey(3), step)
+      g = jax.tree.map(lambda p: jax.random.normal(key, p.shape) * 10.0 ** (step % 3 - 2),
+                       params)
+      ours_step, state = update(g, state)
+      ref_step, ref_state = numpy.update(g, ref_state)
+      assert_trees_close(ours_step, ref_step, atol=1e-6)
+  g, zeros = {"w": jnp.full((2,), -0.01)}, {"w": jnp.zeros((2,))}
+  published = fdx.fedopt_server("adam", 1.0, tau=1e-12)
+  first, _ = published.update(g, published.init(zeros))
+  corrected, _ = optax.adam(1.0, eps=1e-12).update(g, optax.adam(1.0).init(zeros))
+  np.testing.assert_allclose(first["w"], 0.1 / np.sqrt(0.001), rtol=1e-4)
+  np.testing.assert_allclose(corrected["w"], 1.0, rtol=1e-4)
 
 
 def test_fedopt_with_sgd_server_lr_one_is_fedavg():
@@ -204,6 +245,16 @@ def test_robust_aggregator_in_a_federated_run_and_bad_arguments():
   with pytest.raises(ValueError, match=r"FedOpt server must be"):
     fdx.fedopt(model, optax.sgd(0.1), server="lamb", server_learning_rate=0.1,
                batch_size=2, local_steps=1)
+  with pytest.raises(ValueError, match=r"FedOpt form must be one of .* got 'adamw'"):
+    fdx.fedopt(model, optax.sgd(0.1), server="adam", server_learning_rate=0.1,
+               form="adamw", batch_size=2, local_steps=1)
+  with pytest.raises(ValueError, match=r"fedopt_server tau = 0.0: expected a finite "
+                     r"number > 0"):
+    fdx.fedopt_server("adam", 0.1, tau=0.0)
+  with pytest.raises(ValueError, match=r"fedopt_server learning_rate = inf"):
+    fdx.fedopt_server("yogi", float("inf"))
+  with pytest.raises(ValueError, match=r"fedopt_server initial_v = -1.0"):
+    fdx.fedopt_server("adagrad", 0.1, initial_v=-1.0)
 
 
 # ------------------------------------------------------- stragglers, cyclic, fine-tuning

@@ -134,6 +134,8 @@ def test_the_field_table_declares_every_method_field_with_the_default_config_val
     ("trim_fraction=0.5", "config.trim_fraction = 0.5: expected a number in"),
     ("mu=-0.5", "config.mu = -0.5: expected a number >= 0 (FedProx)"),
     ("aggregator=mode", "config.aggregator = 'mode'"),
+    ("fedopt_form=adamw", "config.fedopt_form = 'adamw': expected paper, flamby or "
+     "bias_corrected"),
 ])
 def test_bad_config_is_refused_by_name_before_anything_is_written(tmp_path, overrides,
                                                                   message):

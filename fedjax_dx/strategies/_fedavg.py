@@ -26,6 +26,7 @@ from fedjax_dx.core._engine import check_systems
 from fedjax_dx.core._engine import ClientWork
 from fedjax_dx.core._engine import federated
 from fedjax_dx.core._engine import Systems
+from fedjax_dx.strategies import _fedopt
 
 _WEIGHTINGS = _agg.WEIGHTINGS
 
@@ -159,22 +160,28 @@ def fedavgm(model, client_optimizer, *, server_learning_rate: float = 1.0,
 
 
 def fedopt(model, client_optimizer, *, server: str, server_learning_rate: float,
-           b1: float = 0.9, b2: float = 0.999, tau: float = 1e-8, name: str | None = None,
-           **kwargs):
+           b1: float = 0.9, b2: float = 0.999, tau: float = 1e-8, form: str = "paper",
+           name: str | None = None, **kwargs):
   """FedOpt (Reddi et al., 2021): FedAdam, FedYogi or FedAdagrad on the pseudo-gradient.
 
   Args:
     server: "adam", "yogi" or "adagrad".
     server_learning_rate: the server step size.
-    b1, b2: moment decays (adam, yogi); tau: the adaptivity `eps`.
+    b1, b2: moment decays; tau: the adaptivity (added to `sqrt(v)`).
+    form: "paper" (default): Algorithm 2 as published, no bias correction,
+      `v_{-1} = tau^2`; "flamby": the same from `v_{-1} = 0`, as FLamby's
+      `fed_opt.py`; "bias_corrected": optax's adam / yogi / adagrad.
+    **kwargs: `fedavg`'s parameters.
   """
-  if server == "adam":
-    opt = optax.adam(server_learning_rate, b1=b1, b2=b2, eps=tau)
-  elif server == "yogi":
-    opt = optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=tau)
-  elif server == "adagrad":
-    opt = optax.adagrad(server_learning_rate, initial_accumulator_value=0.0, eps=tau)
+  if form == "paper":
+    opt = _fedopt.fedopt_server(server, server_learning_rate, b1=b1, b2=b2, tau=tau)
+  elif form == "flamby":
+    opt = _fedopt.fedopt_server(server, server_learning_rate, b1=b1, b2=b2, tau=tau,
+                                initial_v=0.0)
+  elif form == "bias_corrected":
+    opt = _fedopt.bias_corrected_server(server, server_learning_rate, b1=b1, b2=b2,
+                                        tau=tau)
   else:
-    raise ValueError(f"FedOpt server must be 'adam', 'yogi' or 'adagrad', got {server!r}")
+    raise ValueError(f"FedOpt form must be one of {_fedopt.FORMS}, got {form!r}")
   return fedavg(model, client_optimizer, server_optimizer=opt, name=name or f"fed{server}",
                 **kwargs)

@@ -159,7 +159,8 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
     return _fedavg.fedopt(model, client_optimizer(config, method), server=method[3:],
                           server_learning_rate=config.fedopt_learning_rate,
                           b1=config.fedopt_b1, b2=config.fedopt_b2,
-                          tau=config.fedopt_tau, name=method, **common)
+                          tau=config.fedopt_tau, form=config.fedopt_form, name=method,
+                          **common)
   if method == "cyclic":
     return _cyclic.cyclic(model, client_optimizer(config), name=method, **budget)
   if method == "centralized":
