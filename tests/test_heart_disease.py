@@ -171,8 +171,7 @@ def test_fedavg_on_the_four_hospitals_beats_the_majority_rate(tmp_path):
   state, _ = algo.run(algo.init(params, data.train, jax.random.PRNGKey(0)), data.train,
                       num_rounds=30)
   result = fdx.evaluate(model, state.params, data.test)
-  labels = np.concatenate([np.asarray(data.test.labels[k, :n])
-                           for k, n in enumerate(np.asarray(data.test.num_examples))])
+  labels = np.concatenate(fdx.unstack_clients(data.test)[1])
   majority = max(labels.mean(), 1 - labels.mean())
   assert float(result["pooled"]["accuracy"]) > majority + 0.1
   assert float(result["pooled"]["auc"]) > 0.75

@@ -31,10 +31,7 @@ def max_class_share(labels_per_device):
 
 
 def device_labels(data):
-  out = []
-  for part in (data.train, data.test):
-    sizes = np.asarray(part.num_examples)
-    out.append([np.asarray(part.labels[k, :n]) for k, n in enumerate(sizes)])
+  out = [fdx.unstack_clients(part)[1] for part in (data.train, data.test)]
   return [np.concatenate([a, b]) for a, b in zip(*out)]
 
 
@@ -54,7 +51,7 @@ def test_fedprox_split_shapes_and_feature_covariance():
   sizes = np.minimum(_synthetic.fedprox_device_sizes(
       jax.random.split(jax.random.PRNGKey(0), 8)[0], 30), 400)
   np.testing.assert_array_equal(total, sizes)
-  x = np.concatenate([np.asarray(data.train.features[k, :n]) for k, n in enumerate(train_n)])
+  x = np.concatenate(fdx.unstack_clients(data.train)[0])
   np.testing.assert_allclose(x.var(0), np.arange(1, 61) ** -1.2, rtol=0.15)
   np.testing.assert_allclose(x.mean(0), 0, atol=0.05)
 
@@ -76,8 +73,7 @@ def test_more_heterogeneity_gives_more_label_skew():
 
 
 def prevalence(data):
-  sizes = np.asarray(data.train.num_examples)
-  return np.array([np.asarray(data.train.labels[k, :n]).mean() for k, n in enumerate(sizes)])
+  return np.array([labels.mean() for labels in fdx.unstack_clients(data.train)[1]])
 
 
 def test_hospital_knobs():
@@ -86,8 +82,7 @@ def test_hospital_knobs():
   assert prevalence(skewed).std() > 2 * prevalence(flat).std()
 
   shifted = fdx.synthetic_binary(0, 20, 400, prevalence_skew=0.0, covariate_shift=2.0)
-  site_means = lambda d: np.stack([np.asarray(d.train.features[k, :n]).mean(0)
-                                   for k, n in enumerate(np.asarray(d.train.num_examples))])
+  site_means = lambda d: np.stack([x.mean(0) for x in fdx.unstack_clients(d.train)[0]])
   assert site_means(shifted).std(0).mean() > 1.5
   assert site_means(flat).std(0).mean() < 0.15
 
@@ -100,9 +95,8 @@ def test_hospital_knobs():
   noisy = fdx.synthetic_binary(0, 40, 400, label_noise=0.8)
   np.testing.assert_array_equal(np.asarray(clean.train.features),
                                 np.asarray(noisy.train.features))
-  flipped = np.array([np.mean(np.asarray(clean.train.labels[k, :n]) !=
-                              np.asarray(noisy.train.labels[k, :n]))
-                      for k, n in enumerate(np.asarray(clean.train.num_examples))])
+  flipped = np.array([np.mean(a != b) for a, b in zip(
+      fdx.unstack_clients(clean.train)[1], fdx.unstack_clients(noisy.train)[1])])
   # Site k flips at rate 0.8 * u_k, u_k ~ U(0, 1): mean 0.4, sites differ.
   assert flipped.mean() == pytest.approx(0.4, abs=0.1)
   assert flipped.std() > 0.1 and flipped.max() <= 0.9

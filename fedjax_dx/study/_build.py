@@ -49,9 +49,8 @@ def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None
                                         num_devices=d.num_clients, iid=d.fedprox_iid,
                                         max_examples=d.max_examples)
     names = [f"device {k}" for k in range(data.num_clients)]
-  counts = np.stack([
-      np.bincount(np.asarray(data.train.labels[k, :n]), minlength=data.num_classes)
-      for k, n in enumerate(np.asarray(data.train.num_examples))])
+  counts = np.stack([np.bincount(labels, minlength=data.num_classes)
+                     for labels in _data.unstack_clients(data.train)[1]])  # on host
   return data, names, counts
 
 
