@@ -143,9 +143,11 @@ def stack_clients(
     x_out[k, :len(y)] = x
     y_out[k, :len(y)] = y
   mask = np.arange(width)[None, :] < sizes[:, None]
+  # device_put, not jnp.asarray: JAX compiles an identity program per new shape to
+  # stage a NumPy array through jnp.asarray.
   return ClientData(
-      features=jnp.asarray(x_out), labels=jnp.asarray(y_out), mask=jnp.asarray(mask),
-      num_examples=jnp.asarray(sizes))
+      features=jax.device_put(x_out), labels=jax.device_put(y_out),
+      mask=jax.device_put(mask), num_examples=jax.device_put(sizes))
 
 
 def unstack_clients(data: ClientData) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -195,7 +197,7 @@ def pool_clients(data: ClientData) -> ClientData:
   pooled_y = np.concatenate([labels[k] for k in keep])
   n = len(pooled_y)
   return ClientData(
-      features=jnp.asarray(pooled_x[None]), labels=jnp.asarray(pooled_y[None]),
+      features=jax.device_put(pooled_x[None]), labels=jax.device_put(pooled_y[None]),
       mask=jnp.ones((1, n), bool), num_examples=jnp.asarray([n], jnp.int32))
 
 

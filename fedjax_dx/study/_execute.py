@@ -133,7 +133,7 @@ class MethodRun:
     self.kind = {"local": "stacked", "fedavg_ft": "personalized"}.get(method, "global")
     chunks = {min(config.eval_every, config.rounds), config.rounds % config.eval_every}
     self.programs = {c: cache.program(algo, self.states, train,
-                                      jnp.asarray(self.participation[:, :c]))
+                                      jax.device_put(self.participation[:, :c]))
                      for c in sorted(chunks) if c}
     self.evaluator = cache.evaluator(model, self.kind, algo, self._evaluated_models(),
                                      data)
@@ -268,8 +268,8 @@ class MethodRun:
       chunk = min(config.eval_every, config.rounds - done)
       final = done + chunk == config.rounds
       start = time.perf_counter()
-      self.states, metrics = self.programs[chunk](
-          self.states, self.train, jnp.asarray(self.participation[:, done:done + chunk]))
+      participation = jax.device_put(self.participation[:, done:done + chunk])
+      self.states, metrics = self.programs[chunk](self.states, self.train, participation)
       jax.block_until_ready(self.states)
       wall += time.perf_counter() - start
       metrics = host(metrics)
