@@ -136,6 +136,13 @@ def test_the_field_table_declares_every_method_field_with_the_default_config_val
     ("aggregator=mode", "config.aggregator = 'mode'"),
     ("fedopt_form=adamw", "config.fedopt_form = 'adamw': expected paper, flamby or "
      "bias_corrected"),
+    ("learning_rate=inf", "config.learning_rate = inf: expected a finite number > 0"),
+    ("fedopt_learning_rate=inf",
+     "config.fedopt_learning_rate = inf: expected a finite number > 0"),
+    ("server_learning_rate=inf",
+     "config.server_learning_rate = inf: expected a finite number > 0"),
+    ("dp_clip=inf", "config.dp_clip = inf: expected a finite number"),
+    ("learning_rate=nan", "config.learning_rate = nan: expected a finite number > 0"),
 ])
 def test_bad_config_is_refused_by_name_before_anything_is_written(tmp_path, overrides,
                                                                   message):

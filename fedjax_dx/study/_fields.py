@@ -134,7 +134,10 @@ def check_table(config, need: Callable[[bool, str, str], None]) -> None:
     value = config[field.name]
     kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
     need(_type_ok(field, value), field.name, kind[field.kind])
-    if field.kind is float and isinstance(value, float) and math.isnan(value):
-      need(False, field.name, field.expected or "a number")
+    if field.kind is float and isinstance(value, float) and not math.isfinite(value):
+      # nan and inf pass range checks like `v > 0` and would train a NaN model.
+      expected = field.expected or "a number"
+      need(False, field.name, expected.replace("a number", "a finite number", 1)
+           if expected.startswith("a number") else f"a finite number: {expected}")
     if field.valid is not None:
       need(field.valid(value), field.name, field.expected)
