@@ -79,6 +79,10 @@ def main(argv):
           f"{os.path.abspath(paths['summary'])}")
   if FLAGS.report:
     print(f"report: {os.path.abspath(paths['report'])}")
+  if paths.get("diverged"):  # results written, but not a result to report as one
+    print(f"error: {paths['diverged']}: a model that is not finite has NaN metrics; "
+          "lower the learning rate(s) or turn on config.guard", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from sklearn import metrics as skm
 
@@ -163,3 +164,47 @@ def test_evaluate_personalized_uses_each_clients_own_model():
   p_all = np.concatenate(probs)
   compare({m: float(v) for m, v in result["pooled"].items()},
           sklearn_binary(np.stack([1 - p_all, p_all], 1), np.concatenate(ys)))
+
+
+def test_a_diverged_model_has_nan_metrics_not_the_majority_rate():
+  """NaN parameters (a diverged model): every metric NaN, on every client and pooled,
+  for one model and for stacked models where only one diverged; never an AUC above 1."""
+  rng = np.random.default_rng(3)
+  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (7, 5)]
+  ys = [np.array([1] * (n - 2) + [0, 0]) for n in (7, 5)]  # a clear majority class
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  model = fdx.logistic_regression()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  broken = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  result = fdx.evaluate(model, broken, data)
+  for part in (result["pooled"], {m: v[1] for m, v in result["clients"].items()}):
+    for name, value in part.items():
+      if name == "num_examples":
+        assert float(value) > 0
+      else:
+        assert np.isnan(float(value)), name
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, broken)
+  both = fdx.evaluate_stacked(model, stacked, data)
+  assert np.isfinite(np.asarray(both["pooled"]["accuracy"][0]))
+  assert np.isnan(np.asarray(both["pooled"]["accuracy"][1]))
+  scores = jnp.array([0.2, jnp.nan, 0.7, 0.1])
+  auc = fdx.binary_auc(scores, jnp.array([True, False, True, False]), jnp.ones(4, bool))
+  assert np.isnan(float(auc))
+  masked = fdx.binary_auc(scores, jnp.array([True, False, True, False]),
+                          jnp.array([True, False, True, True]))
+  assert float(masked) == 1.0  # the NaN score is padding: not counted
+
+
+def test_a_nan_learning_rate_gives_a_nan_train_loss_not_zero():
+  rng = np.random.default_rng(4)
+  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (6, 8)]
+  ys = [rng.integers(0, 2, n) for n in (6, 8)]
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  model = fdx.logistic_regression()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  for algo in (fdx.fedavg(model, optax.sgd(float("nan")), batch_size=2, local_steps=2),
+               fdx.local_only(model, optax.sgd(float("nan")), batch_size=2,
+                              local_steps=2)):
+    _, metrics = algo.run(algo.init(params, data, jax.random.PRNGKey(1)), data,
+                          num_rounds=2)
+    assert np.isnan(np.asarray(metrics["train_loss"])[-1]), algo.name

@@ -135,6 +135,10 @@ def test_membership_inference_attack_matches_sklearn_and_sees_overfitting():
     assert float(result["class_balanced_auc"]) == pytest.approx(np.mean(per_class),
                                                                 abs=1e-6)
   assert float(fdx.membership_inference(model, fitted, train, test)["auc"]) > 0.9
+  # A diverged model (NaN parameters) gives no attack result, not an AUC above 1.
+  broken = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), fitted)
+  result = fdx.membership_inference(model, broken, train, test, reference_params=params)
+  assert all(np.isnan(float(v)) for v in result.values()), result
 
 
 def test_class_balanced_attack_does_not_count_a_class_shift_as_membership():

@@ -522,3 +522,28 @@ def test_a_program_cache_serves_only_studies_of_its_compile_options(tmp_path):
                      "cache given compiles with XLA options"):
     study.run_study(config, str(tmp_path / "x"), quiet=True, programs=programs)
   assert not (tmp_path / "x").exists()
+
+
+def test_a_diverged_model_is_reported_as_diverged_and_the_study_exits_nonzero(tmp_path):
+  """Learning rate 10 on an MLP: models blow up to NaN. Their metrics are NaN (never
+  the majority rate), their rows carry the round they diverged at, the summary counts
+  the diverged seeds instead of averaging the others, the table says so, and the
+  command line writes everything, then exits 3 naming method, seed and round."""
+  workdir = tmp_path / "nan"
+  result = run("--config=configs/test.py", f"--workdir={workdir}", "--noreport",
+               "--config.methods=fedavg,local", "--config.model.name=mlp",
+               "--config.learning_rate=10")
+  assert result.returncode == 3, result.stderr
+  message = result.stderr.strip().splitlines()[-1]
+  assert re.match(r"error: fedavg seed 0 diverged at round \d", message), message
+  metrics = pd.read_json(workdir / "metrics.jsonl", lines=True, dtype={"client": str})
+  diverged = metrics[metrics["diverged_round"].notna()]
+  assert set(diverged["method"]) >= {"fedavg"}
+  assert (diverged["round"] >= diverged["diverged_round"]).all()
+  assert diverged[["loss", "accuracy", "auc"]].isna().all().all()
+  assert metrics["auc"].dropna().between(0, 1).all()
+  summary = pd.read_csv(workdir / "summary.csv", dtype={"client": str})
+  fed = summary[(summary["method"] == "fedavg") & (summary["client"] == "pooled")]
+  assert fed["diverged_seeds"].iloc[0] >= 1 and fed["accuracy_mean"].isna().all()
+  table = (workdir / "summary_table.md").read_text()
+  assert "| fedavg | diverged (" in table

@@ -431,8 +431,9 @@ class Round:
     clipped = clients.get("clipped", jnp.zeros(train_loss.shape, bool))
     secagg_dropped = ctx.get("secagg_dropped", jnp.zeros((num_clients,), bool))
     return {
-        "train_loss": jnp.where(ctx["total"] > 0,
-                                jnp.nansum(clients["weight"] * train_loss), jnp.nan),
+        # Not nansum: a NaN from a client that counts (a diverged model) must show.
+        "train_loss": jnp.where(ctx["total"] > 0, jnp.where(
+            clients["weight"] > 0, clients["weight"] * train_loss, 0.0).sum(), jnp.nan),
         "client_train_loss": gathers.put(jnp.full((num_clients,), jnp.nan),
                                          jnp.where(member_took_part, train_loss, jnp.nan)),
         "num_participants": (took_part & with_data).sum(),

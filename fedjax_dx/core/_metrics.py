@@ -2,7 +2,8 @@
 
 Every function takes padded arrays and a mask, so it can be vmapped over clients.
 Ratios whose denominator is zero (e.g. sensitivity on a client with no positive case,
-AUC on a client with one class only) are NaN, never an error.
+AUC on a client with one class only) are NaN, never an error; so is every metric of a
+model whose outputs or losses are not finite (a diverged model).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def binary_auc(scores: jax.Array, positive: jax.Array, mask: jax.Array) -> jax.A
   wins = (below + 0.5 * (below_or_tied - below)).astype(jnp.float32)
   num_pos, num_neg = pos.sum(), neg.sum()
   pairs = num_pos.astype(jnp.float32) * num_neg.astype(jnp.float32)
-  return _ratio(jnp.where(pos, wins, 0.0).sum(), pairs)
+  auc = _ratio(jnp.where(pos, wins, 0.0).sum(), pairs)
+  # A NaN score has no rank: the count above would be a number, even above 1.
+  return jnp.where(jnp.any(mask & jnp.isnan(scores)), jnp.nan, auc)
 
 
 def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
@@ -103,7 +106,12 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
         jnp.arange(num_classes))
     metrics.update(auc=_nanmean(aucs), sensitivity=_nanmean(recall),
                    specificity=_nanmean(specificity), f1=_nanmean(f1))
-  return metrics
+  # A model whose outputs are not finite (diverged) has no accuracy, not the majority
+  # class's: every metric NaN.
+  finite = jnp.all(jnp.isfinite(probs) | ~mask[:, None]) & jnp.all(
+      jnp.isfinite(losses) | ~mask)
+  return {name: value if name == "num_examples" else jnp.where(finite, value, jnp.nan)
+          for name, value in metrics.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one program, not op by op

@@ -17,7 +17,11 @@ def _attack_scores(scores, member_mask, other_scores, other_mask):
   # The threshold passed by 1% of non-members: the 99th percentile of their scores.
   threshold = jnp.nanquantile(jnp.where(other_mask, other_scores, jnp.nan), 0.99)
   passed = (scores > threshold) & member_mask
-  return auc, passed.sum() / jnp.maximum(member_mask.sum(), 1)
+  tpr = passed.sum() / jnp.maximum(member_mask.sum(), 1)
+  # NaN losses (a diverged model): no attack result, not a rate of 0.
+  undefined = jnp.any(member_mask & jnp.isnan(scores)) | jnp.any(
+      other_mask & jnp.isnan(other_scores))
+  return auc, jnp.where(undefined, jnp.nan, tpr)
 
 
 def _class_balanced_auc(scores, labels, member_mask, other_scores, other_labels,

@@ -78,7 +78,10 @@ def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,
         positions=jnp.where(took_part, out.position, state.positions),
         round=state.round + 1)
     train_loss = jnp.where(took_part, out.train_loss, jnp.nan)
-    metrics = {"train_loss": jnp.nanmean(train_loss), "client_train_loss": train_loss,
+    trained = took_part & (data.num_examples > 0)  # a diverged model's NaN shows
+    mean_loss = jnp.where(trained, train_loss, 0.0).sum() / jnp.maximum(trained.sum(), 1)
+    metrics = {"train_loss": jnp.where(trained.any(), mean_loss, jnp.nan),
+               "client_train_loss": train_loss,
                "num_participants": (took_part & (data.num_examples > 0)).sum()}
     return new_state, metrics
 

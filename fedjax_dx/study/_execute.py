@@ -234,10 +234,42 @@ class MethodRun:
     zeros = np.zeros(len(seeds), np.int64)
 
     host = _distributed.fetch if self.sharded else jax.device_get
+    # (seed, result method) -> the round its model stopped being finite.
+    self.diverged: dict[tuple[int, str], int] = {}
 
-    def evaluate_now(round_index, bytes_up, bytes_down):
+    def note_divergence(test_result, round_index, round_losses):
+      """A model whose pooled test loss is NaN (with test examples) has diverged:
+      metrics of non-finite outputs are NaN. Its round: the first of the last chunk
+      whose training loss was not finite, else this evaluation's."""
+      pooled = test_result["pooled"]
+      for s, seed in enumerate(seeds):
+        names = ([f"local_{m}" for m in range(len(self.names))]
+                 if self.kind == "stacked" else [method])
+        for m, name in enumerate(names):
+          loss = np.asarray(pooled["loss"])[s]
+          count = np.asarray(pooled["num_examples"])[s]
+          if self.kind == "stacked":
+            loss, count = loss[m], count[m]
+          if (seed, name) in self.diverged or not (np.isnan(loss) and count > 0):
+            continue
+          first = round_index
+          if round_losses is not None:
+            losses = np.asarray(round_losses)[s]
+            if self.kind == "stacked" and losses.ndim == 2:
+              losses = losses[:, m]
+            if losses.ndim == 1:
+              bad = np.flatnonzero(~np.isfinite(losses))
+              if bad.size:
+                first = round_index - len(losses) + 1 + int(bad[0])
+          self.diverged[(seed, name)] = first
+
+    def evaluate_now(round_index, bytes_up, bytes_down, round_losses=None):
       results = host(self.evaluator(self._evaluated_models(), data.train, data.test))
+      note_divergence(results[1], round_index, round_losses)
       privacy = [self._privacy_columns(round_index, s) for s in range(len(seeds))]
+      diverged_columns = lambda seed, name: (
+          {"diverged_round": self.diverged[(seed, name)]}
+          if (seed, name) in self.diverged else {})
       for split, result in zip(("train", "test"), results):
         for s, seed in enumerate(seeds):
           one = _seed_slice(result, s)
@@ -249,12 +281,14 @@ class MethodRun:
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
-              rows[seed].extend(_metric_rows(one, self.names,
-                                             prefix=dict(base, method=f"local_{m}"),
-                                             model_index=m))
+              name = f"local_{m}"
+              rows[seed].extend(_metric_rows(
+                  one, self.names, prefix=dict(base, method=name,
+                                               **diverged_columns(seed, name)),
+                  model_index=m))
           else:
-            rows[seed].extend(_metric_rows(one, self.names,
-                                           prefix=dict(base, method=method)))
+            rows[seed].extend(_metric_rows(one, self.names, prefix=dict(
+                base, method=method, **diverged_columns(seed, method))))
             if split == "test" and attack is not None:  # on the pooled test row
               rows[seed][-1].update({f"mia_{k}": _clean(v[s]) for k, v in attack.items()})
 
@@ -287,7 +321,9 @@ class MethodRun:
       if final and config.membership_audit and self.kind == "global":
         attack = host(self.cache.attack(self.model)(
             self._evaluated_models(), self.initial_params, data.train, data.test))
-      evaluate_now(done, bytes_up, bytes_down)
+      round_losses = (metrics.get("client_train_loss") if self.kind == "stacked"
+                      else metrics.get("train_loss"))
+      evaluate_now(done, bytes_up, bytes_down, round_losses)
       progress(done * len(seeds))
     return rows
 
@@ -462,6 +498,9 @@ def run_study(config, workdir: str, *, quiet: bool = False,
 
           for seed, seed_rows in run.execute(advance).items():
             rows[seed] += seed_rows
+          for (seed, name), at in sorted(run.diverged.items()):
+            progress.log(f"warning: {name} seed {seed} diverged at round {at} "
+                         f"{swept or ''}(its model is not finite; its metrics are NaN)")
 
         def write_points(index=index, point=point, group=group, rows=rows):
           for seed in group:

@@ -15,6 +15,7 @@ import jax
 
 from fedjax_dx.study._schema import StudyError
 from fedjax_dx.study._summary import methods_order, summarize, summary_table
+from fedjax_dx.study._summary import swept_columns
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -97,4 +98,18 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
   table_path = os.path.join(workdir, "summary_table.md")
   write_atomic(table_path, summary_table(summary, config.target_metric,
                                          methods_order(config, summary)))
-  return {"metrics": metrics_path, "summary": summary_path, "table": table_path}
+  return {"metrics": metrics_path, "summary": summary_path, "table": table_path,
+          "diverged": diverged_runs(frame)}
+
+
+def diverged_runs(frame) -> str:
+  """'fedavg seed 0 diverged at round 3; ...' for every run whose model stopped being
+  finite (rows carry `diverged_round`), '' when none did."""
+  if "diverged_round" not in frame:
+    return ""
+  rows = frame[frame["diverged_round"].notna()]
+  swept = [c for c in swept_columns(frame) if c in rows]
+  runs = rows.drop_duplicates(["method", "seed", *swept])
+  return "; ".join(
+      f"{r['method']} seed {r['seed']} diverged at round {int(r['diverged_round'])}"
+      + "".join(f" ({c} = {r[c]})" for c in swept) for _, r in runs.iterrows())

@@ -24,13 +24,16 @@ def summary_table(summary, metric: str, methods: list[str]) -> str:
   swept = [c for c in summary.columns if c not in (
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
-      "seeds_reaching_target", "target", "epsilon") and not c.endswith(("_mean", "_std"))]
+      "seeds_reaching_target", "target", "epsilon", "diverged_seeds")
+      and not c.endswith(("_mean", "_std"))]
   clients = summary.drop_duplicates("client")
   clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
                                   for c in clients["client"]]).sort_values("order")
   names = clients["client_name"].tolist()
 
-  def cell(mean, std, seeds):
+  def cell(mean, std, seeds, diverged):
+    if diverged:
+      return f"diverged ({diverged} of {seeds} seeds)"
     if mean != mean:  # NaN: undefined on this test set
       return "–"
     return f"{mean:.3f} ± {std:.3f}" if seeds > 1 and std == std else f"{mean:.3f}"
@@ -47,7 +50,8 @@ def summary_table(summary, metric: str, methods: list[str]) -> str:
       if rows.empty:
         continue
       cells = [cell(rows.at[n, f"{metric}_mean"], rows.at[n, f"{metric}_std"],
-                    rows.at[n, "num_seeds"]) if n in rows.index else "–" for n in names]
+                    rows.at[n, "num_seeds"], rows.at[n, "diverged_seeds"])
+               if n in rows.index else "–" for n in names]
       lines.append("| " + " | ".join([*(f"{v:g}" if isinstance(v, float) else str(v)
                                         for v in key), method, *cells]) + " |")
   return "\n".join(lines) + "\n"
@@ -58,7 +62,7 @@ def swept_columns(frame) -> list[str]:
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
            "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
-           "dp_mode", *MIA_COLUMNS, *METRICS}
+           "dp_mode", "guard_dropped", "diverged_round", *MIA_COLUMNS, *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns if c not in fixed]
 
@@ -73,6 +77,13 @@ def summarize(frame, config):
   summary = grouped[list(METRICS)].agg(["mean", "std"])
   summary.columns = [f"{m}_{s}" for m, s in summary.columns]
   summary["num_seeds"] = grouped["seed"].nunique()
+  # A diverged seed's metrics are NaN; the mean of the others would hide it.
+  diverged = (final["diverged_round"].notna() if "diverged_round" in final
+              else final["seed"] != final["seed"])
+  summary["diverged_seeds"] = diverged.groupby(
+      [final[k] for k in keys], dropna=False, sort=False).sum().astype(int)
+  for m in METRICS:
+    summary.loc[summary["diverged_seeds"] > 0, [f"{m}_mean", f"{m}_std"]] = float("nan")
   summary["rounds"] = grouped["round"].max()
   summary["cumulative_bytes"] = grouped["cumulative_bytes"].mean()
   summary["wall_s_mean"] = grouped["wall_s"].mean()
