@@ -32,6 +32,12 @@ def run(*args, wait=True):
                         timeout=600)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def test_end_to_end_tiny_study(tmp_path):
   workdir = tmp_path / "study"
   result = run("--config=configs/test.py", f"--workdir={workdir}")
@@ -85,6 +91,11 @@ def test_end_to_end_tiny_study(tmp_path):
     assert (workdir / name).stat().st_size > 1000, name
   html = (workdir / "report.html").read_text()
   assert html.count("data:image/png;base64,") >= 4
+  # Written through temporary files (none left), all with a plain file's permissions.
+  assert not [p.name for p in workdir.rglob(".*")]
+  mode = 0o666 & ~_umask()
+  for path in [*workdir.glob("*.*"), *(workdir / "points").iterdir()]:
+    assert path.stat().st_mode & 0o777 == mode, path
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -136,6 +147,7 @@ def test_the_field_table_declares_every_method_field_with_the_default_config_val
     ("aggregator=mode", "config.aggregator = 'mode'"),
     ("fedopt_form=adamw", "config.fedopt_form = 'adamw': expected paper, flamby or "
      "bias_corrected"),
+    ("methods=fedavg,local,fedavg", "config.methods: fedavg listed more than once"),
     ("learning_rate=inf", "config.learning_rate = inf: expected a finite number > 0"),
     ("fedopt_learning_rate=inf",
      "config.fedopt_learning_rate = inf: expected a finite number > 0"),
@@ -547,3 +559,17 @@ def test_a_diverged_model_is_reported_as_diverged_and_the_study_exits_nonzero(tm
   assert fed["diverged_seeds"].iloc[0] >= 1 and fed["accuracy_mean"].isna().all()
   table = (workdir / "summary_table.md").read_text()
   assert "| fedavg | diverged (" in table
+
+
+def test_an_empty_point_file_is_rerun_and_a_damaged_one_is_named(tmp_path):
+  workdir = tmp_path / "study"
+  _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
+  first, second = sorted((workdir / "points").iterdir())
+  first.write_text("")  # e.g. a disk that filled up
+  resumed = _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
+  assert set(resumed["seed"]) == {0, 1} and first.stat().st_size > 0
+  text = second.read_text()
+  second.write_text(text[:len(text) // 2])  # cut mid-record
+  with pytest.raises(study.StudyError, match=re.escape(str(second)) + ", line \\d+: not "
+                     "a JSON record"):
+    _study_frame(tmp_path, "study", methods="fedavg", rounds=2)

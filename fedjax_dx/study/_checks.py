@@ -25,6 +25,10 @@ def methods_of(config) -> list[str]:
   if unknown or not methods:
     raise StudyError(f"config.methods: unknown {unknown or 'empty list'}; expected a "
                      f"comma-separated list of {', '.join(known)}")
+  twice = sorted({m for m in methods if methods.count(m) > 1})
+  if twice:
+    raise StudyError(f"config.methods: {', '.join(twice)} listed more than once; each "
+                     "method runs once per point and seed")
   return methods
 
 

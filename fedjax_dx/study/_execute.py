@@ -457,7 +457,9 @@ def run_study(config, workdir: str, *, quiet: bool = False,
 
     def points_done() -> list[bool]:
       os.makedirs(points_dir, exist_ok=True)
-      return [os.path.isfile(path_of(i, p, s)) for i, p, s in todo]
+      # An empty record (a disk that filled up) is not a finished seed: run it again.
+      return [os.path.isfile(path_of(i, p, s)) and os.path.getsize(path_of(i, p, s)) > 0
+              for i, p, s in todo]
 
     done_before = [bool(d) for d in _on_lead(lead, points_done, len(todo))]
     is_done = lambda i, p, s: done_before[todo.index((i, p, s))]

@@ -27,7 +27,7 @@ def _plt():
 
 def _save(fig, path):
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  write_atomic(path, write=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
   import matplotlib.pyplot as plt
   plt.close(fig)
   return path

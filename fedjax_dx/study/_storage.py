@@ -18,14 +18,28 @@ from fedjax_dx.study._summary import methods_order, summarize, summary_table
 from fedjax_dx.study._summary import swept_columns
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename."""
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def write_atomic(path: str, text: str | bytes | None = None, *, write=None) -> None:
+  """Writes `text` (or what `write(tmp_path)` writes) to `path` through a temporary
+  file and a rename, with the permissions a plain `open` would give (mkstemp's are
+  0600)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                             suffix=os.path.splitext(path)[1])
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    if write is None:
+      with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+        f.write(text)
+    else:
+      os.close(fd)
+      write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -87,8 +101,16 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
 
   lines = []
   for pid in ids:
-    with open(os.path.join(workdir, "points", pid + ".jsonl")) as f:
-      lines.extend(f.readlines())
+    path = os.path.join(workdir, "points", pid + ".jsonl")
+    with open(path) as f:
+      point_lines = f.readlines()
+    for number, line in enumerate(point_lines, 1):
+      try:
+        json.loads(line)
+      except ValueError as e:
+        raise StudyError(f"{path}, line {number}: not a JSON record ({e}); the file is "
+                         "damaged: remove it and rerun to compute that point again")
+    lines.extend(point_lines)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   write_atomic(metrics_path, "".join(lines))
   frame = pd.read_json(metrics_path, lines=True, dtype={"client": str})
