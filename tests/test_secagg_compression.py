@@ -1,7 +1,9 @@
 """Secure aggregation (exact sums, masks hide updates, dropout recovery) and compression
 (unbiased quantization, top-k with error feedback), alone and inside the round."""
 
+import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +148,30 @@ def test_secure_fedavg_equals_fedavg_and_survives_dropouts():
   state, metrics = failing.run(failing.init(params, data, RNG), data, num_rounds=1)
   assert bool(metrics["secagg_failed"][0])
   assert_trees_close(state.params, params, atol=0)
+
+
+def test_a_dropout_share_within_the_tolerance_never_fails_a_round():
+  """2 to 20 senders, dropout shares up to the tolerance 0.3: floor(d * m) drop and
+  the protocol (which survives floor(0.3 * m)) never fails; above it, rounds fail."""
+  num_clients = 20
+
+  def begin(stage, senders, key):
+    sending = jnp.arange(num_clients) < senders
+    ctx = {"clients": {"sending": sending, "raw_weight": sending.astype(jnp.float32)},
+           "scale_weights": jnp.ones((num_clients,)), "noise_key": key}
+    started, _ = stage.begin(None, ctx)
+    return started["secagg_dropped"].sum(), started["secagg_failed"]
+
+  for dropout in (0.1, 0.2, 0.25, 0.3, 0.5):
+    run = jax.jit(functools.partial(begin, agg.secure_sum(dropout=dropout,
+                                                          tolerance=0.3)))
+    for senders in range(2, num_clients + 1):
+      dropped, failed = run(senders, jax.random.PRNGKey(senders))
+      assert int(dropped) == math.floor(dropout * senders + 1e-6), (dropout, senders)
+      assert bool(failed) == (int(dropped) > math.floor(0.3 * senders + 1e-6)), (
+          dropout, senders)
+      if dropout <= 0.3:
+        assert not bool(failed), (dropout, senders)
 
 
 def test_quantization_is_unbiased_and_uses_the_stated_levels():

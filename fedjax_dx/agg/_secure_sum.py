@@ -16,11 +16,15 @@ from fedjax_dx.privacy import _secagg
 SECAGG_TAG, DROPOUT_TAG = 0xD0000003, 0xD0000004  # fold_in tags of the round's keys
 
 
-def choose_share(key: jax.Array, eligible: jax.Array, fraction) -> jax.Array:
-  """`round(fraction * m)` of the `m` eligible clients (`[C]` bool), uniformly."""
+def choose_share(key: jax.Array, eligible: jax.Array, fraction, *,
+                 round_down: bool = False) -> jax.Array:
+  """`round(fraction * m)` (`floor` with `round_down`) of the `m` eligible clients
+  (`[C]` bool), uniformly."""
   scores = jnp.where(eligible, jax.random.uniform(key, eligible.shape), 2.0)
   rank = jnp.argsort(jnp.argsort(scores))
-  return eligible & (rank < jnp.round(fraction * eligible.sum()).astype(jnp.int32))
+  share = fraction * eligible.sum()
+  count = jnp.floor(share + 1e-6) if round_down else jnp.round(share)
+  return eligible & (rank < count.astype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +54,10 @@ class SecureSum(Stage):
     sending, noise_key = ctx["clients"]["sending"], ctx["noise_key"]
     dropped = jnp.zeros(sending.shape, bool)
     if self.dropout > 0:
+      # floor, as the tolerance counts (`max_dropouts`): a dropout share within the
+      # tolerance never fails a round (round(0.3 * 3) = 1 > floor(0.3 * 3) = 0 did).
       dropped = choose_share(jax.random.fold_in(noise_key, DROPOUT_TAG), sending,
-                             self.dropout)
+                             self.dropout, round_down=True)
     failed = dropped.sum() > _secagg.max_dropouts(sending.sum(), self.tolerance)
     scale = _secagg.fixed_point_scale(
         self.bound, (ctx["clients"]["raw_weight"] * ctx["scale_weights"]).sum(),
@@ -103,8 +109,8 @@ def secure_sum(bits: int = 32, *, bound: float = 1.0, dropout: float = 0.0,
   Each client's weighted update is encoded in fixed point modulo `2^bits` (coordinates
   clipped to `[-bound, bound]`), masked pairwise; the server recovers only the sum,
   also when up to `floor(tolerance * m)` of the `m` senders drop out after masking
-  (`dropout` simulates that share); a round with more dropouts keeps the model
-  (`secagg_failed`). Must be the last stage.
+  (`dropout` simulates that share: `floor(dropout * m)` senders drop); a round with
+  more dropouts keeps the model (`secagg_failed`). Must be the last stage.
   """
   _local.check_hyperparameter(bound, "secagg_bound", above=0.0)
   return SecureSum(int(bits) if isinstance(bits, np.integer) else bits, bound, dropout,
