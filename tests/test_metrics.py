@@ -109,6 +109,14 @@ def test_auc_is_exact_on_a_hand_computed_case():
   assert float(fdx.binary_auc(scores, positive, jnp.ones(6, bool))) == pytest.approx(expected)
 
 
+def _random_clients(seed, sizes, num_features=3):
+  """Random binary data of clients with `sizes` examples: (xs, ys, stacked)."""
+  rng = np.random.default_rng(seed)
+  xs = [rng.normal(size=(n, num_features)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 2, n) for n in sizes]
+  return xs, ys, fdx.stack_clients(xs, ys, num_classes=2)
+
+
 def test_evaluate_pooled_equals_metrics_on_concatenated_clients():
   rng = np.random.default_rng(0)
   sizes = [9, 4, 13]
@@ -130,10 +138,7 @@ def test_evaluate_pooled_equals_metrics_on_concatenated_clients():
 
 
 def test_evaluate_stacked_evaluates_each_model_on_every_client():
-  rng = np.random.default_rng(1)
-  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (5, 8)]
-  ys = [rng.integers(0, 2, n) for n in (5, 8)]
-  data = fdx.stack_clients(xs, ys, num_classes=2)
+  _, _, data = _random_clients(1, (5, 8))
   model = fdx.logistic_regression()
   params = [model.init(jax.random.PRNGKey(s), jnp.zeros((1, 3))) for s in (0, 1, 2)]
   stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
@@ -196,10 +201,7 @@ def test_a_diverged_model_has_nan_metrics_not_the_majority_rate():
 
 
 def test_a_nan_learning_rate_gives_a_nan_train_loss_not_zero():
-  rng = np.random.default_rng(4)
-  xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (6, 8)]
-  ys = [rng.integers(0, 2, n) for n in (6, 8)]
-  data = fdx.stack_clients(xs, ys, num_classes=2)
+  _, _, data = _random_clients(4, (6, 8))
   model = fdx.logistic_regression()
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
   for algo in (fdx.fedavg(model, optax.sgd(float("nan")), batch_size=2, local_steps=2),

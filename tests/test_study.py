@@ -14,6 +14,7 @@ import pytest
 
 from configs import test as test_config
 from fedjax_dx import study
+from fedjax_dx.study import _storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_COLUMNS = ["loss", "accuracy", "auc", "sensitivity", "specificity", "f1",
@@ -30,12 +31,6 @@ def run(*args, wait=True):
                             stderr=subprocess.PIPE, text=True)
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 def test_end_to_end_tiny_study(tmp_path):
@@ -93,7 +88,7 @@ def test_end_to_end_tiny_study(tmp_path):
   assert html.count("data:image/png;base64,") >= 4
   # Written through temporary files (none left), all with a plain file's permissions.
   assert not [p.name for p in workdir.rglob(".*")]
-  mode = 0o666 & ~_umask()
+  mode = 0o666 & ~_storage.umask()
   for path in [*workdir.glob("*.*"), *(workdir / "points").iterdir()]:
     assert path.stat().st_mode & 0o777 == mode, path
 

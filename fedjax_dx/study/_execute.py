@@ -241,26 +241,24 @@ class MethodRun:
       """A model whose pooled test loss is NaN (with test examples) has diverged:
       metrics of non-finite outputs are NaN. Its round: the first of the last chunk
       whose training loss was not finite, else this evaluation's."""
-      pooled = test_result["pooled"]
+      # [S, M] for M models per seed (local-only: one per client), else [S, 1].
+      stacked = self.kind == "stacked"
+      shape = (len(seeds), -1)
+      loss = np.asarray(test_result["pooled"]["loss"]).reshape(shape)
+      count = np.asarray(test_result["pooled"]["num_examples"]).reshape(shape)
+      losses = None if round_losses is None else np.asarray(round_losses)
+      names = ([f"local_{m}" for m in range(len(self.names))] if stacked else [method])
       for s, seed in enumerate(seeds):
-        names = ([f"local_{m}" for m in range(len(self.names))]
-                 if self.kind == "stacked" else [method])
         for m, name in enumerate(names):
-          loss = np.asarray(pooled["loss"])[s]
-          count = np.asarray(pooled["num_examples"])[s]
-          if self.kind == "stacked":
-            loss, count = loss[m], count[m]
-          if (seed, name) in self.diverged or not (np.isnan(loss) and count > 0):
+          fine = not (np.isnan(loss[s, m]) and count[s, m] > 0)
+          if fine or (seed, name) in self.diverged:
             continue
           first = round_index
-          if round_losses is not None:
-            losses = np.asarray(round_losses)[s]
-            if self.kind == "stacked" and losses.ndim == 2:
-              losses = losses[:, m]
-            if losses.ndim == 1:
-              bad = np.flatnonzero(~np.isfinite(losses))
-              if bad.size:
-                first = round_index - len(losses) + 1 + int(bad[0])
+          if losses is not None:  # [S, R], or [S, R, C] per client (local-only)
+            per_round = losses[s][:, m] if stacked and losses.ndim == 3 else losses[s]
+            bad = np.flatnonzero(~np.isfinite(per_round)) if per_round.ndim == 1 else []
+            if len(bad):
+              first = round_index - len(per_round) + 1 + int(bad[0])
           self.diverged[(seed, name)] = first
 
     def evaluate_now(round_index, bytes_up, bytes_down, round_losses=None):

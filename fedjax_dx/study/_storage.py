@@ -18,7 +18,8 @@ from fedjax_dx.study._summary import methods_order, summarize, summary_table
 from fedjax_dx.study._summary import swept_columns
 
 
-def _umask() -> int:
+def umask() -> int:
+  """The process's file-creation mask (read without changing it)."""
   mask = os.umask(0)
   os.umask(mask)
   return mask
@@ -39,7 +40,7 @@ def write_atomic(path: str, text: str | bytes | None = None, *, write=None) -> N
     else:
       os.close(fd)
       write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
