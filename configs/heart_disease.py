@@ -108,8 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.secagg_bound = 0.0  # coordinate clip before encoding (0: dp_clip or 1.0)
   config.secagg_dropout = 0.0  # share of senders dropping out after masking
   config.secagg_tolerance = 0.3  # largest dropout share the protocol recovers from
-  config.guard = 0.0  # > 0: drop client updates that are not finite or whose norm is
-  # above guard x the round's median norm (faulty hospitals; counted as guard_dropped)
+  # Faulty hospitals (FedAvg family and SCAFFOLD), counted per row as guard_dropped:
+  config.drop_nonfinite = True  # drop client updates that hold NaN or Inf
+  config.guard = 0.0  # > 0: also drop updates whose norm is above guard x the round's
+  # median norm (needs client_chunk = 0: it sees every update of the round at once)
   config.membership_audit = True  # loss-threshold membership inference on the final
   # global model (pooled train = members vs pooled test): mia_auc, mia_tpr_at_1pct_fpr,
   # and the difficulty-calibrated attack against the initial model (mia_calibrated_*)

@@ -11,7 +11,7 @@ import pytest
 import fedjax_dx as fdx
 from fedjax_dx import agg
 from tests import reference
-from tests.test_algorithms import assert_trees_close, init_params, make_data
+from tests.test_algorithms import assert_trees_close, assert_trees_equal, init_params, make_data
 
 RNG = jax.random.PRNGKey(5)
 
@@ -52,6 +52,7 @@ def test_study_config_builds_the_chain_written_by_hand():
 
   def config(**changes):
     c = test_config.get_config()
+    c.drop_nonfinite = False  # on by default: its own cases below
     for field, value in changes.items():
       c[field] = value
     return c
@@ -74,6 +75,12 @@ def test_study_config_builds_the_chain_written_by_hand():
        agg.chain(agg.mean(), agg.quantize(4, error_feedback=False))),
       (config(dp="central", dp_clip=0.5, dp_noise=1.0, guard=5.0), "centralized",
        agg.chain(agg.mean())),  # the baselines are not private
+      (test_config.get_config(), "fedavg", agg.chain(agg.guard(None), agg.mean())),
+      (config(drop_nonfinite=True, dp="central", dp_clip=0.5, dp_noise=1.0), "fedavg",
+       agg.chain(agg.guard(None), agg.clip(0.5), agg.mean("uniform"),
+                 agg.gaussian(1.0))),
+      (config(drop_nonfinite=True, guard=5.0), "fedavg",
+       agg.chain(agg.guard(5.0), agg.mean())),  # the screen checks finiteness too
   ]
   for c, method, want in cases:
     assert _build.aggregator_chain(c, method) == want, (method, want)
@@ -147,6 +154,117 @@ def test_guard_equals_fedavg_over_the_clean_clients():
   np.testing.assert_array_equal(metrics["guard_dropped"], 1)
 
 
+@pytest.mark.parametrize("client_chunk", [None, 2], ids=["at_once", "chunked"])
+def test_finite_guard_is_linear_and_equals_fedavg_over_the_clean_clients(client_chunk):
+  """`agg.guard(None)` (NaN/Inf only, the studies' default) decides per client, so it
+  is linear: chunked rounds take it. A NaN hospital is dropped and the mean is
+  rescaled to the others: FedAvg without it (sequential reference), and the same
+  train loss as the screen."""
+  xs, ys, data = make_data()
+  model = fdx.mlp(hidden=(6,), num_classes=2)
+  params = init_params(model)
+  assert agg.chain(agg.guard(None), agg.mean()).linear
+  algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
+                    client_chunk=client_chunk,
+                    aggregator=agg.chain(agg.guard(None), agg.mean()))
+  state = algo.init(params, data, RNG)
+  broken = _poisoned(data, [1], nan=True)
+  state, metrics = algo.run.compiled(state, broken, jnp.ones((3, data.num_clients)))
+  participation = np.ones((3, data.num_clients))
+  participation[:, 1] = 0
+  want = reference.fedavg_rounds(model, optax.sgd(0.2), params, xs, ys, rng=RNG,
+                                 num_rounds=3, budget=fdx.LocalBudget(steps=3),
+                                 batch_size=4, participation=participation)
+  assert_trees_close(state.params, want)
+  np.testing.assert_array_equal(metrics["guard_dropped"], 1)
+  screened = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
+                        aggregator=agg.chain(agg.guard(10.0), agg.mean()))
+  _, screen_metrics = screened.run.compiled(screened.init(params, data, RNG), broken,
+                                            jnp.ones((3, data.num_clients)))
+  np.testing.assert_allclose(metrics["train_loss"], screen_metrics["train_loss"],
+                             rtol=1e-5)
+  assert np.isfinite(np.asarray(metrics["train_loss"])).all()
+
+
+def test_finite_guard_changes_nothing_when_every_update_is_finite():
+  """On by default in studies, so it must leave clean rounds bit for bit alone."""
+  _, _, data = make_data()
+  model = fdx.mlp(hidden=(6,), num_classes=2)
+  params = init_params(model)
+  results = []
+  for aggregator in ("mean", agg.chain(agg.guard(None), agg.mean())):
+    algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
+                      aggregator=aggregator)
+    results.append(algo.run.compiled(algo.init(params, data, RNG), data,
+                                     jnp.ones((3, data.num_clients))))
+  assert_trees_equal(results[0][0].params, results[1][0].params)
+  np.testing.assert_array_equal(results[0][1]["train_loss"], results[1][1]["train_loss"])
+  np.testing.assert_array_equal(results[1][1]["guard_dropped"], 0)
+
+
+def test_secure_sum_after_the_finite_guard_drops_the_nan_hospital():
+  """The guard zeroes the weight the secure sum encodes with; the two rescalings
+  (survivors, kept clients) compose to FedAvg over the clean clients."""
+  xs, ys, data = make_data()
+  model = fdx.mlp(hidden=(6,), num_classes=2)
+  params = init_params(model)
+  algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
+                    aggregator=agg.chain(agg.guard(None), agg.mean(),
+                                         agg.secure_sum(bound=10.0)))
+  state, metrics = algo.run.compiled(algo.init(params, data, RNG),
+                                     _poisoned(data, [1], nan=True),
+                                     jnp.ones((2, data.num_clients)))
+  participation = np.ones((2, data.num_clients))
+  participation[:, 1] = 0
+  want = reference.fedavg_rounds(model, optax.sgd(0.2), params, xs, ys, rng=RNG,
+                                 num_rounds=2, budget=fdx.LocalBudget(steps=3),
+                                 batch_size=4, participation=participation)
+  assert_trees_close(state.params, want, atol=1e-4)
+  np.testing.assert_array_equal(metrics["guard_dropped"], 1)
+
+
+def test_scaffold_guard_drops_the_nan_hospital_and_its_control_variate_change():
+  """SCAFFOLD with the guard: the NaN hospital neither moves the model nor `c`, and
+  its own `c_k` stays 0; the others train as SCAFFOLD without it (sequential
+  reference, which keeps N = all clients in `c`'s 1/N)."""
+  xs, ys, data = make_data()
+  model = fdx.logistic_regression()
+  params = init_params(model)
+  algo = fdx.scaffold(model, 0.1, batch_size=4, local_steps=3, guard=agg.guard(None))
+  state, metrics = algo.run.compiled(algo.init(params, data, RNG),
+                                     _poisoned(data, [1], nan=True),
+                                     jnp.ones((3, data.num_clients)))
+  participation = np.ones((3, data.num_clients))
+  participation[:, 1] = 0
+  want, want_controls = reference.scaffold_rounds(
+      model, 0.1, params, xs, ys, rng=RNG, num_rounds=3,
+      budget=fdx.LocalBudget(steps=3), batch_size=4, participation=participation)
+  assert_trees_close(state.params, want)
+  for k, control in enumerate(want_controls):
+    assert_trees_close(jax.tree.map(lambda c: c[k], state.client_controls), control)
+  np.testing.assert_array_equal(metrics["guard_dropped"], 1)
+  with pytest.raises(ValueError, match=r"SCAFFOLD's guard must be agg.guard"):
+    fdx.scaffold(model, 0.1, batch_size=4, local_steps=3, guard=agg.mean())
+
+
+def test_run_checks_the_data_it_is_given_as_init_does():
+  """Data given to `run` after `init` is checked again on the host (NaN features,
+  labels out of range), for the FedAvg family, the baselines and cyclic."""
+  _, _, data = make_data()
+  model = fdx.logistic_regression()
+  params = init_params(model)
+  broken = _poisoned(data, [1], nan=True)
+  bad_labels = data.replace(labels=data.labels.at[0, 0].set(7))
+  for algo in (fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_steps=1),
+               fdx.local_only(model, optax.sgd(0.1), batch_size=2, local_steps=1),
+               fdx.cyclic(model, optax.sgd(0.1), batch_size=2, local_steps=1)):
+    state = algo.init(params, data, RNG)
+    with pytest.raises(ValueError, match=r"train_data.features hold NaN"):
+      algo.run(state, broken, 1)
+    with pytest.raises(ValueError, match=r"train_data.labels must lie in \[0, 1\]"):
+      algo.run(state, bad_labels, 1)
+
+
 def test_guard_screen_matches_numpy():
   """Which updates the guard drops: a NumPy transcription of its rule."""
   rng = np.random.default_rng(3)
@@ -217,11 +335,17 @@ def test_study_guard_field_counts_drops_and_is_checked(tmp_path):
   import re  # pylint: disable=g-import-not-at-top
   from fedjax_dx import study  # pylint: disable=g-import-not-at-top
   from tests.test_study import _study_frame  # pylint: disable=g-import-not-at-top
-  metrics = _study_frame(tmp_path, "guarded", methods="fedavg,centralized", guard=10.0,
+  metrics = _study_frame(tmp_path, "guarded", methods="fedavg,scaffold,centralized",
+                         guard=10.0, num_seeds=1)
+  for method in ("fedavg", "scaffold"):
+    rows = metrics[metrics["method"] == method]
+    assert (rows["guard_dropped"] == 0).all()  # clean synthetic hospitals: none dropped
+    assert rows["round"].max() == 4
+  assert metrics[metrics["method"] == "centralized"]["guard_dropped"].isna().all()
+  # The default guard (NaN/Inf only) is linear: a chunked round takes it.
+  chunked = _study_frame(tmp_path, "default_chunked", methods="fedavg", client_chunk=2,
                          num_seeds=1)
-  fedavg = metrics[metrics["method"] == "fedavg"]
-  assert (fedavg["guard_dropped"] == 0).all()  # clean synthetic hospitals: none dropped
-  assert fedavg["round"].max() == 4
+  assert (chunked["guard_dropped"] == 0).all()
   with pytest.raises(study.StudyError, match=re.escape(
       "config.guard = 0.5: expected 0 (off) or a multiple >= 1")):
     _study_frame(tmp_path, "bad", guard=0.5)

@@ -14,14 +14,14 @@ Example:
 from fedjax_dx.agg._clip import Clip, clip
 from fedjax_dx.agg._compress import Compress, quantize, top_k
 from fedjax_dx.agg._gaussian import Gaussian, adaptive_update_noise, gaussian
-from fedjax_dx.agg._guard import Guard, guard
+from fedjax_dx.agg._guard import FiniteGuard, Guard, guard
 from fedjax_dx.agg._mean import WEIGHTINGS, Mean, mean
 from fedjax_dx.agg._robust import Krum, Median, TrimmedMean, krum, median, trimmed_mean
 from fedjax_dx.agg._secure_sum import SecureSum, choose_share, secure_sum
 from fedjax_dx.agg._stage import Chain, Reducer, Screen, Stage, chain
 
 __all__ = [
-    "Chain", "Clip", "Compress", "Gaussian", "Guard", "Krum", "Mean", "Median",
+    "Chain", "Clip", "Compress", "FiniteGuard", "Gaussian", "Guard", "Krum", "Mean", "Median",
     "Reducer", "Screen", "SecureSum", "Stage", "TrimmedMean", "WEIGHTINGS",
     "adaptive_update_noise", "chain", "choose_share", "clip", "gaussian", "guard", "krum",
     "mean", "median", "quantize", "secure_sum", "top_k", "trimmed_mean",

@@ -1,4 +1,10 @@
-"""A guard against faulty hospitals: drops non-finite or blown-up updates."""
+"""A guard against faulty hospitals: drops non-finite or blown-up updates.
+
+Two stages share the name "guard": `Guard` compares each update's norm with the round's
+median, so it needs every update at once (a screen, not linear); `FiniteGuard` only drops
+updates that are not finite, which each client's own message decides, so it is linear
+and runs in chunked and streamed rounds too.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dx.agg._stage import Screen
+from fedjax_dx.agg._stage import Stage
 from fedjax_dx.privacy import _mechanisms
 
 
@@ -48,7 +55,37 @@ class Guard(Screen):
         "guard_dropped": dropped.sum()}
 
 
-def guard(max_norm_ratio: float | None = 10.0) -> Guard:
+@dataclasses.dataclass(frozen=True)
+class FiniteGuard(Stage):
+  """Zero weight for updates that are not finite (NaN or Inf); linear, see `guard`."""
+
+  name: ClassVar[str] = "guard"
+
+  def encode(self, state, row, message, client, ctx):
+    finite = jnp.isfinite(_mechanisms.global_norm(message))
+    dropped = client["sending"] & ~finite
+    message = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), message)
+    # Later stages (the secure sum) and the round's sum read the zeroed weight.
+    return message, row, {"weight": jnp.where(dropped, 0.0, client["weight"]),
+                          "guarded": dropped}
+
+  def decode(self, state, total, ctx, clients):
+    """Rescales the sum to the kept clients' weighted mean, as `Guard` does by
+    rescaling their weights (not under a fixed DP denominator); exact when none was
+    dropped."""
+    sending = clients["sending"] & clients.get("arrived", True)
+    before = jnp.where(sending, clients["raw_weight"] * ctx["scale_weights"], 0.0).sum()
+    dropped = clients["guarded"] & sending
+    removed = jnp.where(dropped, clients["raw_weight"] * ctx["scale_weights"], 0.0).sum()
+    if ctx["expected_clients"] is None:
+      kept = before - removed
+      factor = jnp.where(dropped.any() & (kept > 0),
+                         before / jnp.where(kept > 0, kept, 1.0), 1.0)
+      total = jax.tree.map(lambda t: jnp.where(dropped.any(), t * factor, t), total)
+    return total, state, {"guard_dropped": dropped.sum()}
+
+
+def guard(max_norm_ratio: float | None = 10.0) -> Guard | FiniteGuard:
   """Drops (zero weight, counted as `guard_dropped`) each update that is not finite,
   or whose L2 norm exceeds `max_norm_ratio` times the median norm of the round's
   finite updates, so a hospital sending NaN/Inf or a blown-up update cannot poison
@@ -56,6 +93,14 @@ def guard(max_norm_ratio: float | None = 10.0) -> Guard:
 
   Args:
     max_norm_ratio: the multiple of the round's median norm above which an update is
-      dropped (>= 1); None checks finiteness only.
+      dropped (>= 1); None checks finiteness only, which needs no other client's
+      update: then the stage is linear (`FiniteGuard`) and chunked and streamed
+      rounds accept it.
+
+  Example:
+    >>> robust = agg.chain(agg.guard(10.0), agg.median())
+    >>> chunkable = agg.chain(agg.guard(None), agg.mean())  # NaN/Inf only
   """
+  if max_norm_ratio is None:
+    return FiniteGuard()
   return Guard(max_norm_ratio)

@@ -189,6 +189,7 @@ class Chain:
           if row is not None:
             new_rows[stage.name] = row
           client_metrics.update(extra)
+          client = {**client, **extra}  # later stages see a changed weight (the guard)
         return message, new_rows, client_metrics
 
       own = {s.name: rows[s.name] for _, s in stages if s.name in rows}

@@ -168,8 +168,11 @@ def participation_vector(participation, num_clients):
   return jnp.asarray(participation, jnp.float32)
 
 
-def make_run(apply: Callable, check: Callable) -> Callable:
-  """Wraps `apply` into a jitted multi-round `lax.scan` with host-side checks."""
+def make_run(apply: Callable, check: Callable,
+             check_data: Callable | None = None) -> Callable:
+  """Wraps `apply` into a jitted multi-round `lax.scan` with host-side checks:
+  `check_data(data)` (what `init` checks of the data: shapes, masks, finite features,
+  labels in range) and `check(state, data, participation)`."""
 
   def rounds(state, data, participation):
     return jax.lax.scan(lambda s, p: apply(s, data, p), state, participation)
@@ -190,6 +193,8 @@ def make_run(apply: Callable, check: Callable) -> Callable:
       raise ValueError(
           f"participation has {participation.shape[0]} rounds but num_rounds="
           f"{num_rounds}")
+    if check_data is not None:
+      check_data(data)
     check(state, data, participation)
     return scan_rounds(state, data, jnp.asarray(participation))
 
@@ -337,15 +342,17 @@ class Round:
     rows = jax.tree.map(take, state.client_rows)
     messages, rows, clients, metrics = self.chain.encode(state.aggregator, rows, deltas,
                                                          clients, ctx)
-    changes = self.control_changes(state, ctx, take, out, deltas)
+    changes = self.control_changes(state, ctx, take, out, deltas, clients)
     return out, messages, rows, clients, metrics, changes
 
-  def control_changes(self, state, ctx, take, out, deltas):
+  def control_changes(self, state, ctx, take, out, deltas, clients):
     """SCAFFOLD (option II): each trained client's `c_k_new - c_k`."""
     if not self.uses_controls:
       return None
     trained = ((take(ctx["participation"]) > 0) & ~take(ctx["dropped"])
                & (out.steps_taken > 0))
+    if "guarded" in clients:  # a dropped (non-finite) update changes no control variate
+      trained = trained & ~clients["guarded"]
     step_scale = 1.0 / (jnp.maximum(out.steps_taken, 1)
                         * self.work.scaffold_learning_rate)
 
@@ -430,10 +437,16 @@ class Round:
     took_part, with_data = participation > 0, num_examples > 0
     clipped = clients.get("clipped", jnp.zeros(train_loss.shape, bool))
     secagg_dropped = ctx.get("secagg_dropped", jnp.zeros((num_clients,), bool))
+    weights = clients["weight"]
+    # Not nansum: a NaN from a client that counts (a diverged model) must show.
+    loss = jnp.where(weights > 0, weights * train_loss, 0.0).sum()
+    if "guarded" in clients and ctx["expected_clients"] is None:
+      # The linear guard zeroes a dropped client's weight without rescaling the rest.
+      kept = jnp.where(clients["sending"], weights, 0.0).sum()
+      loss = jnp.where(clients["guarded"].any() & (kept > 0),
+                       loss / jnp.where(kept > 0, kept, 1.0), loss)
     return {
-        # Not nansum: a NaN from a client that counts (a diverged model) must show.
-        "train_loss": jnp.where(ctx["total"] > 0, jnp.where(
-            clients["weight"] > 0, clients["weight"] * train_loss, 0.0).sum(), jnp.nan),
+        "train_loss": jnp.where(ctx["total"] > 0, loss, jnp.nan),
         "client_train_loss": gathers.put(jnp.full((num_clients,), jnp.nan),
                                          jnp.where(member_took_part, train_loss, jnp.nan)),
         "num_participants": (took_part & with_data).sum(),
@@ -720,7 +733,9 @@ def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalB
           f"clients (2 f + 3) each round; round(s) {short[:5].tolist()} have "
           f"{counts[short[:5]].tolist()}")
 
-  return Algorithm(init=init, apply=round_.apply, run=make_run(round_.apply, check),
+  return Algorithm(init=init, apply=round_.apply,
+                   run=make_run(round_.apply, check,
+                                lambda data: check_init_inputs(model, data, batch_size)),
                    name=name, personalize=personalize if fine_tuner else None,
                    stream=streamed(round_), aggregator=aggregator,
                    halves=halves(round_))

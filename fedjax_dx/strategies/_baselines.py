@@ -86,7 +86,9 @@ def local_only(model: _models.Model, optimizer: optax.GradientTransformation, *,
     return new_state, metrics
 
   return Algorithm(init=init, apply=apply,
-                   run=_engine.make_run(apply, _engine.check_run_inputs),
+                   run=_engine.make_run(
+                       apply, _engine.check_run_inputs,
+                       lambda data: _engine.check_init_inputs(model, data, batch_size)),
                    name=name)
 
 

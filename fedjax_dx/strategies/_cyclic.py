@@ -72,7 +72,9 @@ def cyclic(model: _models.Model, client_optimizer: optax.GradientTransformation,
 
   # A round whose client sits out is allowed: the model just waits.
   return Algorithm(init=init, apply=apply,
-                   run=_engine.make_run(apply, _engine.check_clients_and_participation),
+                   run=_engine.make_run(
+                       apply, _engine.check_clients_and_participation,
+                       lambda data: _engine.check_init_inputs(model, data, batch_size)),
                    name=name)
 
 

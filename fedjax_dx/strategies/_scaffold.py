@@ -25,7 +25,8 @@ _WEIGHTINGS = _agg.WEIGHTINGS
 def scaffold(model, learning_rate: float, *, batch_size: int,
              local_steps: int | None = None, local_epochs: int | None = None,
              server_learning_rate: float = 1.0, weighting: str = "num_examples",
-             systems: Systems | None = None, cohort_size: int | None = None, client_chunk: int | None = None,
+             systems: Systems | None = None, cohort_size: int | None = None,
+             client_chunk: int | None = None, guard: _agg.Stage | None = None,
              name: str = "scaffold") -> Algorithm:
   """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
 
@@ -35,7 +36,13 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
   `c <- c + (1/N) sum_{k in S} (c_k_new - c_k)`, N the clients with data. The `c_k`
   live in the state on the clients axis and persist while a client sits out.
   `systems`: stragglers (default `Systems(policy="keep")`); see `fedavg`.
+  `guard`: `agg.guard(...)` to drop non-finite (or blown-up) updates; a dropped
+  client counts as not trained this round: its `c_k` stays and adds nothing to `c`.
   """
+  if guard is not None and not isinstance(guard, (_agg.Guard, _agg.FiniteGuard)):
+    raise ValueError(f"SCAFFOLD's guard must be agg.guard(...) (its control variates "
+                     f"travel as a second channel that other stages would not "
+                     f"transform), got {guard!r}")
   _local.check_hyperparameter(learning_rate, "SCAFFOLD learning_rate", above=0.0)
   if weighting not in _WEIGHTINGS:
     raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
@@ -45,6 +52,8 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
   client_optimizer = optax.chain(_client.scaffold_correction(), optax.sgd(learning_rate))
   return federated(model, client_optimizer, batch_size=batch_size, budget=budget,
                    server_optimizer=optax.sgd(server_learning_rate),
-                   aggregator=_agg.chain(_agg.mean(weighting)), systems=systems,
+                   aggregator=_agg.chain(*([] if guard is None else [guard]),
+                                         _agg.mean(weighting)),
+                   systems=systems,
                    work=ClientWork(scaffold_learning_rate=learning_rate),
                    cohort_size=cohort_size, client_chunk=client_chunk, name=name)

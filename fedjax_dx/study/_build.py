@@ -85,8 +85,8 @@ def aggregator_chain(config, method: str) -> agg.Chain:
   private = method in PRIVATE
   client_dp = private and config.dp in ("central", "local")
   stages = []
-  if private and config.guard:
-    stages.append(agg.guard(config.guard))
+  if private and (config.guard or config.drop_nonfinite):
+    stages.append(agg.guard(config.guard or None))
   if client_dp:
     stages.append(agg.clip(config.dp_clip,
                            adaptive_quantile=config.dp_adaptive_quantile or None,
@@ -150,9 +150,11 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
     return _fedavg.fedprox(model, client_optimizer(config, method), mu=config.mu, name=method,
                            server_optimizer=server_sgd, **common)
   if method == "scaffold":
+    guarded = config.guard or config.drop_nonfinite
     return _scaffold.scaffold(model, config.learning_rate, name=method,
                               server_learning_rate=config.server_learning_rate,
                               systems=systems,
+                              guard=agg.guard(config.guard or None) if guarded else None,
                               **shape, **budget)
   if method in ("fedadam", "fedyogi", "fedadagrad"):
     return _fedavg.fedopt(model, client_optimizer(config, method), server=method[3:],

@@ -182,9 +182,6 @@ def _check_upload_fields(config, method: str, need) -> None:
          "mean with secure_aggregation (the server sees only the sum)")
   need(config.guard == 0 or config.client_chunk == 0 or method not in CHUNKABLE,
        "client_chunk", "0 with guard (the guard needs every update of the round at once)")
-  need(config.guard == 0 or method in PRIVATE or method in BASELINES + ("cyclic",),
-       "guard", f"0 for {method} (its control variates would still take a dropped "
-       "update)")
   need(method in PRIVATE or method in BASELINES + ("cyclic",) or (
       config.compression == "none" and not config.secure_aggregation), "compression",
        f"none and secure_aggregation false for {method} (its extra state travels "

@@ -27,8 +27,8 @@ from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
 from fedjax_dx.study._checks import check_config, method_config, methods_of
 from fedjax_dx.study._programs import UNSET_OPTIONS, ProgramCache, compiler_options
-from fedjax_dx.study._schema import (CHUNKABLE, METRICS, PRIVATE, SHARDED, STRATEGIES,
-                                     StudyError)
+from fedjax_dx.study._schema import (CHUNKABLE, GUARDED, METRICS, PRIVATE, SHARDED,
+                                     STRATEGIES, StudyError)
 from fedjax_dx.study._storage import (environment, finalize, prepare_workdir,
                                       write_atomic)
 from fedjax_dx.study._sweep import apply_point, column_name, point_id, sweep_points
@@ -292,7 +292,7 @@ class MethodRun:
 
     # Client updates the guard dropped (not finite, or blown up), summed over rounds.
     guard_dropped = np.zeros(len(seeds), np.int64)
-    guarded = method in PRIVATE and config.guard > 0
+    guarded = method in GUARDED and (config.guard > 0 or config.drop_nonfinite)
     guard_columns = lambda s: {"guard_dropped": int(guard_dropped[s])} if guarded else {}
     attack = None
     evaluate_now(0, zeros, zeros)

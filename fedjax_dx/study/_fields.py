@@ -108,6 +108,7 @@ FIELDS: tuple[Field, ...] = (
     Field("guard", float, lambda v: v == 0 or v >= 1,
           "0 (off) or a multiple >= 1 of the round's median update norm (updates that "
           "are not finite or above it are dropped)", default=0.0),
+    Field("drop_nonfinite", bool, None, "", default=True),
 )
 
 METHOD_FIELDS = tuple(f.name for f in FIELDS if f.per_method)

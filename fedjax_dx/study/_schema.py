@@ -87,3 +87,5 @@ SHARDED = tuple(m for m in STRATEGIES if m != "cyclic")
 # Strategies that can run with client-level DP (`config.dp`).
 PRIVATE = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
             "fedavg_ft")
+# Strategies whose aggregation takes the guard (SCAFFOLD: its control variates too).
+GUARDED = PRIVATE + ("scaffold",)
