@@ -292,3 +292,76 @@ def test_pairwise_mask_signs_are_antisymmetric():
   b = sa.pairwise_mask(RNG, ids[1], ids, jnp.ones(2, bool), 8)
   np.testing.assert_array_equal(np.asarray(a + b), 0)
   assert list(itertools.islice(np.asarray(a), 1))[0] != 0
+
+
+def test_bits_are_checked_against_the_participants_and_the_error_stays_within_a_tenth():
+  """At the most participants its bits allow, the decoded mean of bound-sized updates
+  is within bound / 10 of the float mean (each encoding rounds by under one unit); one
+  participant more is refused before compiling, naming the bits that fit. (8 bits and
+  127 participants had given a NaN model, 100 an error as large as the update.)"""
+  bits, bound = 8, 1.0
+  most = sa.max_participants(bits)
+  assert most == 11 and sa.max_participants(16) == 2978
+  rng = np.random.default_rng(3)
+  updates = rng.uniform(-bound, bound, size=(most, 200)).astype(np.float32)
+  weights = np.full(most, 1.0 / most, np.float32)
+  scale = sa.fixed_point_scale(bound, weights.sum(), most, bits)
+  keys = jax.random.split(RNG, most)
+  encoded = jax.vmap(sa.encode, in_axes=(0, 0, 0, None, None, None))(
+      keys, jnp.asarray(updates), jnp.asarray(weights), scale, bound, bits)
+  decoded = sa.decode(encoded.sum(0, dtype=jnp.uint32), scale, bits)
+  error = np.abs(np.asarray(decoded) - updates.mean(0)).max()
+  assert error <= bound / 10
+  assert error > 0  # 8 bits do round: the bound is what is tested
+  model = fdx.logistic_regression()
+  xs = [np.ones((2, 5), np.float32)] * (most + 1)
+  ys = [np.array([0, 1])] * (most + 1)
+  data = fdx.stack_clients(xs, ys, num_classes=2)
+  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=2, local_steps=1,
+                    aggregator=agg.chain(agg.mean(), agg.secure_sum(bits)))
+  state = algo.init(model.init(RNG, jnp.zeros((1, 5))), data, RNG)
+  with pytest.raises(ValueError, match=r"secagg_bits = 8 fits at most 11 participants "
+                                       r"per round .* got 12; use secagg_bits >= 9"):
+    algo.run(state, data, 1)
+  participation = np.ones((1, most + 1), np.float32)
+  participation[0, 0] = 0  # 11 participants fit
+  algo.run(state, data, participation=participation)
+
+
+def test_study_refuses_too_few_secagg_bits_and_shows_failed_secure_rounds(tmp_path,
+                                                                       monkeypatch):
+  """The study: too few bits for its clients is refused before anything is written;
+  a dropout within tolerance trains (3 clients at 0.3 had failed every round, the
+  pooled test loss never moving) with `secagg_failed_rounds` = 0 on every row; a run
+  whose every secure round fails stops with an error naming the method and seed."""
+  import re  # pylint: disable=g-import-not-at-top
+  from fedjax_dx import study  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _build  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _execute  # pylint: disable=g-import-not-at-top
+  from tests.test_study import _study_frame  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.methods, config.secure_aggregation, config.secagg_bits = "fedavg", True, 8
+  config.dataset.num_clients = 12
+  with pytest.raises(study.StudyError, match=re.escape(
+      "config.secagg_bits = 8 fits at most 11 participants per round")):
+    study.run_study(config, str(tmp_path / "bits"), quiet=True)
+  assert not (tmp_path / "bits" / "config.json").exists()
+  frame = _study_frame(tmp_path, "dropout", methods="fedavg", secure_aggregation=True,
+                       secagg_dropout=0.3, num_seeds=1)
+  assert (frame["secagg_failed_rounds"] == 0).all()
+  pooled = frame[(frame["client"] == "pooled") & (frame["split"] == "test")]
+  assert pooled["loss"].nunique() == 3  # rounds 0, 2 and 4: the model moved
+  build = _build.aggregator_chain
+
+  def beyond_tolerance(config, method):  # what the config checks refuse, to test the stop
+    chain = build(config, method)
+    return agg.chain(*chain.stages[:-1], agg.secure_sum(bound=1.0, dropout=0.5,
+                                                        tolerance=0.3))
+
+  monkeypatch.setattr(_build, "aggregator_chain", beyond_tolerance)
+  monkeypatch.setattr(_execute, "aggregator_chain", beyond_tolerance)
+  with pytest.raises(study.StudyError, match=r"fedavg seed 0: secure aggregation failed "
+                                             r"in 4 of 4 rounds .* it never trained"):
+    _study_frame(tmp_path, "failing", methods="fedavg", secure_aggregation=True,
+                 num_seeds=1, programs=study.ProgramCache())

@@ -307,6 +307,37 @@ def test_straggler_work_picks_the_share_among_participants_only():
     assert np.all(work[~is_straggler] == 5)
 
 
+def test_padding_clients_change_no_straggler_or_dropout_draw():
+  """6 real clients padded to 16 (buckets, device counts, hosts): every real client's
+  straggler choice, work and secure-aggregation dropout are bitwise those of the
+  unpadded draw, and the padding (no data) is never chosen. (Padding used to take
+  straggler slots: 2.65 real stragglers on average instead of 3.)"""
+  real = jnp.ones((6,), jnp.float32)
+  padded = jnp.ones((16,), jnp.float32)  # padding "participates" but holds no data
+  has_data = jnp.arange(16) < 6
+  for r in range(20):
+    key = jax.random.PRNGKey(r)
+    want = fdx.straggler_work(key, real, 0.5, 5, jnp.ones((6,), bool))
+    got = fdx.straggler_work(key, padded, 0.5, 5, has_data)
+    np.testing.assert_array_equal(np.asarray(got[0])[:6], np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1])[:6], np.asarray(want[1]))
+    assert not np.asarray(got[0])[6:].any() and int(np.asarray(want[0]).sum()) == 3
+    dropped = fdx.choose_share(key, has_data, 0.3, round_down=True)
+    np.testing.assert_array_equal(np.asarray(dropped)[:6], np.asarray(
+        fdx.choose_share(key, jnp.ones((6,), bool), 0.3, round_down=True)))
+  # The round: FedAvg with stragglers on the padded clients equals the unpadded one.
+  model = fdx.logistic_regression()
+  _, _, data = make_data()
+  params = init_params(model)
+  algo = fdx.fedavg(model, optax.sgd(0.1), batch_size=3, local_epochs=3,
+                    systems=fdx.Systems(0.5))
+  results = [algo.run(algo.init(params, d, RNG), d, num_rounds=3)
+             for d in (data, fdx.pad_clients(data, 16))]
+  assert_trees_close(results[0][0].params, results[1][0].params, atol=1e-6)
+  np.testing.assert_array_equal(results[0][1]["num_stragglers"],
+                                results[1][1]["num_stragglers"])
+
+
 def test_all_participants_dropped_leaves_the_model_unchanged():
   model = fdx.logistic_regression()
   _, _, data = make_data()

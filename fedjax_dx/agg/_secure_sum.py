@@ -16,11 +16,18 @@ from fedjax_dx.privacy import _secagg
 SECAGG_TAG, DROPOUT_TAG = 0xD0000003, 0xD0000004  # fold_in tags of the round's keys
 
 
+def per_client_uniform(key: jax.Array, num_clients: int) -> jax.Array:
+  """`[C]` uniforms, client `k`'s from `fold_in(key, k)` (independent of `C`)."""
+  return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(key, k)))(
+      jnp.arange(num_clients))
+
+
 def choose_share(key: jax.Array, eligible: jax.Array, fraction, *,
                  round_down: bool = False) -> jax.Array:
   """`round(fraction * m)` (`floor` with `round_down`) of the `m` eligible clients
-  (`[C]` bool), uniformly."""
-  scores = jnp.where(eligible, jax.random.uniform(key, eligible.shape), 2.0)
+  (`[C]` bool), uniformly. Client `k`'s score comes from `fold_in(key, k)`, so clients
+  appended as padding (never eligible) change no real client's draw."""
+  scores = jnp.where(eligible, per_client_uniform(key, eligible.shape[0]), 2.0)
   rank = jnp.argsort(jnp.argsort(scores))
   share = fraction * eligible.sum()
   count = jnp.floor(share + 1e-6) if round_down else jnp.round(share)
@@ -49,6 +56,11 @@ class SecureSum(Stage):
       raise ValueError(f"secagg_dropout must lie in [0, 1], got {self.dropout!r}")
     if not self.bound > 0:
       raise ValueError(f"secagg_bound must be > 0, got {self.bound!r}")
+
+  @property
+  def max_participants(self) -> int:
+    """The most participants a round may have at these bits (`_secagg.check_bits`)."""
+    return _secagg.max_participants(self.bits)
 
   def begin(self, state, ctx):
     sending, noise_key = ctx["clients"]["sending"], ctx["noise_key"]

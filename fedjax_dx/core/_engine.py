@@ -21,6 +21,7 @@ from fedjax_dx import agg as _agg
 from fedjax_dx.agg import _functional
 from fedjax_dx.core import _local
 from fedjax_dx.core._data import ClientData, check_client_data
+from fedjax_dx.privacy import _secagg
 
 Params = Any
 
@@ -115,7 +116,8 @@ def side_key(state, purpose: int):
 
 
 def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
-                   full_budget: int) -> tuple[jax.Array, jax.Array]:
+                   full_budget: int, has_data: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """Which participants straggle this round and how much work each client does.
 
   As in the FedProx paper's systems heterogeneity: `round(fraction * m)` of the `m`
@@ -127,14 +129,23 @@ def straggler_work(key: jax.Array, participation: jax.Array, fraction: float,
     participation: `[C]` participation mask (> 0 takes part).
     fraction: share of participants that straggle, in [0, 1].
     full_budget: local epochs (or steps) of a full round, >= 2.
+    has_data: `[C]` bool, the clients with examples (None: all): only they count
+      among the `m` participants (padding clients have none).
+
+  Every draw of client `k` comes from `fold_in(key', k)`: padding clients appended to
+  the clients axis (buckets, device counts, hosts) change no real client's draw.
 
   Returns:
     `(is_straggler [C] bool, work [C] int32)`.
   """
   choose_key, work_key = jax.random.split(key)
   num_clients = participation.shape[0]
-  is_straggler = _agg.choose_share(choose_key, participation > 0, fraction)
-  partial = jax.random.randint(work_key, (num_clients,), 1, full_budget)
+  eligible = participation > 0
+  if has_data is not None:
+    eligible = eligible & has_data
+  is_straggler = _agg.choose_share(choose_key, eligible, fraction)
+  partial = jax.vmap(lambda k: jax.random.randint(
+      jax.random.fold_in(work_key, k), (), 1, full_budget))(jnp.arange(num_clients))
   return is_straggler, jnp.where(is_straggler, partial, full_budget).astype(jnp.int32)
 
 
@@ -290,7 +301,7 @@ class Round:
     if self.systems.stragglers > 0:
       is_straggler, work = straggler_work(
           jax.random.fold_in(side_key(state, STRAGGLER_KEY), state.round),
-          participation, self.systems.stragglers, self.full_budget)
+          participation, self.systems.stragglers, self.full_budget, num_examples > 0)
       if self.systems.policy == "drop":
         dropped = is_straggler
     if self.cohort_size is None or self.cohort_size >= num_clients:
@@ -725,6 +736,9 @@ def federated(model, client_optimizer, *, batch_size: int, budget: _local.LocalB
             f"cohort_size={cohort_size} but round(s) {over[:5].tolist()} have "
             f"{all_counts[over[:5]].tolist()} participants; raise cohort_size to at "
             f"least {int(all_counts.max())}")
+    secure = aggregator.find(_agg.SecureSum)
+    if secure is not None:
+      _secagg.check_bits(secure.bits, int(counts.max()))
     need = aggregator.min_participants
     short = np.flatnonzero(counts < need)
     if need > 1 and short.size:

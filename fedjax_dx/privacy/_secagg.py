@@ -34,6 +34,37 @@ def modulus_mask(bits: int) -> jax.Array:
   return jnp.uint32((1 << bits) - 1) if bits < 32 else jnp.uint32(0xFFFFFFFF)
 
 
+# The sum's signed range must hold this many rounding units per participant: each
+# encoding rounds by under one unit, so the sum's rounding error stays within a tenth of
+# its range (a round's error as large as the update, as 8 bits gave 100 clients, is not).
+UNITS_PER_PARTICIPANT = 10
+
+
+def max_participants(bits: int) -> int:
+  """The most participants a round may have at `bits` bits: the signed range
+  `2^(bits-1) - 1` must hold the participants' rounding units (one each) plus
+  `UNITS_PER_PARTICIPANT` units of headroom per participant (the fixed-point scale)."""
+  return ((1 << (bits - 1)) - 1) // (UNITS_PER_PARTICIPANT + 1)
+
+
+def bits_for(participants: int) -> int | None:
+  """The fewest bits in [8, 32] that fit `participants` (None: none does)."""
+  return next((b for b in range(8, 33) if max_participants(b) >= participants), None)
+
+
+def check_bits(bits: int, participants: int, field: str = "secagg_bits") -> None:
+  """A ValueError naming `field` when `participants` per round do not fit `bits`."""
+  if participants <= max_participants(bits):
+    return
+  fits = bits_for(participants)
+  raise ValueError(
+      f"{field} = {bits} fits at most {max_participants(bits)} participants per round "
+      f"(the sum's signed range 2^{bits - 1} - 1 must hold one rounding unit per "
+      f"participant plus {UNITS_PER_PARTICIPANT} units of headroom each, or the round's "
+      f"rounding error approaches the update itself), got {participants}; "
+      + (f"use {field} >= {fits}" if fits else "no bits up to 32 fit that many"))
+
+
 def fixed_point_scale(bound, total_weight, num_participants, bits: int):
   """Integers per unit: the largest scale at which the sum of `num_participants`
   encoded updates (each entry of weight `w_k` times a value in `[-bound, bound]`,

@@ -21,6 +21,7 @@ from fedjax_dx.core import _data
 from fedjax_dx.core import _distributed
 from fedjax_dx.core import _sampling
 from fedjax_dx.core import _sharding
+from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
 from fedjax_dx.study._build import aggregator_chain, client_optimizer, dp_sampling_rate
 from fedjax_dx.study._build import example_noise
@@ -236,6 +237,7 @@ class MethodRun:
     host = _distributed.fetch if self.sharded else jax.device_get
     # (seed, result method) -> the round its model stopped being finite.
     self.diverged: dict[tuple[int, str], int] = {}
+    self.secagg_failed: dict[int, int] = {}  # seed -> failed secure rounds
 
     def note_divergence(test_result, round_index, round_losses):
       """A model whose pooled test loss is NaN (with test examples) has diverged:
@@ -276,6 +278,7 @@ class MethodRun:
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
                       batched_seeds=len(seeds), **privacy[s], **guard_columns(s),
+                      **secure_columns(s),
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
@@ -294,6 +297,11 @@ class MethodRun:
     guard_dropped = np.zeros(len(seeds), np.int64)
     guarded = method in GUARDED and (config.guard > 0 or config.drop_nonfinite)
     guard_columns = lambda s: {"guard_dropped": int(guard_dropped[s])} if guarded else {}
+    # Secure rounds that failed (more dropouts than the tolerance): the model stayed.
+    secure = self.chain is not None and self.chain.find(agg.SecureSum) is not None
+    failed_rounds = np.zeros(len(seeds), np.int64)
+    secure_columns = lambda s: ({"secagg_failed_rounds": int(failed_rounds[s])}
+                                if secure else {})
     attack = None
     evaluate_now(0, zeros, zeros)
     while done < config.rounds:
@@ -315,6 +323,8 @@ class MethodRun:
       cumulative += bytes_up + bytes_down
       if guarded:
         guard_dropped += np.asarray(metrics["guard_dropped"]).reshape(len(seeds), -1).sum(1)
+      if secure:
+        failed_rounds += np.asarray(metrics["secagg_failed"]).reshape(len(seeds), -1).sum(1)
       done += chunk
       if final and config.membership_audit and self.kind == "global":
         attack = host(self.cache.attack(self.model)(
@@ -323,6 +333,8 @@ class MethodRun:
                       else metrics.get("train_loss"))
       evaluate_now(done, bytes_up, bytes_down, round_losses)
       progress(done * len(seeds))
+    self.secagg_failed = {seed: int(failed_rounds[s]) for s, seed in enumerate(seeds)
+                          if failed_rounds[s]}
     return rows
 
 
@@ -356,6 +368,28 @@ class Progress:
       logging.info(message)
 
 
+def _check_secure_rounds(run: "MethodRun", swept: dict, progress: Progress) -> None:
+  """Warns of failed secure-aggregation rounds (column `secagg_failed_rounds`); a run
+  whose every round failed never trained, so the study stops."""
+  rounds = run.config.rounds
+  for seed, failed in sorted(run.secagg_failed.items()):
+    where = f" {swept}" if swept else ""
+    what = (f"{run.method} seed {seed}{where}: secure aggregation failed in "
+            f"{failed} of {rounds} rounds (more senders dropped out than "
+            f"secagg_tolerance = {run.config.secagg_tolerance} recovers from; the model "
+            "stays where it is in a failed round)")
+    if failed == rounds:
+      raise StudyError(f"{what}: it never trained; raise config.secagg_tolerance or "
+                       "lower config.secagg_dropout")
+    progress.log(f"warning: {what}")
+
+
+def _prefix(config, method: str, field: str) -> str:
+  """"per_method.<method>." where the method overrides `field`, else ""."""
+  overridden = field in config.get("per_method", {}).get(method, {})
+  return f"per_method.{method}." if overridden else ""
+
+
 def _check_data_dependent(config, cache: ProgramCache) -> None:
   """Checks that need the data (client counts), before anything is written."""
   methods = methods_of(config)
@@ -366,9 +400,7 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
     with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
     for method in methods:
       mc = method_config(variant, method)
-      prefix = ("per_method." + method + "."
-                if "clients_per_round" in variant.get("per_method", {}).get(method, {})
-                else "")
+      prefix = _prefix(variant, method, "clients_per_round")
       if mc.clients_per_round > with_data:
         raise StudyError(
             f"config.{prefix}clients_per_round = {mc.clients_per_round}: cannot sample "
@@ -382,6 +414,12 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
         else:
           privacy_noise(mc, dp_sampling_rate(mc, with_data))  # reachable?
       participants = mc.clients_per_round or with_data
+      if mc.secure_aggregation and method in PRIVATE:
+        try:
+          field = f"config.{_prefix(variant, method, 'secagg_bits')}secagg_bits"
+          _secagg.check_bits(mc.secagg_bits, participants, field)
+        except ValueError as e:
+          raise StudyError(f"{e} ({method}{where})") from None
       if (method in STRATEGIES and method not in ("scaffold", "cyclic")
           and mc.aggregator == "krum" and participants < 2 * mc.num_byzantine + 3):
         raise StudyError(
@@ -501,6 +539,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
           for (seed, name), at in sorted(run.diverged.items()):
             progress.log(f"warning: {name} seed {seed} diverged at round {at} "
                          f"{swept or ''}(its model is not finite; its metrics are NaN)")
+          _check_secure_rounds(run, swept, progress)
 
         def write_points(index=index, point=point, group=group, rows=rows):
           for seed in group:

@@ -62,7 +62,8 @@ def swept_columns(frame) -> list[str]:
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
            "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
-           "dp_mode", "guard_dropped", "diverged_round", *MIA_COLUMNS, *METRICS}
+           "dp_mode", "guard_dropped", "secagg_failed_rounds", "diverged_round",
+           *MIA_COLUMNS, *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns if c not in fixed]
 
