@@ -14,12 +14,16 @@ every process, and process 0 writes the results (see WORKSPACE.md).
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -40,6 +44,119 @@ flags.DEFINE_integer("process_id", 0, "Multi-host: this process, 0 .. num_proces
 flags.DEFINE_integer("local_device_count", None, "Multi-host on CPU: devices this process "
                      "simulates (gloo collectives).", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+_PER_METHOD = re.compile(r"--config\.per_method\.(\w+)\.(\w+)=(.*)", re.DOTALL)
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_file(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec: str):
+  """The ConfigDict of `--config=FILE[:ARG]`, or exit 2 with what is wrong with FILE."""
+  path, _, argument = spec.partition(":")
+  where = f"--config={spec}"
+  if not os.path.isfile(path):
+    _fail(f"{where}: no such file (a Python file with get_config(), e.g. "
+          "configs/heart_disease.py)")
+  module_spec = importlib.util.spec_from_file_location("_fedjax_dx_config_check", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    _fail(f"{where}, line {e.lineno}: {e.msg} (the file is not valid Python)")
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"{where}: importing it raised {type(e).__name__}: {e}")
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    _fail(f"{where}: defines no get_config() (a config file returns its ConfigDict "
+          "from get_config(); see configs/test.py)")
+  try:
+    return get_config(*([argument] if argument else []))
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"{where}: get_config() raised {type(e).__name__}: {e}")
+
+
+def _check_overrides(argv: list[str], config, spec: str) -> None:
+  """Each `--config.a.b=...` must name a field of the config file (exit 2 naming it)."""
+  for arg in argv:
+    name = arg.split("=", 1)[0]
+    for prefix in ("--config.", "--noconfig."):
+      if name.startswith(prefix):
+        path = name[len(prefix):]
+        break
+    else:
+      continue
+    node, walked = config, []
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(part, keys, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else (
+            f" ({'.'.join(walked)} is not a group of fields)" if not keys else "")
+        _fail(f"{arg}: {spec} has no field config.{'.'.join(walked + [part])}{hint} "
+              "(every field: configs/heart_disease.py)")
+      node, walked = node[part], walked + [part]
+
+
+def _parse_value(text: str, like, flag: str):
+  """`text` as the type of the top-level value `like` (per-method overrides)."""
+  try:
+    if isinstance(like, bool):
+      if text.lower() in ("true", "1", "yes"):
+        return True
+      if text.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError(text)
+    if isinstance(like, int):
+      return int(text)
+    if isinstance(like, float):
+      return float(text)
+  except ValueError:
+    _fail(f"{flag}: expected a {type(like).__name__}, as the top-level field is, got "
+          f"{text!r}")
+  return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error naming the flag or file instead of a
+  traceback for a config file that is missing, not Python or has no get_config, and
+  for an override of a field the config does not have; `--config.per_method.M.F=V`
+  overrides field F for method M (typed like `config.F`; checked with the config)."""
+  per_method = [m.groups() for m in map(_PER_METHOD.fullmatch, argv[1:]) if m]
+  argv = [a for a in argv if not _PER_METHOD.fullmatch(a)]
+  sys.argv[:] = argv  # config_flags reads its overrides from sys.argv too
+  spec = _config_file(argv)
+  if spec is not None:
+    _check_overrides(argv[1:], _load_config(spec), spec)
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}")
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"--config: {type(e).__name__}: {e}")
+  config = FLAGS.config
+  for method, field, text in per_method:
+    value = _parse_value(text, config.get(field, text),
+                         f"--config.per_method.{method}.{field}={text}")
+    with config.unlocked():  # config_flags locks the config's keys
+      if "per_method" not in config:
+        config.per_method = ml_collections.ConfigDict()
+      if method not in config.per_method:
+        config.per_method[method] = ml_collections.ConfigDict()
+      config.per_method[method][field] = value
+  return rest
 
 
 def main(argv):
@@ -86,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -94,18 +94,49 @@ def test_end_to_end_tiny_study(tmp_path):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--config.no_such_field=1", "no_such_field"),
-    ("--config.rounds=abc", "rounds"),
+    ("--config.no_such_field=1",
+     "error: --config.no_such_field=1: configs/test.py has no field config.no_such_field"),
+    ("--config.dataset.nam=x", "has no field config.dataset.nam; did you mean name?"),
+    ("--config.rounds=abc", "error: flag --config.rounds=abc: invalid literal for int()"),
     ("--config.rounds=0", "config.rounds = 0: expected an integer >= 1"),
+    # A per-method override from the command line reaches the config checks.
+    ("--config.per_method.fedavg.learning_rate=-1",
+     "config.per_method.fedavg.learning_rate = -1.0: expected a number > 0"),
+    ("--config.per_method.fedavg.learning_rate=fast",
+     "error: --config.per_method.fedavg.learning_rate=fast: expected a float"),
 ])
 def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, flag, message):
   """Through the command line: flag parsing errors and a config check (the other
-  config checks run in-process below, through the same `check_config`)."""
+  config checks run in-process below, through the same `check_config`), each one
+  line naming the flag, never a traceback."""
   workdir = tmp_path / "study"
   result = run("--config=configs/test.py", f"--workdir={workdir}", flag)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert message in result.stderr
+  assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+def test_a_config_file_that_cannot_load_is_named_without_a_traceback(tmp_path):
+  """A missing config file, one that is not Python and one without get_config: one
+  line each naming the file (they used to end in tracebacks). A per-method override
+  from the command line is applied (it used to raise KeyError: 'fedavg')."""
+  (tmp_path / "syntax.py").write_text("def get_config(:\n")
+  (tmp_path / "empty.py").write_text("NAME = 'no get_config here'\n")
+  for config, message in [
+      ("configs/no_such.py", "--config=configs/no_such.py: no such file"),
+      (tmp_path / "syntax.py", "syntax.py, line 1: invalid syntax"),
+      (tmp_path / "empty.py", "empty.py: defines no get_config()")]:
+    result = run(f"--config={config}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+  workdir = tmp_path / "per_method"
+  result = run("--config=configs/test.py", f"--workdir={workdir}", "--noreport",
+               "--config.methods=fedavg", "--config.num_seeds=1", "--config.rounds=2",
+               "--config.per_method.fedavg.learning_rate=0.5")
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((workdir / "config.json").read_text())["config"]
+  assert saved["per_method"] == {"fedavg": {"learning_rate": 0.5}}
 
 
 def test_the_field_table_declares_every_method_field_with_the_default_config_value():
