@@ -5,6 +5,7 @@ import functools
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import threading
 
@@ -175,3 +176,30 @@ def test_fedavg_on_the_four_hospitals_beats_the_majority_rate(tmp_path):
   majority = max(labels.mean(), 1 - labels.mean())
   assert float(result["pooled"]["accuracy"]) > majority + 0.1
   assert float(result["pooled"]["auc"]) > 0.75
+
+
+def test_a_damaged_prepared_data_set_is_named_with_the_fix(tmp_path):
+  """A prepared copy cut short (a full disk, an interrupted copy) is one error naming
+  the directory to delete, in the library and in a study (it was an array_record
+  RuntimeError traceback); after deleting it the data set is prepared again."""
+  import fedjax_dx.datasets as ds
+  from fedjax_dx import study
+  from configs import heart_disease as default_config
+
+  ds.heart_disease(data_dir=str(tmp_path))  # offline copy, no download
+  prepared = tmp_path / "fed_heart_disease" / "center" / "1.0.0"
+  train_file = next(prepared.glob("*train.array_record*"))
+  with open(train_file, "r+b") as f:
+    f.truncate(train_file.stat().st_size // 3)
+  with pytest.raises(ds.DamagedDataError, match=re.escape(
+      f"the prepared data set in {prepared} cannot be read (train split: ")):
+    ds.heart_disease(data_dir=str(tmp_path))
+  config = default_config.get_config()
+  config.dataset.data_dir = str(tmp_path)
+  with pytest.raises(study.StudyError, match=r"config.dataset \(heart_disease\): the "
+                                             r"prepared data set .* delete .* and run "
+                                             r"again"):
+    study.run_study(config, str(tmp_path / "study"), quiet=True)
+  assert not (tmp_path / "study" / "config.json").exists()
+  shutil.rmtree(prepared)
+  assert ds.heart_disease(data_dir=str(tmp_path)).train.num_clients == 4

@@ -8,6 +8,7 @@ Importing this package registers `fed_heart_disease` (configs `center`, `pooled`
 from fedjax_dx.datasets._builders import FedHeartDisease
 from fedjax_dx.datasets._builders import Medmnist
 from fedjax_dx.datasets._heart_disease import HeartDiseaseError
+from fedjax_dx.datasets._loaders import DamagedDataError
 from fedjax_dx.datasets._loaders import default_data_dir
 from fedjax_dx.datasets._loaders import heart_disease
 from fedjax_dx.datasets._loaders import medmnist
@@ -16,6 +17,7 @@ from fedjax_dx.datasets._medmnist import MedMnistError
 from fedjax_dx.datasets._medmnist import SUBSETS as MEDMNIST_SUBSETS
 
 __all__ = (
+    "DamagedDataError",
     "default_data_dir",
     "FedHeartDisease",
     "heart_disease",

@@ -40,10 +40,25 @@ def _prepare(name: str, data_dir: str | None, raw_dir: str | None, **builder_kwa
   return builder
 
 
+class DamagedDataError(ValueError):
+  """A prepared data set on disk that cannot be read (a copy cut short, a full disk)."""
+
+
 def _read_split(builder, split: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-  source = builder.as_data_source(split=split)
-  records = source.__getitems__(list(range(len(source))))
-  return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+  try:
+    source = builder.as_data_source(split=split)
+    records = source.__getitems__(list(range(len(source))))
+    # A file cut short can also read "successfully" as records of None.
+    missing = sum(any(r.get(k) is None for k in keys) for r in records)
+    if missing:
+      raise ValueError(f"{missing} of {len(records)} records read back empty")
+    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+  except Exception as e:  # pylint: disable=broad-except  (array_record, TFDS, parsing)
+    raise DamagedDataError(
+        f"the prepared data set in {builder.data_dir} cannot be read ({split} split: "
+        f"{type(e).__name__}: {e}); it is damaged (a copy cut short, a disk that "
+        f"filled up): delete {builder.data_dir} and run again to prepare it anew"
+    ) from e
 
 
 def heart_disease(*, source: str = "auto", raw_dir: str | None = None,

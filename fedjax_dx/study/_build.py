@@ -22,6 +22,18 @@ from fedjax_dx.study._schema import PRIVATE, StudyError, split_list
 
 def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None]:
   """The data of a (point) config: FederatedData, client names, label counts."""
+  try:
+    return _load_data(config)
+  except Exception as e:  # pylint: disable=broad-except
+    if config.dataset.name not in ("heart_disease", "medmnist"):
+      raise
+    import fedjax_dx.datasets as ds  # pylint: disable=g-import-not-at-top
+    if not isinstance(e, (ds.DamagedDataError, ds.HeartDiseaseError, ds.MedMnistError)):
+      raise
+    raise StudyError(f"config.dataset ({config.dataset.name}): {e}") from None
+
+
+def _load_data(config):
   d = config.dataset
   raw_dir, data_dir = d.raw_dir or None, d.data_dir or None
   if d.name == "heart_disease":
