@@ -190,7 +190,11 @@ def main(argv):
   if not lead:
     return
   if FLAGS.report:
-    paths.update(study.make_report(FLAGS.workdir))
+    try:
+      paths.update(study.make_report(FLAGS.workdir))
+    except study.StudyError as e:  # the results are written; a figure could not be
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   if not FLAGS.quiet:
     print(f"results: {os.path.abspath(paths['metrics'])}, "
           f"{os.path.abspath(paths['summary'])}")

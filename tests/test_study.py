@@ -599,3 +599,33 @@ def test_an_empty_point_file_is_rerun_and_a_damaged_one_is_named(tmp_path):
   with pytest.raises(study.StudyError, match=re.escape(str(second)) + ", line \\d+: not "
                      "a JSON record"):
     _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
+
+
+def test_a_full_disk_is_one_error_and_leaves_the_results_intact(tmp_path, monkeypatch):
+  """A write that fails for want of space is a StudyError naming the file, saying to
+  free space and rerun (it was an OSError traceback); every file written before is
+  unchanged, no temporary file is left, and the rerun finishes the study."""
+  import errno  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "study"
+  before = _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
+  metrics_text = (workdir / "metrics.jsonl").read_text()
+  first = sorted((workdir / "points").iterdir())[0]
+  first.unlink()  # one seed to run again
+  replace = os.replace
+
+  def full_disk(source, target):
+    if str(target).endswith(".jsonl"):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    replace(source, target)
+
+  monkeypatch.setattr(_storage.os, "replace", full_disk)
+  with pytest.raises(study.StudyError, match=re.escape(
+      f"cannot write {first}: No space left on device; what was written before is "
+      "intact; free disk space and run the same command again (the study resumes)")):
+    _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
+  assert (workdir / "metrics.jsonl").read_text() == metrics_text
+  assert not [p.name for p in workdir.rglob(".*")]
+  monkeypatch.setattr(_storage.os, "replace", replace)
+  after = _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
+  timing = ["wall_s", "compile_s", "batched_seeds"]  # the rerun trains one seed
+  pd.testing.assert_frame_equal(before.drop(columns=timing), after.drop(columns=timing))

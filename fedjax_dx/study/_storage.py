@@ -5,6 +5,7 @@ Every file is written to a temporary name, then renamed: a crash never leaves ha
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -28,12 +29,16 @@ def umask() -> int:
 def write_atomic(path: str, text: str | bytes | None = None, *, write=None) -> None:
   """Writes `text` (or what `write(tmp_path)` writes) to `path` through a temporary
   file and a rename, with the permissions a plain `open` would give (mkstemp's are
-  0600)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                             suffix=os.path.splitext(path)[1])
+  0600).
+
+  A failed write (a full disk, no permission) leaves `path` as it was and raises a
+  StudyError naming it."""
+  tmp = None
   try:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=os.path.splitext(path)[1])
     if write is None:
       with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
@@ -42,10 +47,16 @@ def write_atomic(path: str, text: str | bytes | None = None, *, write=None) -> N
       write(tmp)
     os.chmod(tmp, 0o666 & ~umask())
     os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+  except BaseException as e:
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
-    raise
+    if not isinstance(e, OSError):
+      raise
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    raise StudyError(
+        f"cannot write {path}: {e.strerror or e}; what was written before is intact"
+        + ("; free disk space and run the same command again (the study resumes)"
+           if full else "")) from e
 
 
 def environment() -> dict[str, Any]:
