@@ -41,6 +41,8 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", 1, "Multi-host: processes in the run.", lower_bound=1)
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process, 0 .. num_processes-1.",
                      lower_bound=0)
+flags.DEFINE_integer("distributed_timeout", 120, "Multi-host: seconds to wait for every "
+                     "process to join before stopping with an error.", lower_bound=1)
 flags.DEFINE_integer("local_device_count", None, "Multi-host on CPU: devices this process "
                      "simulates (gloo collectives).", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -169,7 +171,8 @@ def main(argv):
     try:
       _distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                               FLAGS.process_id,
-                              local_device_count=FLAGS.local_device_count)
+                              local_device_count=FLAGS.local_device_count,
+                              timeout_s=FLAGS.distributed_timeout)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

@@ -165,3 +165,23 @@ def test_a_workdir_process_0_cannot_write_stops_every_process(tmp_path):
   assert alone.returncode == 2 and "error: cannot write the study: [Errno 17]" in stderr
   stderr = _both_stop_with(workdir, "cannot write the study: [Errno 17] File exists")
   assert "process 0 stopped the study: cannot write" in stderr[1]
+
+
+def test_a_process_started_without_its_peers_stops_with_one_line_after_the_timeout(
+    tmp_path):
+  """Process 1 alone (its coordinator never started): after --distributed_timeout
+  seconds it stops with exit 2 and a line saying what to start, not after 2 minutes
+  with a C++ stack trace; nothing is written."""
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  alone = _study(tmp_path / "study", f"--coordinator_address=127.0.0.1:{_free_port()}",
+                 "--num_processes=2", "--process_id=1", "--local_device_count=2",
+                 "--distributed_timeout=3")
+  _, stderr = alone.communicate(timeout=120)
+  assert alone.returncode == 2, stderr[-3000:]
+  assert ("error: process 1 of 2: not every process joined the coordinator at "
+          "127.0.0.1:") in stderr
+  assert "within 3 s; start all 2 processes" in stderr
+  assert "Traceback" not in stderr and "Stack trace" not in stderr
+  assert time.perf_counter() - start < 60
+  assert not (tmp_path / "study").exists()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import threading
 from typing import Callable
 
 import jax
@@ -42,7 +44,9 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
     num_processes: processes in the run.
     process_id: this process, in `[0, num_processes)`.
     local_device_count: CPU only: devices this process simulates (None: one).
-    timeout_s: how long to wait for every process to join.
+    timeout_s: how long to wait for every process to join. When they have not joined
+      by then, this process prints one line saying so and exits with status 2 (JAX's
+      runtime would abort with a C++ stack trace a little later, untrappable).
 
   Raises:
     ValueError: a malformed address, a process id out of range, or a process count
@@ -63,9 +67,28 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
     jax.config.update("jax_num_cpu_devices", local_device_count)
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or local_device_count:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if not isinstance(timeout_s, int) or timeout_s < 1:
+    raise ValueError(f"timeout_s must be an integer >= 1 (seconds), got {timeout_s!r}")
+  joined = threading.Event()
+
+  def give_up():
+    if not joined.wait(timeout_s):
+      role = ("the coordinator" if process_id == 0 else
+              f"the coordinator at {coordinator_address}")
+      sys.stderr.write(
+          f"error: process {process_id} of {num_processes}: not every process joined "
+          f"{role} within {timeout_s} s; start all {num_processes} processes (process "
+          f"ids 0 .. {num_processes - 1}) with the same --coordinator_address="
+          f"{coordinator_address} and --num_processes={num_processes}, or allow more "
+          "time (--distributed_timeout)\n")
+      sys.stderr.flush()
+      os._exit(2)  # the runtime's own timeout is a C++ abort; do not wait for it
+
+  threading.Thread(target=give_up, daemon=True, name="fedjax_dx-join-timeout").start()
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=timeout_s)
+                             initialization_timeout=timeout_s + 60)
+  joined.set()
   check_process_count(num_processes, coordinator_address)
 
 
