@@ -186,6 +186,25 @@ def test_finite_guard_is_linear_and_equals_fedavg_over_the_clean_clients(client_
   assert np.isfinite(np.asarray(metrics["train_loss"])).all()
 
 
+@pytest.mark.parametrize("ratio", [None, 10.0], ids=["finite", "screen"])
+def test_a_round_whose_every_update_is_dropped_keeps_the_model_and_reports_no_loss(
+    ratio):
+  """Every hospital NaN: the model stays where it was, `guard_kept` is 0 and the
+  round's train loss is NaN (it was 0.0: a sum over no kept client)."""
+  _, _, data = make_data()
+  model = fdx.logistic_regression()
+  params = init_params(model)
+  algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
+                    aggregator=agg.chain(agg.guard(ratio), agg.mean()))
+  broken = _poisoned(data, range(data.num_clients), nan=True)
+  state, metrics = algo.run.compiled(algo.init(params, data, RNG), broken,
+                                     jnp.ones((2, data.num_clients)))
+  assert_trees_equal(state.params, params)
+  np.testing.assert_array_equal(metrics["guard_kept"], 0)
+  np.testing.assert_array_equal(metrics["guard_dropped"], data.num_clients)
+  assert np.isnan(np.asarray(metrics["train_loss"])).all()
+
+
 def test_finite_guard_changes_nothing_when_every_update_is_finite():
   """On by default in studies, so it must leave clean rounds bit for bit alone."""
   _, _, data = make_data()

@@ -566,7 +566,9 @@ def test_a_diverged_model_is_reported_as_diverged_and_the_study_exits_nonzero(tm
   """Learning rate 10 on an MLP: models blow up to NaN. Their metrics are NaN (never
   the majority rate), their rows carry the round they diverged at, the summary counts
   the diverged seeds instead of averaging the others, the table says so, and the
-  command line writes everything, then exits 3 naming method, seed and round."""
+  command line writes everything, then exits 3 naming method, seed and round. FedAvg's
+  default guard drops the non-finite updates, so its global model stays finite but
+  frozen from the round where every update was dropped: diverged too."""
   workdir = tmp_path / "nan"
   result = run("--config=configs/test.py", f"--workdir={workdir}", "--noreport",
                "--config.methods=fedavg,local", "--config.model.name=mlp",
@@ -578,7 +580,13 @@ def test_a_diverged_model_is_reported_as_diverged_and_the_study_exits_nonzero(tm
   diverged = metrics[metrics["diverged_round"].notna()]
   assert set(diverged["method"]) >= {"fedavg"}
   assert (diverged["round"] >= diverged["diverged_round"]).all()
-  assert diverged[["loss", "accuracy", "auc"]].isna().all().all()
+  local = diverged[diverged["method"].str.startswith("local")]
+  assert len(local) and local[["loss", "accuracy", "auc"]].isna().all().all()
+  fed_rows = diverged[(diverged["method"] == "fedavg") & (diverged["client"] == "pooled")
+                      & (diverged["split"] == "test")]
+  assert (fed_rows["guard_dropped"] > 0).all()
+  frozen = fed_rows[fed_rows["round"] > fed_rows["diverged_round"]]
+  assert len(frozen) and (frozen.groupby("seed")["loss"].nunique() == 1).all()
   assert metrics["auc"].dropna().between(0, 1).all()
   summary = pd.read_csv(workdir / "summary.csv", dtype={"client": str})
   fed = summary[(summary["method"] == "fedavg") & (summary["client"] == "pooled")]
@@ -629,3 +637,34 @@ def test_a_full_disk_is_one_error_and_leaves_the_results_intact(tmp_path, monkey
   after = _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
   timing = ["wall_s", "compile_s", "batched_seeds"]  # the rerun trains one seed
   pd.testing.assert_frame_equal(before.drop(columns=timing), after.drop(columns=timing))
+
+
+def test_a_study_that_fails_to_start_leaves_no_workdir_so_its_fix_runs(tmp_path,
+                                                                       monkeypatch):
+  """A batch larger than every client and a CNN on tabular data are refused by name
+  before anything is written; any other failure before the first result removes what
+  the study wrote, so the corrected rerun is not refused as "another study" (it was),
+  and the library's ValueError is one line naming the method."""
+  from fedjax_dx.study import _execute  # pylint: disable=g-import-not-at-top
+  for changes, message in [
+      (dict(batch_size=500), "config.batch_size = 500: larger than every client's "
+                             "training set (the largest has 30 examples)"),
+      (dict(model=ml_collections.ConfigDict(dict(test_config.get_config().model,
+                                                 name="cnn"))),
+       "config.model.name = 'cnn': the CNN takes images")]:
+    with pytest.raises(study.StudyError, match=re.escape(message)):
+      _study_frame(tmp_path, "study", methods="fedavg", **changes)
+    assert not (tmp_path / "study").exists()
+
+  def broken_init(*args, **kwargs):
+    raise ValueError("train_data: something the checks missed")
+
+  monkeypatch.setattr(_execute, "MethodRun", broken_init)
+  with pytest.raises(study.StudyError, match="fedavg: train_data: something the checks "
+                                             "missed"):
+    _study_frame(tmp_path, "study", methods="fedavg", rounds=2, num_seeds=1)
+  assert not (tmp_path / "study").exists()
+  monkeypatch.undo()
+  frame = _study_frame(tmp_path, "study", methods="fedavg", rounds=2, num_seeds=1,
+                       learning_rate=0.1)  # the "fix": another config, same workdir
+  assert set(frame["method"]) == {"fedavg"}

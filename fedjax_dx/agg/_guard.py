@@ -52,7 +52,7 @@ class Guard(Screen):
     messages = jax.tree.map(
         lambda m: jnp.where(keep.reshape((-1,) + (1,) * (m.ndim - 1)), m, 0.0), messages)
     return messages, {**clients, "weight": kept, "guarded": dropped}, {
-        "guard_dropped": dropped.sum()}
+        "guard_dropped": dropped.sum(), "guard_kept": (sending & keep).sum()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,8 @@ class FiniteGuard(Stage):
       factor = jnp.where(dropped.any() & (kept > 0),
                          before / jnp.where(kept > 0, kept, 1.0), 1.0)
       total = jax.tree.map(lambda t: jnp.where(dropped.any(), t * factor, t), total)
-    return total, state, {"guard_dropped": dropped.sum()}
+    return total, state, {"guard_dropped": dropped.sum(),
+                          "guard_kept": (sending & ~clients["guarded"]).sum()}
 
 
 def guard(max_norm_ratio: float | None = 10.0) -> Guard | FiniteGuard:

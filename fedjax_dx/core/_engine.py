@@ -451,11 +451,16 @@ class Round:
     weights = clients["weight"]
     # Not nansum: a NaN from a client that counts (a diverged model) must show.
     loss = jnp.where(weights > 0, weights * train_loss, 0.0).sum()
-    if "guarded" in clients and ctx["expected_clients"] is None:
-      # The linear guard zeroes a dropped client's weight without rescaling the rest.
-      kept = jnp.where(clients["sending"], weights, 0.0).sum()
-      loss = jnp.where(clients["guarded"].any() & (kept > 0),
-                       loss / jnp.where(kept > 0, kept, 1.0), loss)
+    if "guarded" in clients:
+      guarded = clients["guarded"].any()
+      if ctx["expected_clients"] is None:
+        # The linear guard zeroes a dropped client's weight without rescaling the rest.
+        kept = jnp.where(clients["sending"], weights, 0.0).sum()
+        loss = jnp.where(guarded & (kept > 0), loss / jnp.where(kept > 0, kept, 1.0),
+                         loss)
+      # Every update dropped: no loss was kept (not 0.0).
+      loss = jnp.where(guarded & ~(clients["sending"] & ~clients["guarded"]).any(),
+                       jnp.nan, loss)
     return {
         "train_loss": jnp.where(ctx["total"] > 0, loss, jnp.nan),
         "client_train_loss": gathers.put(jnp.full((num_clients,), jnp.nan),

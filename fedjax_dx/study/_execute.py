@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -322,7 +323,15 @@ class MethodRun:
         bytes_up = bytes_down = zeros
       cumulative += bytes_up + bytes_down
       if guarded:
-        guard_dropped += np.asarray(metrics["guard_dropped"]).reshape(len(seeds), -1).sum(1)
+        dropped = np.asarray(metrics["guard_dropped"]).reshape(len(seeds), -1)
+        guard_dropped += dropped.sum(1)
+        # Every update of a round not finite: training diverged (the guard kept the
+        # global model finite, frozen where it was).
+        all_dropped = (dropped > 0) & (
+            np.asarray(metrics["guard_kept"]).reshape(len(seeds), -1) == 0)
+        for s, seed in enumerate(seeds):
+          if all_dropped[s].any() and (seed, method) not in self.diverged:
+            self.diverged[(seed, method)] = done + 1 + int(np.argmax(all_dropped[s]))
       if secure:
         failed_rounds += np.asarray(metrics["secagg_failed"]).reshape(len(seeds), -1).sum(1)
       done += chunk
@@ -384,6 +393,32 @@ def _check_secure_rounds(run: "MethodRun", swept: dict, progress: Progress) -> N
     progress.log(f"warning: {what}")
 
 
+def _start_method(variant, method, data, names, cache, seeds, swept) -> "MethodRun":
+  """A method's run, set up (init, host checks); the library's ValueErrors (the
+  argument they name and what was expected) become one-line StudyErrors."""
+  try:
+    return MethodRun(method_config(variant, method), method, data, names, cache, seeds,
+                     swept)
+  except ValueError as e:
+    raise StudyError(f"{method}: {e}") from None
+
+
+def _remove_unstarted(workdir: str, created: bool) -> None:
+  """Removes what a study that failed before writing any result wrote (config.json,
+  an empty points/ folder, the workdir it created); keeps a study with results."""
+  points = os.path.join(workdir, "points")
+  if os.path.isdir(points) and os.listdir(points):
+    return
+  for name in ("config.json", "partition.json"):
+    with contextlib.suppress(OSError):
+      os.remove(os.path.join(workdir, name))
+  with contextlib.suppress(OSError):
+    os.rmdir(points)
+  if created:
+    with contextlib.suppress(OSError):
+      os.rmdir(workdir)  # only when empty
+
+
 def _prefix(config, method: str, field: str) -> str:
   """"per_method.<method>." where the method overrides `field`, else ""."""
   overridden = field in config.get("per_method", {}).get(method, {})
@@ -398,8 +433,20 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
     where = f" in sweep point {point}" if point else ""
     data, _, _ = cache.dataset(variant)
     with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
+    largest = int(np.max(np.asarray(data.train.num_examples)))
+    feature_shape = tuple(data.train.feature_shape)
+    if variant.model.name == "cnn" and len(feature_shape) != 3:
+      raise StudyError(
+          f"config.model.name = 'cnn': the CNN takes images (height, width, channels), "
+          f"{variant.dataset.name} has features of shape {feature_shape}{where}; use "
+          "logistic_regression or mlp")
     for method in methods:
       mc = method_config(variant, method)
+      if mc.batch_size > largest:
+        raise StudyError(
+            f"config.{_prefix(variant, method, 'batch_size')}batch_size = "
+            f"{mc.batch_size}: larger than every client's training set (the largest "
+            f"has {largest} examples){where}; use batch_size <= {largest}")
       prefix = _prefix(variant, method, "clients_per_round")
       if mc.clients_per_round > with_data:
         raise StudyError(
@@ -470,6 +517,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
         f"with XLA options {programs.options}, this study with {options}; pass a "
         "ProgramCache made with the same fast_compile setting")
   cache = programs if programs is not None else ProgramCache(options)
+  fresh = lead and not resuming and not os.path.isdir(workdir)
   try:
     _check_data_dependent(config, cache)
     if not resuming:
@@ -524,7 +572,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
         # its own copy too. Only process 0's results are written, but a process that
         # skipped them would wait meanwhile in the next method's collectives (or at
         # shutdown) for as long as they train, under the runtime's timeouts.
-        runs = [MethodRun(method_config(variant, m), m, data, names, cache, group, swept)
+        runs = [_start_method(variant, m, data, names, cache, group, swept)
                 for m in methods]
         for run in runs:
           progress.advance(0, f"point {index + 1}/{len(points)} {run.method} {seeds_label}")
@@ -551,6 +599,10 @@ def run_study(config, workdir: str, *, quiet: bool = False,
                      f"seed(s) {group}")
     _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "partition.json"),
                                         json.dumps(partitions)))
+  except BaseException:
+    if lead and not resuming:  # a study that never recorded a result leaves no trace,
+      _remove_unstarted(workdir, fresh)  # so its corrected rerun is not "another study"
+    raise
   finally:
     cache.close()  # its worker threads; a cache given by the caller keeps its programs
   if not lead:
