@@ -204,8 +204,9 @@ def main(argv):
   if FLAGS.report:
     print(f"report: {os.path.abspath(paths['report'])}")
   if paths.get("diverged"):  # results written, but not a result to report as one
-    print(f"error: {paths['diverged']}: a model that is not finite has NaN metrics; "
-          "lower the learning rate(s) or turn on config.guard", file=sys.stderr)
+    print(f"error: {paths['diverged']}: a model that is not finite has NaN metrics, "
+          "and one whose every update was dropped as non-finite stopped training; "
+          "lower the learning rate(s)", file=sys.stderr)
     sys.exit(3)
 
 
