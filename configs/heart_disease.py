@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.raw_dir = ""  # directory with the raw files ("" = none)
   config.dataset.data_dir = ""  # prepared TFDS data sets ("" = ~/.cache/fedjax_dx)
   config.dataset.normalization = "center"  # heart_disease: center | pooled | none
+  # heart_disease with center normalization: "pooled" trains the centralized model on the
+  # pooled train set z-scored with pooled train statistics and also scores every model
+  # on the pooled test set z-scored the same way (FLamby's "Pooled Test", client
+  # "pooled_pn"); "center": the centralized model trains on the centers' own z-scores.
+  config.dataset.pooled_normalization = "center"
   config.dataset.subset = "pneumoniamnist"  # medmnist subset
   config.dataset.num_clients = 10  # medmnist / synthetic / fedprox
   config.dataset.partition = "dirichlet"  # medmnist: iid | dirichlet | quantity | pathological

@@ -9,10 +9,12 @@ import sys
 import time
 
 import ml_collections
+import numpy as np
 import pandas as pd
 import pytest
 
 from configs import test as test_config
+import fedjax_dx as fdx
 from fedjax_dx import study
 from fedjax_dx.study import _storage
 
@@ -668,3 +670,55 @@ def test_a_study_that_fails_to_start_leaves_no_workdir_so_its_fix_runs(tmp_path,
   frame = _study_frame(tmp_path, "study", methods="fedavg", rounds=2, num_seeds=1,
                        learning_rate=0.1)  # the "fix": another config, same workdir
   assert set(frame["method"]) == {"fedavg"}
+
+
+def test_flamby_pooled_normalization_trains_the_pooled_model_and_adds_a_named_test_set(
+    tmp_path):
+  """`dataset.pooled_normalization = "pooled"` (FLamby): the centralized model trains on
+  the pooled train set z-scored with pooled train statistics (its results move), the
+  hospitals' models train as before (bit for bit; the federated ones read the same
+  client data), and every model gets a second, named pooled test set: the pooled test
+  set z-scored with the pooled train statistics."""
+  import fedjax_dx.datasets as ds  # pylint: disable=g-import-not-at-top
+  from configs import flamby_heart  # pylint: disable=g-import-not-at-top
+  frames = {}
+  for mode in ("center", "pooled"):
+    config = flamby_heart.get_config()
+    config.methods, config.num_seeds, config.rounds = "centralized,local", 1, 2
+    config.fast_compile = False  # the module's shared program cache compiles so
+    config.eval_every, config.local_steps = 2, 10
+    for baseline in ("centralized", "local"):
+      config.per_method[baseline].rounds = 2
+      config.per_method[baseline].eval_every = 2
+    config.dataset.data_dir = str(tmp_path / "data")
+    config.dataset.pooled_normalization = mode
+    paths = study.run_study(config, str(tmp_path / mode), quiet=True, programs=PROGRAMS)
+    frames[mode] = pd.read_json(paths["metrics"], lines=True, dtype={"client": str})
+  center, pooled = frames["center"], frames["pooled"]
+  assert "pooled_pn" not in set(center["client"])
+  named = pooled[pooled["client"] == "pooled_pn"]
+  assert set(named["method"]) == {"centralized", "local_0", "local_1", "local_2",
+                                  "local_3"}
+  assert set(named["client_name"]) == {"Pooled Test (pooled z-scores)"}
+  assert set(pooled[pooled["client"] == "pooled"]["client_name"]) == {
+      "pooled (center z-scores)"}
+  assert (named[named["split"] == "test"]["num_examples"] == 254).all()
+  same = ["method", "seed", "round", "client", "split", "loss", "accuracy"]
+  key = lambda f, method: f[(f["method"] == method) & (f["client"] != "pooled_pn")][
+      same].reset_index(drop=True)
+  for k in range(4):  # each hospital's own model trains on its own z-scores as before
+    pd.testing.assert_frame_equal(key(center, f"local_{k}"), key(pooled, f"local_{k}"))
+  assert not key(center, "centralized")["loss"].equals(key(pooled, "centralized")["loss"])
+  # The second pooled test set is z-scored with the pooled train statistics.
+  raw = ds.heart_disease(data_dir=str(tmp_path / "data"), normalization="none")
+  train_x = np.concatenate(fdx.unstack_clients(raw.train)[0])
+  test_x = np.concatenate(fdx.unstack_clients(raw.test)[0])
+  sets = study.ProgramCache().pooled_sets(config)
+  want = (test_x - train_x.mean(0)) / (train_x.std(0, ddof=1) + 1e-9)
+  np.testing.assert_allclose(np.asarray(sets.test.features[0]), want, atol=1e-5)
+  with pytest.raises(study.StudyError, match=re.escape(
+      "config.dataset.pooled_normalization = 'pooled': expected center unless "
+      "dataset.name = heart_disease")):
+    synthetic = test_config.get_config()
+    synthetic.dataset.pooled_normalization = "pooled"
+    study.run_study(synthetic, str(tmp_path / "s"), quiet=True)

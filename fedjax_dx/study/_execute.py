@@ -24,7 +24,9 @@ from fedjax_dx.core import _sampling
 from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
-from fedjax_dx.study._build import aggregator_chain, client_optimizer, dp_sampling_rate
+from fedjax_dx.study._build import (POOLED_CENTER_NAME, POOLED_PN, POOLED_PN_NAME,
+                                    aggregator_chain, client_optimizer,
+                                    dp_sampling_rate)
 from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
 from fedjax_dx.study._checks import check_config, method_config, methods_of
@@ -40,22 +42,30 @@ def _tree_bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def _metric_rows(result, names, *, prefix: dict, model_index=None) -> list[dict]:
-  rows = []
-  clients = {k: np.asarray(v) for k, v in result["clients"].items()}
+def _pooled_row(result, *, prefix: dict, client: str, name: str,
+                model_index=None) -> dict:
   pooled = {k: np.asarray(v) for k, v in result["pooled"].items()}
   if model_index is not None:
-    clients = {k: v[model_index] for k, v in clients.items()}
     pooled = {k: v[model_index] for k, v in pooled.items()}
+  row = dict(prefix, client=client, client_name=name)
+  row.update({m: _clean(pooled[m]) for m in METRICS})
+  row["num_examples"] = int(pooled["num_examples"])
+  return row
+
+
+def _metric_rows(result, names, *, prefix: dict, model_index=None,
+                 pooled_name: str = "pooled") -> list[dict]:
+  rows = []
+  clients = {k: np.asarray(v) for k, v in result["clients"].items()}
+  if model_index is not None:
+    clients = {k: v[model_index] for k, v in clients.items()}
   for k in range(len(names)):
     row = dict(prefix, client=k, client_name=names[k])
     row.update({m: _clean(clients[m][k]) for m in METRICS})
     row["num_examples"] = int(clients["num_examples"][k])
     rows.append(row)
-  row = dict(prefix, client="pooled", client_name="pooled")
-  row.update({m: _clean(pooled[m]) for m in METRICS})
-  row["num_examples"] = int(pooled["num_examples"])
-  rows.append(row)
+  rows.append(_pooled_row(result, prefix=prefix, client="pooled", name=pooled_name,
+                          model_index=model_index))
   return rows
 
 
@@ -85,8 +95,17 @@ class MethodRun:
     self.data, self.names = data, names
     self.seeds, self.swept, self.cache = list(seeds), swept, cache
     self.model = model = cache.model(config, data.num_classes)
-    self.train = train = (_data.pool_clients(data.train) if method == "centralized"
-                          else data.train)
+    # FLamby's pooled sets (dataset.pooled_normalization = "pooled"): the centralized
+    # model trains on the pooled-normalized pooled train set, and every model is also
+    # scored on the pooled-normalized pooled test set (client "pooled_pn").
+    self.pooled_sets = cache.pooled_sets(config)
+    if method != "centralized":
+      train = data.train
+    elif self.pooled_sets is not None:
+      train = self.pooled_sets.train
+    else:
+      train = _data.pool_clients(data.train)
+    self.train = train
     sizes = np.asarray(data.train.num_examples)
     keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
     params = cache.initial_params(model, keys[:, 0], example)
@@ -139,6 +158,10 @@ class MethodRun:
                      for c in sorted(chunks) if c}
     self.evaluator = cache.evaluator(model, self.kind, algo, self._evaluated_models(),
                                      data)
+    self.pooled_evaluator = None  # per-client models have no pooled-set model
+    if self.pooled_sets is not None and self.kind != "personalized":
+      self.pooled_evaluator = cache.evaluator(model, self.kind, algo,
+                                              self._evaluated_models(), self.pooled_sets)
     self.compile_s = 0.0
 
   def _evaluated_models(self):
@@ -264,16 +287,25 @@ class MethodRun:
               first = round_index - len(per_round) + 1 + int(bad[0])
           self.diverged[(seed, name)] = first
 
+    pooled_name = "pooled" if self.pooled_sets is None else POOLED_CENTER_NAME
+
     def evaluate_now(round_index, bytes_up, bytes_down, round_losses=None):
       results = host(self.evaluator(self._evaluated_models(), data.train, data.test))
+      pooled_results = [None, None]
+      if self.pooled_evaluator is not None:
+        pooled_results = host(self.pooled_evaluator(
+            self._evaluated_models(), self.pooled_sets.train, self.pooled_sets.test))
       note_divergence(results[1], round_index, round_losses)
       privacy = [self._privacy_columns(round_index, s) for s in range(len(seeds))]
       diverged_columns = lambda seed, name: (
           {"diverged_round": self.diverged[(seed, name)]}
           if (seed, name) in self.diverged else {})
-      for split, result in zip(("train", "test"), results):
+      for split, result, pooled_result in zip(("train", "test"), results,
+                                              pooled_results):
         for s, seed in enumerate(seeds):
           one = _seed_slice(result, s)
+          pooled_one = (None if pooled_result is None
+                        else _seed_slice(pooled_result, s))
           base = dict(seed=seed, round=round_index, num_clients=len(self.names),
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
@@ -284,15 +316,22 @@ class MethodRun:
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
               name = f"local_{m}"
-              rows[seed].extend(_metric_rows(
-                  one, self.names, prefix=dict(base, method=name,
-                                               **diverged_columns(seed, name)),
-                  model_index=m))
+              prefix = dict(base, method=name, **diverged_columns(seed, name))
+              rows[seed].extend(_metric_rows(one, self.names, prefix=prefix,
+                                             model_index=m, pooled_name=pooled_name))
+              if pooled_one is not None:
+                rows[seed].append(_pooled_row(pooled_one, prefix=prefix,
+                                              client=POOLED_PN, name=POOLED_PN_NAME,
+                                              model_index=m))
           else:
-            rows[seed].extend(_metric_rows(one, self.names, prefix=dict(
-                base, method=method, **diverged_columns(seed, method))))
+            prefix = dict(base, method=method, **diverged_columns(seed, method))
+            rows[seed].extend(_metric_rows(one, self.names, prefix=prefix,
+                                           pooled_name=pooled_name))
             if split == "test" and attack is not None:  # on the pooled test row
               rows[seed][-1].update({f"mia_{k}": _clean(v[s]) for k, v in attack.items()})
+            if pooled_one is not None:
+              rows[seed].append(_pooled_row(pooled_one, prefix=prefix, client=POOLED_PN,
+                                            name=POOLED_PN_NAME))
 
     # Client updates the guard dropped (not finite, or blown up), summed over rounds.
     guard_dropped = np.zeros(len(seeds), np.int64)

@@ -22,7 +22,8 @@ from fedjax_dx.core import _scale
 from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _membership
 from fedjax_dx.study import _fields
-from fedjax_dx.study._build import build_method, build_model, load_data
+from fedjax_dx.study._build import (build_method, build_model, dataset_errors,
+                                    load_data, pooled_normalized)
 from fedjax_dx.study._schema import StudyError
 from fedjax_dx.study._storage import to_plain
 
@@ -84,6 +85,7 @@ class ProgramCache:
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
     self.pool, self.reported, self.sharded = None, set(), {}
+    self.pooled = {}  # dataset key -> FLamby's pooled-normalized sets (or None)
 
   def model(self, config, num_classes):
     key = (json.dumps(config.model.to_dict(), sort_keys=True), num_classes)
@@ -207,6 +209,14 @@ class ProgramCache:
     if id(data) not in self.sharded:
       self.sharded[id(data)] = (data, _sharding.shard_clients(data))
     return self.sharded[id(data)][1]
+
+  def pooled_sets(self, config):
+    """FLamby's pooled-normalized pooled train and test sets (`_build.pooled_normalized`),
+    or None."""
+    key = json.dumps(to_plain(config.dataset), sort_keys=True)
+    if key not in self.pooled:
+      self.pooled[key] = dataset_errors(config, pooled_normalized)
+    return self.pooled[key]
 
   def dataset(self, config):
     key = (json.dumps(to_plain(config.dataset), sort_keys=True)

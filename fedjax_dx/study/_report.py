@@ -267,7 +267,8 @@ def _comparison(study: _Study):
   # Federated vs centralized vs local-only, per hospital and pooled (final round).
   last = test[test["round"] == test.groupby(["method", "seed"])["round"].transform("max")]
   names = (last.drop_duplicates("client").set_index("client")["client_name"].to_dict())
-  client_order = sorted((c for c in names if c != "pooled"), key=int) + ["pooled"]
+  client_order = (sorted((c for c in names if str(c).isdigit()), key=int)
+                  + [c for c in ("pooled", "pooled_pn") if c in names])
   last = last.assign(test_set=last["client"].map(names))
   fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(client_order) + 4), 4.2))
   sns.barplot(data=last, x="test_set", y=metric, **hue(last["method"]),
