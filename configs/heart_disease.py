@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   # flamby: the same from v_{-1} = 0 (FLamby's fed_opt.py); bias_corrected: optax's
   # adam / yogi / adagrad
   config.fedopt_form = "paper"
+  # SCAFFOLD's server control variate: paper (Karimireddy et al. 2020, option II:
+  # c += (1/N) sum of the trained clients' changes) or flamby (FLamby's scaffold.py:
+  # with every client taking part, c moves by the n_k-weighted mean of the changes)
+  config.scaffold_form = "paper"
   config.aggregator = "mean"  # mean | median | trimmed_mean | krum (any strategy)
   config.trim_fraction = 0.1  # trimmed_mean: share cut at each end
   config.num_byzantine = 1  # krum: f
@@ -126,6 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-method overrides of the fields above, e.g.
   #   config.per_method.fedadam = ml_collections.ConfigDict({"learning_rate": 0.01})
   config.per_method = ml_collections.ConfigDict()
+  # method -> a note printed beside its row of summary_table.md (and under the table)
+  config.method_notes = ml_collections.ConfigDict()
 
   # Sweep: "field=v1,v2;field=v1,v2" over any field above (cartesian product).
   config.sweep = ""

@@ -173,6 +173,41 @@ def scaffold_rounds(model, learning_rate, params, xs, ys, *, rng, num_rounds, bu
   return params, client_controls
 
 
+def flamby_scaffold_rounds(model, learning_rate, params, xs, ys, *, rng, num_rounds,
+                           steps, batch_size, server_learning_rate=1.0):
+  """FLamby's `Scaffold.perform_round` (flamby/strategies/scaffold.py), transcribed:
+  no server control variate; each client keeps its correction and its previous local
+  model (scaled by the server learning rate), adds `(x - previous) / (server_lr * lr *
+  steps)` to the correction at the start of a round, trains with gradient -
+  correction, and the server adds the n_k-weighted mean of the scaled updates."""
+  tree = lambda t: jax.tree.map(lambda p: np.asarray(p, np.float64), t)
+  x = tree(params)
+  num_clients = len(ys)
+  previous = [x] * num_clients
+  corrections = [jax.tree.map(np.zeros_like, x)] * num_clients
+  positions = [0] * num_clients
+  budget = fdx.LocalBudget(steps=steps)
+  scale = server_learning_rate * learning_rate * steps
+  for r in range(num_rounds):
+    updates, new_previous = [], []
+    for k in range(num_clients):
+      corrections[k] = jax.tree.map(lambda c, s, q: c + (s - q) / scale, corrections[k],
+                                    x, previous[k])
+      start = jax.tree.map(lambda p: np.asarray(p, np.float32), x)
+      local, _, positions[k] = train_one_client(
+          model, optax.sgd(learning_rate), start, xs[k], ys[k],
+          client_key(rng, r, k, budget), positions[k], budget, batch_size,
+          correction=jax.tree.map(lambda c: -np.asarray(c, np.float32), corrections[k]))
+      scaled = jax.tree.map(lambda new, old: server_learning_rate * np.asarray(new)
+                            + (1 - server_learning_rate) * old, local, x)
+      new_previous.append(scaled)
+      updates.append(jax.tree.map(lambda a, b: a - b, scaled, x))
+    previous = new_previous
+    mean = _weighted(updates, [len(y) for y in ys])
+    x = jax.tree.map(lambda p, d: p + d, x, mean)
+  return jax.tree.map(lambda p: np.asarray(p, np.float32), x)
+
+
 def side_key(rng, purpose):
   """The engine's documented non-data keys: split(rng, 5)[purpose]."""
   return jax.random.split(rng, 5)[purpose]

@@ -147,6 +147,31 @@ def test_scaffold_equals_sequential_reference_and_keeps_absent_clients_state(bud
   assert float(jnp.abs(jax.tree.leaves(state.client_controls)[0][0]).max()) > 0
 
 
+@pytest.mark.parametrize("server_learning_rate", [1.0, 0.7])
+def test_scaffold_flamby_form_equals_a_transcription_of_flambys_round(
+    server_learning_rate):
+  """form="flamby" against a NumPy transcription of FLamby's Scaffold (which keeps each
+  client's correction and previous model, and no server c): the same models over
+  four rounds. The paper's form (c moved by 1/N) differs on unequal clients."""
+  model = fdx.mlp(hidden=(5,), num_classes=2)
+  xs, ys, data = make_data()
+  params = init_params(model)
+  runs = {}
+  for form in ("flamby", "paper"):
+    algo = fdx.scaffold(model, 0.1, batch_size=4, local_steps=3, form=form,
+                        server_learning_rate=server_learning_rate)
+    runs[form], _ = algo.run(algo.init(params, data, RNG), data, num_rounds=4)
+  want = reference.flamby_scaffold_rounds(
+      model, 0.1, params, xs, ys, rng=RNG, num_rounds=4, steps=3, batch_size=4,
+      server_learning_rate=server_learning_rate)
+  assert_trees_close(runs["flamby"].params, want)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(runs["flamby"].params), jax.tree.leaves(runs["paper"].params)))
+  assert moved > 1e-5
+  with pytest.raises(ValueError, match=r"SCAFFOLD form must be one of"):
+    fdx.scaffold(model, 0.1, batch_size=4, local_steps=3, form="flamb")
+
+
 def test_scaffold_first_round_with_zero_controls_is_fedavg():
   model = fdx.logistic_regression()
   _, _, data = make_data()

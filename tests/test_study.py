@@ -151,7 +151,7 @@ def test_the_field_table_declares_every_method_field_with_the_default_config_val
   assert _fields.DEFAULTS == {name: default[name] for name in _fields.DEFAULTS}
   study_level = {"name", "methods", "dataset", "seed", "num_seeds", "batch_seeds",
                  "bucket_clients", "membership_audit", "fast_compile", "per_method",
-                 "sweep", "target_metric", "target_value"}
+                 "sweep", "target_metric", "target_value", "method_notes"}
   table = {f.name for f in _fields.FIELDS}
   assert set(default.keys()) - study_level == table
   assert set(_fields.METHOD_FIELDS) <= table and set(_fields.COMPILE_FIELDS) <= table
@@ -722,3 +722,16 @@ def test_flamby_pooled_normalization_trains_the_pooled_model_and_adds_a_named_te
     synthetic = test_config.get_config()
     synthetic.dataset.pooled_normalization = "pooled"
     study.run_study(synthetic, str(tmp_path / "s"), quiet=True)
+
+
+def test_method_notes_are_numbered_beside_their_rows_and_printed_under_the_table():
+  from fedjax_dx.study import _summary  # pylint: disable=g-import-not-at-top
+  summary = pd.DataFrame({
+      "method": ["fedavg", "cyclic"], "client": ["pooled"] * 2,
+      "client_name": ["pooled"] * 2, "accuracy_mean": [0.7, 0.6],
+      "accuracy_std": [0.01, 0.02], "num_seeds": [5, 5], "diverged_seeds": [0, 0]})
+  table = _summary.summary_table(summary, "accuracy", ["fedavg", "cyclic"],
+                                 {"cyclic": "weight transfer as published", "x": ""})
+  assert "| fedavg | 0.700 ± 0.010 |" in table
+  assert "| cyclic [1] | 0.600 ± 0.020 |" in table
+  assert table.rstrip().endswith("[1] cyclic: weight transfer as published")

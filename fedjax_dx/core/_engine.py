@@ -266,6 +266,7 @@ class ClientWork(NamedTuple):
   DP-SGD, are in the client optimizer: `fedjax_dx.client`)."""
 
   scaffold_learning_rate: float | None = None  # SCAFFOLD: keep control variates (lr)
+  scaffold_form: str = "paper"  # c's update: "paper" (1/N) sum_S, "flamby" n_k-weighted
   fine_tune_steps: int = 0  # personalization: local steps of the global model
 
 
@@ -432,10 +433,16 @@ class Round:
         client_rows={name: gathers.put(state.client_rows[name], row)
                      for name, row in rows.items()})
     if self.uses_controls:
-      num_with_data = jnp.maximum((num_examples > 0).sum(), 1)
+      if self.work.scaffold_form == "flamby":  # c moves by the round's model weights
+        weights = clients["weight"]
+        control = jax.tree.map(
+            lambda c, d: c + jnp.tensordot(weights, d, axes=1), state.control, changes)
+      else:  # the paper: c + (1/N) sum over the trained clients
+        num_with_data = jnp.maximum((num_examples > 0).sum(), 1)
+        control = jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data,
+                               state.control, changes)
       new_state = new_state.replace(
-          control=jax.tree.map(lambda c, d: c + d.sum(0) / num_with_data, state.control,
-                               changes),
+          control=control,
           client_controls=jax.tree.map(gathers.add, state.client_controls, changes))
     metrics = self.round_metrics(ctx, num_examples, small, clients, gathers,
                                  member_took_part)

@@ -20,6 +20,7 @@ from fedjax_dx.core._engine import federated
 from fedjax_dx.core._engine import Systems
 
 _WEIGHTINGS = _agg.WEIGHTINGS
+FORMS = ("paper", "flamby")
 
 
 def scaffold(model, learning_rate: float, *, batch_size: int,
@@ -27,7 +28,7 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
              server_learning_rate: float = 1.0, weighting: str = "num_examples",
              systems: Systems | None = None, cohort_size: int | None = None,
              client_chunk: int | None = None, guard: _agg.Stage | None = None,
-             name: str = "scaffold") -> Algorithm:
+             form: str = "paper", name: str = "scaffold") -> Algorithm:
   """SCAFFOLD (Karimireddy et al., 2020), option II, with client SGD at `learning_rate`.
 
   Each client's gradient is corrected by `c - c_k`; after `K_k` local steps it updates
@@ -38,7 +39,17 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
   `systems`: stragglers (default `Systems(policy="keep")`); see `fedavg`.
   `guard`: `agg.guard(...)` to drop non-finite (or blown-up) updates; a dropped
   client counts as not trained this round: its `c_k` stays and adds nothing to `c`.
+
+  `form`: "paper" (above) or "flamby", FLamby's `flamby/strategies/scaffold.py`: each
+  client keeps its correction `c_k - c` and its previous local model `y_k` and, at the
+  start of a round, adds `(x - y_k) / (server_lr * lr * K)`; with every client taking
+  part (as FLamby assumes) that is the paper's algorithm with `c` moved by the
+  round's model weights, `c <- c + sum_k w_k (c_k_new - c_k)` (`w_k = n_k / n`),
+  instead of the uniform `1/N` (tested against a NumPy transcription of FLamby's
+  round).
   """
+  if form not in FORMS:
+    raise ValueError(f"SCAFFOLD form must be one of {FORMS}, got {form!r}")
   if guard is not None and not isinstance(guard, (_agg.Guard, _agg.FiniteGuard)):
     raise ValueError(f"SCAFFOLD's guard must be agg.guard(...) (its control variates "
                      f"travel as a second channel that other stages would not "
@@ -55,5 +66,6 @@ def scaffold(model, learning_rate: float, *, batch_size: int,
                    aggregator=_agg.chain(*([] if guard is None else [guard]),
                                          _agg.mean(weighting)),
                    systems=systems,
-                   work=ClientWork(scaffold_learning_rate=learning_rate),
+                   work=ClientWork(scaffold_learning_rate=learning_rate,
+                                   scaffold_form=form),
                    cohort_size=cohort_size, client_chunk=client_chunk, name=name)

@@ -193,6 +193,7 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
                               server_learning_rate=config.server_learning_rate,
                               systems=systems,
                               guard=agg.guard(config.guard or None) if guarded else None,
+                              form=config.scaffold_form,
                               **shape, **budget)
   if method in ("fedadam", "fedyogi", "fedadagrad"):
     return _fedavg.fedopt(model, client_optimizer(config, method), server=method[3:],

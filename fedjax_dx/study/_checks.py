@@ -62,10 +62,17 @@ def _check_per_method(config, methods: list[str]) -> None:
                          f"expected one of {', '.join(METHOD_FIELDS)}")
 
 
+def _check_notes(config) -> None:
+  for method, text in (config.get("method_notes") or {}).items():
+    if not isinstance(text, str):
+      raise StudyError(f"config.method_notes.{method} = {text!r}: expected a text")
+
+
 def check_config(config) -> None:
   """Checks every field's range before anything is compiled or written."""
   methods = methods_of(config)
   _check_per_method(config, methods)
+  _check_notes(config)
   _check_shared_fields(config)
   for point in sweep_points(config):
     variant = apply_point(config, point)

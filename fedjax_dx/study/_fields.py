@@ -57,6 +57,8 @@ FIELDS: tuple[Field, ...] = (
     Field("fedopt_tau", float, _positive, "a number > 0", default=1e-08),
     Field("fedopt_form", str, _in("paper", "flamby", "bias_corrected"),
           "paper, flamby or bias_corrected", default="paper"),
+    Field("scaffold_form", str, _in("paper", "flamby"), "paper or flamby",
+          default="paper"),
     Field("aggregator", str, _in("mean", "median", "trimmed_mean", "krum"),
           "mean, median, trimmed_mean or krum", default="mean"),
     Field("trim_fraction", float, _between(0, 0.5, high_open=True), "a number in [0, 0.5)",

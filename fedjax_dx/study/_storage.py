@@ -130,8 +130,9 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
   summary_path = os.path.join(workdir, "summary.csv")
   write_atomic(summary_path, summary.to_csv(index=False))
   table_path = os.path.join(workdir, "summary_table.md")
+  notes = dict(config.get("method_notes") or {})
   write_atomic(table_path, summary_table(summary, config.target_metric,
-                                         methods_order(config, summary)))
+                                         methods_order(config, summary), notes))
   return {"metrics": metrics_path, "summary": summary_path, "table": table_path,
           "diverged": diverged_runs(frame)}
 

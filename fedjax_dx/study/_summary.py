@@ -18,9 +18,14 @@ def methods_order(config, summary) -> list[str]:
   return [m for m in order if m in set(summary["method"])]
 
 
-def summary_table(summary, metric: str, methods: list[str]) -> str:
+def summary_table(summary, metric: str, methods: list[str],
+                  notes: dict[str, str] | None = None) -> str:
   """A Markdown table: one row per method (and swept point), one column per test set,
-  cells `mean ± std` over seeds of the final-round `metric`."""
+  cells `mean ± std` over seeds of the final-round `metric`; `notes` (method -> text,
+  `config.method_notes`) are numbered beside the method and printed under the table."""
+  notes = {m: text for m, text in (notes or {}).items() if text}
+  marks = {m: f" [{i}]" for i, m in enumerate(
+      (m for m in methods if m in notes), start=1)}
   swept = [c for c in summary.columns if c not in (
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
@@ -53,7 +58,11 @@ def summary_table(summary, metric: str, methods: list[str]) -> str:
                     rows.at[n, "num_seeds"], rows.at[n, "diverged_seeds"])
                if n in rows.index else "–" for n in names]
       lines.append("| " + " | ".join([*(f"{v:g}" if isinstance(v, float) else str(v)
-                                        for v in key), method, *cells]) + " |")
+                                        for v in key), method + marks.get(method, ""),
+                                      *cells]) + " |")
+  if marks:
+    lines.append("")
+    lines.extend(f"{marks[m].strip()} {m}: {notes[m]}" for m in marks)
   return "\n".join(lines) + "\n"
 
 
