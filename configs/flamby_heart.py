@@ -68,10 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
                 "weights (each hospital trains its own model in its turn and the "
                 "benchmark scores the first), so its published Cyclic row is close to "
                 "Local 0, not to this one.",
-      "scaffold": "scaffold_form = flamby: FLamby's scaffold.py (c moved by the n_k-"
-                  "weighted mean of the clients' changes; the paper's option II uses "
-                  "1/N).",
-  })
+  })  # SCAFFOLD's and FedOpt's FLamby forms get their notes from their fields
   config.fast_compile = True  # compile time dominates a 13 -> 1 model
   config.membership_audit = False  # not part of FLamby's protocol
   config.seed = 42

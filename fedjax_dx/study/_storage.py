@@ -130,11 +130,30 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
   summary_path = os.path.join(workdir, "summary.csv")
   write_atomic(summary_path, summary.to_csv(index=False))
   table_path = os.path.join(workdir, "summary_table.md")
-  notes = dict(config.get("method_notes") or {})
+  notes = {**form_notes(config), **dict(config.get("method_notes") or {})}
   write_atomic(table_path, summary_table(summary, config.target_metric,
                                          methods_order(config, summary), notes))
   return {"metrics": metrics_path, "summary": summary_path, "table": table_path,
           "diverged": diverged_runs(frame)}
+
+
+def form_notes(config) -> dict[str, str]:
+  """Notes for the table on methods run in a form other than the paper's."""
+  from fedjax_dx.study import _checks  # pylint: disable=g-import-not-at-top
+  notes = {}
+  for method in _checks.methods_of(config):
+    mc = _checks.method_config(config, method)
+    if method == "scaffold" and mc.scaffold_form == "flamby":
+      notes[method] = ("scaffold_form = flamby: FLamby's scaffold.py (c moves by the "
+                       "n_k-weighted mean of the clients' changes; the paper's option II "
+                       "by 1/N of their sum)")
+    if method in ("fedadam", "fedyogi", "fedadagrad") and mc.fedopt_form != "paper":
+      notes[method] = {
+          "flamby": "fedopt_form = flamby: FLamby's fed_opt.py (Algorithm 2 of Reddi et "
+                    "al. without bias correction, from v = 0)",
+          "bias_corrected": "fedopt_form = bias_corrected: optax's bias-corrected "
+                            "moments, not the published FedOpt"}[mc.fedopt_form]
+  return notes
 
 
 def diverged_runs(frame) -> str:
