@@ -33,6 +33,7 @@ from fedjax_dx.core._data import pad_clients
 from fedjax_dx.core._data import pad_examples
 from fedjax_dx.core._data import pool_clients
 from fedjax_dx.core._data import stack_clients
+from fedjax_dx.core._data import stack_survival
 from fedjax_dx.core._data import unstack_clients
 from fedjax_dx.core._engine import Algorithm
 from fedjax_dx.core._engine import ServerState
@@ -56,6 +57,7 @@ from fedjax_dx.core._metrics import evaluate_personalized
 from fedjax_dx.core._metrics import evaluate_stacked
 from fedjax_dx.core._metrics import METRIC_NAMES
 from fedjax_dx.core._models import cnn
+from fedjax_dx.core._models import cox
 from fedjax_dx.core._models import from_flax
 from fedjax_dx.core._models import logistic_regression
 from fedjax_dx.core._models import mlp
@@ -63,6 +65,8 @@ from fedjax_dx.core._models import Model
 from fedjax_dx.core._models import per_example_loss
 from fedjax_dx.core._models import probabilities
 from fedjax_dx.core._sampling import sample_participation
+from fedjax_dx.core._survival import concordance_index
+from fedjax_dx.core._survival import cox_loss_terms
 from fedjax_dx.core._scale import available_memory
 from fedjax_dx.core._scale import choose_client_chunk
 from fedjax_dx.core._scale import client_bucket
@@ -121,6 +125,9 @@ __all__ = (
     "clip_updates",
     "client_mesh",
     "cnn",
+    "concordance_index",
+    "cox",
+    "cox_loss_terms",
     "cyclic",
     "cyclic_order",
     "agg",
@@ -176,6 +183,7 @@ __all__ = (
     "ServerState",
     "shard_clients",
     "stack_clients",
+    "stack_survival",
     "stack_states",
     "stochastic_quantize",
     "straggler_work",

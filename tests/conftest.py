@@ -77,5 +77,10 @@ def heart_dir():
 
 
 @pytest.fixture
+def tcga_dir():
+  return shared_data("fed_tcga_brca")
+
+
+@pytest.fixture
 def medmnist_dir():
   return lambda subset: shared_data(subset)

@@ -28,6 +28,10 @@ def _batch_gradient(model):
   stays plain Python: one client, one step at a time)."""
   if id(model) not in _GRADIENTS:
     def loss_fn(p, xb, yb):
+      if model.output == "cox":  # the batch's partial likelihood, per real example
+        scores = model.apply(p, xb)[:, 0]
+        ones = jnp.ones(scores.shape)
+        return fdx.cox_loss_terms(scores, yb[:, 0], yb[:, 1], ones).sum() / len(yb)
       return jnp.mean(fdx.per_example_loss(model, model.apply(p, xb), yb))
     _GRADIENTS[id(model)] = (model, jax.jit(jax.grad(loss_fn)))
   return _GRADIENTS[id(model)][1]

@@ -21,7 +21,7 @@ class ClientData:
   """
 
   features: jax.Array  # [C, N_max, *feature_shape] float32
-  labels: jax.Array  # [C, N_max] int32
+  labels: jax.Array  # [C, N_max] int32; survival: [C, N_max, 2] float32 (event, time)
   mask: jax.Array  # [C, N_max] bool, True on real examples
   num_examples: jax.Array  # [C] int32, real examples per client
 
@@ -150,6 +150,53 @@ def stack_clients(
       mask=jax.device_put(mask), num_examples=jax.device_put(sizes))
 
 
+def stack_survival(features: Sequence[np.ndarray], events: Sequence[np.ndarray],
+                   times: Sequence[np.ndarray], *, max_examples: int | None = None,
+                   name: str = "data") -> ClientData:
+  """`stack_clients` for survival data: `labels` become `[C, N_max, 2]` float32
+  `(event, time)` (event 1 = observed, 0 = censored at `time`).
+
+  Args:
+    features: one array `[n_k, num_features]` per client.
+    events: one array `[n_k]` of 0/1 per client.
+    times: one array `[n_k]` of finite times >= 0 per client.
+    max_examples: pad every client to this many slots (default: the largest client).
+    name: how the data is called in error messages.
+
+  Example:
+    >>> data = stack_survival([np.zeros((2, 3))], [np.array([1, 0])],
+    ...                       [np.array([5.0, 9.0])])
+    >>> data.labels.shape
+    (1, 2, 2)
+  """
+  if len(events) != len(features) or len(times) != len(features):
+    raise ValueError(f"{name}: got features for {len(features)} clients, events for "
+                     f"{len(events)} and times for {len(times)}; they must match")
+  targets = []
+  for k, (e, t) in enumerate(zip(events, times)):
+    e, t = np.asarray(e, np.float64), np.asarray(t, np.float64)
+    if e.shape != t.shape or e.ndim != 1:
+      raise ValueError(f"{name}: client {k} has events of shape {e.shape} and times "
+                       f"of shape {t.shape}; expected two arrays [n]")
+    if not np.all((e == 0) | (e == 1)):
+      raise ValueError(f"{name}: client {k} events must be 0 (censored) or 1 (observed)")
+    if not np.all(np.isfinite(t) & (t >= 0)):
+      raise ValueError(f"{name}: client {k} times must be finite and >= 0")
+    targets.append(np.stack([e, t], axis=1).astype(np.float32))
+  # Features and padding as for classification (its checks name the client).
+  data = stack_clients(features, [np.zeros(len(y), np.int32) for y in targets],
+                       num_classes=2, max_examples=max_examples, name=name)
+  labels = np.zeros(data.labels.shape + (2,), np.float32)
+  for k, y in enumerate(targets):
+    labels[k, :len(y)] = y
+  return data.replace(labels=jax.device_put(labels))
+
+
+def is_survival(data: ClientData) -> bool:
+  """Whether `data.labels` hold survival targets `(event, time)` (`stack_survival`)."""
+  return data.labels.ndim == 3
+
+
 def unstack_clients(data: ClientData) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """The inverse of `stack_clients`: per-client real examples as NumPy arrays."""
   features, labels, sizes = (
@@ -244,6 +291,12 @@ def check_client_data(data: ClientData, num_classes: int, name: str = "data") ->
   if not np.all(np.isfinite(valid_feats)):
     raise ValueError(f"{name}.features hold NaN or infinite values in real examples")
   valid_labels = _local_rows(data.labels)[1][mask]
+  if is_survival(data):
+    events, times = valid_labels[:, 0], valid_labels[:, 1]
+    if not (np.all((events == 0) | (events == 1))
+            and np.all(np.isfinite(times) & (times >= 0))):
+      raise ValueError(f"{name}.labels must hold (event 0/1, finite time >= 0) pairs")
+    return
   if valid_labels.size and (valid_labels.min() < 0 or valid_labels.max() >= num_classes):
     raise ValueError(
         f"{name}.labels must lie in [0, {num_classes - 1}], got values in "

@@ -264,8 +264,8 @@ def _client_batches(budget: LocalBudget, batch: int, num_steps: Callable, client
 def _gradient(model, state: ClientState, batch: Batch, count):
   """The masked mean loss of the batch and its gradient."""
   def loss_fn(params):
-    losses = _models.per_example_loss(model, model.apply(params, batch.x), batch.y)
-    return (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
+    return _models.batch_loss_sum(model, model.apply(params, batch.x), batch.y,
+                                  batch.weight) / jnp.maximum(count, 1.0)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return loss, grads, state.noise_key

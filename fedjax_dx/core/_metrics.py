@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dx.core import _models
+from fedjax_dx.core import _survival
 from fedjax_dx.core._data import ClientData
 
-METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity",
+METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "c_index",
                 "specificity", "f1", "num_examples")
 
 
@@ -110,8 +111,35 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
   # class's: every metric NaN.
   finite = jnp.all(jnp.isfinite(probs) | ~mask[:, None]) & jnp.all(
       jnp.isfinite(losses) | ~mask)
+  metrics["c_index"] = jnp.float32(jnp.nan)  # survival tasks only
   return {name: value if name == "num_examples" else jnp.where(finite, value, jnp.nan)
           for name, value in metrics.items()}
+
+
+def survival_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
+                     ) -> dict[str, jax.Array]:
+  """A survival model's metrics on one set: `loss` (the negative Cox partial
+  log-likelihood over the whole set, Breslow's ties, per example) and `c_index`
+  (`_survival.concordance_index`); the classification metrics are NaN.
+
+  Args:
+    scores: `[N]` risk scores.
+    labels: `[N, 2]` (event, time).
+    mask: `[N]` True on real examples.
+  """
+  events, times = labels[:, 0], labels[:, 1]
+  count = mask.sum().astype(jnp.float32)
+  terms = _survival.cox_loss_terms(scores, events, times, mask.astype(jnp.float32))
+  nan = jnp.float32(jnp.nan)
+  finite = jnp.all(jnp.isfinite(scores) | ~mask)
+  metrics = {
+      "loss": _ratio(terms.sum(), count),
+      "c_index": _survival.concordance_index(scores, events, times, mask),
+      "accuracy": nan, "balanced_accuracy": nan, "auc": nan, "sensitivity": nan,
+      "specificity": nan, "f1": nan,
+  }
+  metrics = {k: jnp.where(finite, v, jnp.nan) for k, v in metrics.items()}
+  return {**metrics, "num_examples": mask.sum()}
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one program, not op by op
@@ -149,7 +177,13 @@ def evaluate_personalized(model: _models.Model, stacked_params: Any,
 
 
 def _evaluate_logits(model, logits, data: ClientData) -> dict[str, Any]:
-  c, n = data.labels.shape
+  c, n = data.labels.shape[:2]
+  if model.output == "cox":
+    scores = logits[..., 0]
+    per_client = jax.vmap(survival_metrics)(scores, data.labels, data.mask)
+    pooled = survival_metrics(scores.reshape(-1), data.labels.reshape(c * n, 2),
+                              data.mask.reshape(-1))
+    return {"clients": per_client, "pooled": pooled}
   probs = _models.probabilities(model, logits)
   losses = _models.per_example_loss(
       model, logits.reshape((c * n, -1)), data.labels.reshape(-1)).reshape(c, n)

@@ -19,8 +19,9 @@ class Model(NamedTuple):
     init: `(rng, sample_features [B, *feature_shape]) -> params`.
     apply: `(params, features [B, *feature_shape]) -> logits [B, num_logits]`.
     num_classes: classes of the task.
-    output: "sigmoid" (binary task, one logit, binary cross-entropy) or "softmax"
-      (one logit per class, softmax cross-entropy).
+    output: "sigmoid" (binary task, one logit, binary cross-entropy), "softmax"
+      (one logit per class, softmax cross-entropy) or "cox" (survival: one risk
+      score, the negative Cox partial log-likelihood over each batch).
   """
 
   init: Callable[[jax.Array, jax.Array], Params]
@@ -189,8 +190,35 @@ def cnn(num_classes: int = 2, channels: Sequence[int] = (16, 32), dense: int = 6
                         dtype=jnp.dtype(compute_dtype)), num_classes, output)
 
 
+def cox(hidden: Sequence[int] = ()) -> Model:
+  """A Cox proportional-hazards model: a linear risk score (FLamby's Fed-TCGA-BRCA
+  baseline, `nn.Linear(39, 1)`), or an MLP's with `hidden` widths. Train it on
+  survival data (`stack_survival`); its loss is the negative partial log-likelihood
+  with Breslow's ties, its metric the concordance index."""
+  module = _MLP(hidden=tuple(hidden), num_outputs=1)
+  return Model(init=lambda rng, x: module.init(rng, x)["params"],
+               apply=lambda params, x: module.apply({"params": params}, x),
+               num_classes=2, output="cox")
+
+
+def batch_loss_sum(model: Model, logits: jax.Array, labels: jax.Array,
+                   weight: jax.Array) -> jax.Array:
+  """The loss of a batch summed over its real examples (`weight`), to divide by their
+  count: cross-entropies, or the Cox partial likelihood's terms (not per example:
+  each depends on the batch's risk sets)."""
+  if model.output == "cox":
+    from fedjax_dx.core import _survival  # pylint: disable=g-import-not-at-top
+    return _survival.cox_loss_terms(logits[..., 0], labels[..., 0], labels[..., 1],
+                                    weight).sum()
+  return (per_example_loss(model, logits, labels) * weight).sum()
+
+
 def per_example_loss(model: Model, logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Cross-entropy of each example: `[B]`."""
+  if model.output == "cox":
+    raise ValueError("a Cox model's loss is not per example (each term depends on the "
+                     "batch's risk set): per-example gradients (DP-SGD) and the "
+                     "membership audit do not apply to it")
   if model.output == "sigmoid":
     return optax.sigmoid_binary_cross_entropy(logits[..., 0], labels.astype(logits.dtype))
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -1,4 +1,5 @@
-"""tensorflow-datasets builders: `fed_heart_disease` and `medmnist/<subset>`.
+"""tensorflow-datasets builders: `fed_heart_disease`, `fed_tcga_brca` and
+`medmnist/<subset>`.
 
 They work without TensorFlow: files are written as array_record and read through
 `tfds.data_source` / `builder.as_data_source()`.
@@ -13,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from fedjax_dx.datasets import _heart_disease
 from fedjax_dx.datasets import _medmnist
+from fedjax_dx.datasets import _tcga_brca
 
 FILE_FORMAT = "array_record"
 
@@ -99,6 +101,50 @@ class FedHeartDisease(_RawSourceBuilder):
       labels = arrays.train_labels if split == "train" else arrays.test_labels
       for i, (x, y) in enumerate(zip(features, labels)):
         yield f"{c}_{i}", {"features": x, "label": int(y), "center": c}
+
+
+class FedTcgaBrca(_RawSourceBuilder):
+  """Fed-TCGA-BRCA (FLamby): survival of 1,088 breast-cancer patients in 6 regions."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": f"FLamby's brca.csv and train_test_split.csv (commit "
+                            f"{_tcga_brca.COMMIT})."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f"Put {', '.join(_tcga_brca.FILES)} (FLamby's flamby/datasets/fed_tcga_brca/) in "
+      "the manual directory, or let the builder download them.")
+
+  SOURCES = _tcga_brca.SOURCES
+  DEFAULT_URL = _tcga_brca.URL
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "features": tfds.features.Tensor(shape=(_tcga_brca.NUM_FEATURES,),
+                                             dtype=np.float32),
+            "event": tfds.features.ClassLabel(names=["censored", "death"]),
+            "time": tfds.features.Scalar(dtype=np.float32),
+            "center": tfds.features.ClassLabel(names=list(_tcga_brca.REGION_NAMES)),
+        }),
+        disable_shuffling=True,  # keep brca.csv's order within each region
+        homepage="https://github.com/owkin/FLamby",
+        citation=("The Cancer Genome Atlas Network. Comprehensive molecular portraits of "
+                  "human breast tumours. Nature 490, 61-70 (2012). du Terrail, J. O. et "
+                  "al. FLamby: Datasets and Benchmarks for Cross-Silo Federated Learning "
+                  "in Realistic Healthcare Settings. NeurIPS 2022."))
+
+  def _split_generators(self, dl_manager):
+    regions = _tcga_brca.process(_tcga_brca.raw_files(
+        self._source, self._raw_directory(dl_manager), self._url))
+    return {"train": self._generate_examples(regions, "train"),
+            "test": self._generate_examples(regions, "test")}
+
+  def _generate_examples(self, regions, split):
+    for k, r in enumerate(regions):
+      features, events, times = ((r.train_features, r.train_events, r.train_times)
+                                 if split == "train" else
+                                 (r.test_features, r.test_events, r.test_times))
+      for i, (x, e, t) in enumerate(zip(features, events, times)):
+        yield f"{k}_{i}", {"features": x, "event": int(e), "time": t, "center": k}
 
 
 @dataclasses.dataclass

@@ -7,9 +7,10 @@ import os
 import numpy as np
 
 from fedjax_dx.core import _partition
-from fedjax_dx.core._data import FederatedData, stack_clients
+from fedjax_dx.core._data import FederatedData, stack_clients, stack_survival
 from fedjax_dx.datasets import _heart_disease
 from fedjax_dx.datasets import _medmnist
+from fedjax_dx.datasets import _tcga_brca
 
 PARTITIONS = ("iid", "dirichlet", "quantity", "pathological")
 
@@ -89,6 +90,32 @@ def heart_disease(*, source: str = "auto", raw_dir: str | None = None,
     groups = _partition.natural(arrays["center"], num_clients=4)
     parts[split] = _partition.to_client_data(
         arrays["features"], arrays["label"], groups, num_classes=2, name=split)
+  return FederatedData(train=parts["train"], test=parts["test"], num_classes=2)
+
+
+def tcga_brca(*, source: str = "auto", raw_dir: str | None = None,
+              data_dir: str | None = None, url: str = _tcga_brca.URL) -> FederatedData:
+  """Fed-TCGA-BRCA: survival of 1,088 breast-cancer patients in 6 regions (FLamby).
+
+  Args:
+    source: "auto" (`raw_dir` if given, else the download), "local" or "download".
+    raw_dir: a directory holding FLamby's brca.csv and train_test_split.csv.
+    data_dir: where the prepared TFDS data set lives (default `default_data_dir()`).
+    url: download address (FLamby's repository at a pinned commit by default).
+
+  Returns:
+    `FederatedData` with 6 clients, 39 covariates and survival labels `[C, N, 2]`
+    `(event, time in days)` (`stack_survival`).
+  """
+  builder = _prepare("fed_tcga_brca", data_dir, raw_dir, source=source, url=url)
+  parts = {}
+  for split in ("train", "test"):
+    arrays = _read_split(builder, split, ("features", "event", "time", "center"))
+    regions = [np.flatnonzero(arrays["center"] == k)
+               for k in range(_tcga_brca.NUM_REGIONS)]
+    parts[split] = stack_survival([arrays["features"][r] for r in regions],
+                                  [arrays["event"][r] for r in regions],
+                                  [arrays["time"][r] for r in regions], name=split)
   return FederatedData(train=parts["train"], test=parts["test"], num_classes=2)
 
 

