@@ -4,6 +4,7 @@ sequential reference."""
 
 import jax
 import jax.numpy as jnp
+from lifelines import utils as lifelines_utils  # test-only oracle (test extras)
 import numpy as np
 import optax
 import pytest
@@ -11,8 +12,6 @@ import pytest
 import fedjax_dx as fdx
 from tests import reference
 from tests.test_algorithms import assert_trees_close
-
-lifelines_utils = pytest.importorskip("lifelines.utils")
 
 
 def _breslow_numpy(scores, events, times):
