@@ -10,10 +10,26 @@ from sklearn import metrics as skm
 import fedjax_dx as fdx
 
 
+def numpy_ece(probs, labels, bins=10):
+  """ECE by a loop over equal-width bins of the top-class confidence."""
+  confidence, correct = probs.max(1), probs.argmax(1) == labels
+  index = np.minimum((confidence * bins).astype(int), bins - 1)
+  total = 0.0
+  for b in range(bins):
+    inside = index == b
+    if inside.any():
+      total += inside.sum() / len(labels) * abs(correct[inside].mean()
+                                                  - confidence[inside].mean())
+  return total
+
+
 def sklearn_binary(probs, labels):
   pred = (probs[:, 1] > probs[:, 0]).astype(int)
   both = len(np.unique(labels)) == 2
   return {
+      "pr_auc": skm.average_precision_score(labels, probs[:, 1]) if labels.any() else np.nan,
+      "brier": skm.brier_score_loss(labels, probs[:, 1]),
+      "ece": numpy_ece(probs, labels),
       "accuracy": skm.accuracy_score(labels, pred),
       "auc": skm.roc_auc_score(labels, probs[:, 1]) if both else np.nan,
       "sensitivity": skm.recall_score(labels, pred, pos_label=1, zero_division=np.nan),
@@ -33,7 +49,12 @@ def sklearn_multiclass(probs, labels, num_classes):
   spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), np.nan)
   aucs = [skm.roc_auc_score(labels == c, probs[:, c]) if 0 < (labels == c).sum() < len(labels)
           else np.nan for c in classes]
+  aps = [skm.average_precision_score(labels == c, probs[:, c]) if (labels == c).any()
+         else np.nan for c in classes]
   return {
+      "pr_auc": np.nanmean(aps),
+      "brier": ((probs - np.eye(num_classes)[labels]) ** 2).sum(1).mean(),
+      "ece": numpy_ece(probs, labels),
       "accuracy": skm.accuracy_score(labels, pred),
       "auc": np.nanmean(aucs) if not np.all(np.isnan(aucs)) else np.nan,
       "sensitivity": np.nanmean(recall),

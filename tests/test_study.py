@@ -735,3 +735,44 @@ def test_method_notes_are_numbered_beside_their_rows_and_printed_under_the_table
   assert "| fedavg | 0.700 ± 0.010 |" in table
   assert "| cyclic [1] | 0.600 ± 0.020 |" in table
   assert table.rstrip().endswith("[1] cyclic: weight transfer as published")
+
+
+def test_predictions_are_kept_and_recompute_the_reported_metrics(tmp_path):
+  """predictions.jsonl holds each final model's output on every real test patient
+  (method, seed, site, example, label, score): the reported AUC, Brier score and
+  PR-AUC of each site follow from it (scikit-learn), for FedAvg and each local model."""
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+  frame = _study_frame(tmp_path, "kept", methods="fedavg,local", num_seeds=1)
+  predictions = pd.read_json(tmp_path / "kept" / "predictions.jsonl", lines=True,
+                             dtype={"client": str})
+  assert set(predictions["method"]) == {"fedavg", "local_0", "local_1", "local_2"}
+  final = frame[(frame["split"] == "test") & (frame["round"] == frame["round"].max())]
+  for (method, client), group in predictions.groupby(["method", "client"]):
+    row = final[(final["method"] == method) & (final["client"] == client)].iloc[0]
+    assert len(group) == row["num_examples"]
+    assert list(group["example"]) == list(range(len(group)))
+    assert skm.roc_auc_score(group["label"], group["score"]) == pytest.approx(
+        row["auc"], abs=1e-6)
+    assert skm.brier_score_loss(group["label"], group["score"]) == pytest.approx(
+        row["brier"], abs=1e-6)
+    assert skm.average_precision_score(group["label"], group["score"]) == pytest.approx(
+        row["pr_auc"], abs=1e-6)
+
+
+def test_fairness_names_the_worst_and_best_site_and_weights_by_test_patients():
+  from fedjax_dx.study import _summary  # pylint: disable=g-import-not-at-top
+  summary = pd.DataFrame({
+      "method": ["fedavg"] * 4, "client": ["0", "1", "2", "pooled"],
+      "client_name": ["Cleveland", "Hungary", "Switzerland", "pooled"],
+      "num_examples_mean": [100.0, 50.0, 10.0, 160.0],
+      **{f"{m}_mean": [float("nan")] * 4 for m in _summary.METRICS},
+      **{f"{m}_std": [0.0] * 4 for m in _summary.METRICS}})
+  summary["auc_mean"] = [0.8, 0.7, 0.5, 0.75]
+  summary["loss_mean"] = [0.4, 0.5, 0.9, 0.45]
+  table = _summary.fairness(summary).set_index("metric")
+  assert set(table.index) == {"auc", "loss"}  # metrics defined at some site only
+  auc, loss = table.loc["auc"], table.loc["loss"]
+  assert (auc["worst_site"], auc["best_site"]) == ("Switzerland", "Cleveland")
+  assert auc["spread"] == pytest.approx(0.3) and auc["sites"] == 3
+  assert auc["weighted_mean"] == pytest.approx((80 + 35 + 5) / 160)
+  assert (loss["worst_site"], loss["worst"]) == ("Switzerland", 0.9)  # higher is worse

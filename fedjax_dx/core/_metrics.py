@@ -19,8 +19,8 @@ from fedjax_dx.core import _models
 from fedjax_dx.core import _survival
 from fedjax_dx.core._data import ClientData
 
-METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "c_index",
-                "specificity", "f1", "num_examples")
+METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity",
+                "specificity", "f1", "pr_auc", "brier", "ece", "c_index", "num_examples")
 
 
 def _ratio(num, den):
@@ -61,9 +61,71 @@ def binary_auc(scores: jax.Array, positive: jax.Array, mask: jax.Array) -> jax.A
   return jnp.where(jnp.any(mask & jnp.isnan(scores)), jnp.nan, auc)
 
 
+def average_precision(scores: jax.Array, positive: jax.Array, mask: jax.Array
+                      ) -> jax.Array:
+  """The area under the precision-recall curve as scikit-learn's
+  `average_precision_score` computes it: `sum_n (R_n - R_{n-1}) P_n` over the distinct
+  score thresholds, from the highest; NaN without a positive.
+
+  Args:
+    scores: `[N]` finite scores, higher meaning more likely positive.
+    positive: `[N]` bool, the true class.
+    mask: `[N]` bool, which entries are real.
+  """
+  order = jnp.argsort(jnp.where(mask, -scores, jnp.inf), stable=True)
+  s, y, m = scores[order], (positive & mask)[order], mask[order]
+  tp = jnp.cumsum(y).astype(jnp.float32)
+  fp = jnp.cumsum(~y & m).astype(jnp.float32)
+  # A threshold ends each group of equal scores (and the last real entry).
+  next_differs = jnp.concatenate([s[1:] != s[:-1], jnp.ones((1,), bool)])
+  next_real = jnp.concatenate([m[1:], jnp.zeros((1,), bool)])
+  is_last = m & (next_differs | ~next_real)
+  ends = jax.lax.cummax(jnp.where(is_last, tp, 0.0))
+  before = jnp.concatenate([jnp.zeros((1,)), ends[:-1]])  # tp at the previous threshold
+  precision = tp / jnp.maximum(tp + fp, 1.0)
+  num_pos = y.sum().astype(jnp.float32)
+  ap = _ratio(jnp.where(is_last, (tp - before) * precision, 0.0).sum(), num_pos)
+  return jnp.where(jnp.any(mask & jnp.isnan(scores)), jnp.nan, ap)
+
+
+def expected_calibration_error(probs: jax.Array, labels: jax.Array, mask: jax.Array,
+                               bins: int = 10) -> jax.Array:
+  """ECE over `bins` equal-width bins of the top-class confidence in [0, 1]:
+  `sum_b (n_b / n) |accuracy_b - mean confidence_b|` (empty bins count nothing).
+
+  Args:
+    probs: `[N, K]` class probabilities.
+    labels: `[N]` integer labels.
+    mask: `[N]` bool, real examples.
+    bins: number of bins (static).
+  """
+  confidence = probs.max(-1)
+  correct = (jnp.argmax(probs, -1) == labels).astype(jnp.float32)
+  index = jnp.clip(jnp.floor(confidence * bins).astype(jnp.int32), 0, bins - 1)
+  weight = mask.astype(jnp.float32)
+  gap = jax.ops.segment_sum(weight * (correct - confidence), index, bins)
+  return _ratio(jnp.abs(gap).sum(), weight.sum())
+
+
+def brier_score(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Brier score: binary, the mean of `(p_1 - y)^2` (scikit-learn's
+  `brier_score_loss`); with K > 2 classes, the mean of `sum_k (p_k - [y = k])^2`
+  (Brier 1950)."""
+  weight = mask.astype(jnp.float32)
+  if probs.shape[-1] == 2:
+    errors = (probs[:, 1] - (labels == 1)) ** 2
+  else:
+    errors = ((probs - jax.nn.one_hot(labels, probs.shape[-1])) ** 2).sum(-1)
+  return _ratio((errors * weight).sum(), weight.sum())
+
+
+ECE_BINS = 10  # the bins of the reported `ece`
+
+
 def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
                            losses: jax.Array) -> dict[str, jax.Array]:
-  """Loss, accuracy, balanced accuracy, AUC, sensitivity, specificity and F1.
+  """Loss, accuracy, balanced accuracy, AUC, sensitivity, specificity, F1, PR-AUC
+  (average precision), Brier score and ECE (`ECE_BINS` equal-width bins).
 
   Binary tasks (2 classes) report class 1 as the positive (diseased) class. With more
   classes, sensitivity, specificity, F1 and AUC (one-vs-rest) are macro averages over
@@ -101,12 +163,18 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
   if num_classes == 2:
     metrics.update(
         auc=binary_auc(probs[:, 1], labels == 1, mask), sensitivity=recall[1],
-        specificity=specificity[1], f1=f1[1])
+        specificity=specificity[1], f1=f1[1],
+        pr_auc=average_precision(probs[:, 1], labels == 1, mask))
   else:
     aucs = jax.vmap(lambda c: binary_auc(probs[:, c], labels == c, mask))(
         jnp.arange(num_classes))
+    pr_aucs = jax.vmap(lambda c: average_precision(probs[:, c], labels == c, mask))(
+        jnp.arange(num_classes))
     metrics.update(auc=_nanmean(aucs), sensitivity=_nanmean(recall),
-                   specificity=_nanmean(specificity), f1=_nanmean(f1))
+                   specificity=_nanmean(specificity), f1=_nanmean(f1),
+                   pr_auc=_nanmean(pr_aucs))
+  metrics.update(brier=brier_score(probs, labels, mask),
+                 ece=expected_calibration_error(probs, labels, mask, ECE_BINS))
   # A model whose outputs are not finite (diverged) has no accuracy, not the majority
   # class's: every metric NaN.
   finite = jnp.all(jnp.isfinite(probs) | ~mask[:, None]) & jnp.all(
@@ -114,6 +182,14 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
   metrics["c_index"] = jnp.float32(jnp.nan)  # survival tasks only
   return {name: value if name == "num_examples" else jnp.where(finite, value, jnp.nan)
           for name, value in metrics.items()}
+
+
+def outputs(model: _models.Model, logits: jax.Array) -> jax.Array:
+  """What a model says of each example, `[..., K]`: class probabilities, or `[..., 1]`
+  a Cox model's risk score."""
+  if model.output == "cox":
+    return logits
+  return _models.probabilities(model, logits)
 
 
 def survival_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
@@ -136,7 +212,7 @@ def survival_metrics(scores: jax.Array, labels: jax.Array, mask: jax.Array
       "loss": _ratio(terms.sum(), count),
       "c_index": _survival.concordance_index(scores, events, times, mask),
       "accuracy": nan, "balanced_accuracy": nan, "auc": nan, "sensitivity": nan,
-      "specificity": nan, "f1": nan,
+      "specificity": nan, "f1": nan, "pr_auc": nan, "brier": nan, "ece": nan,
   }
   metrics = {k: jnp.where(finite, v, jnp.nan) for k, v in metrics.items()}
   return {**metrics, "num_examples": mask.sum()}

@@ -89,6 +89,7 @@ class MethodRun:
     # arrays whose clients axis spans every device of every process; the baselines
     # and cyclic run on each process's own copy (the same result everywhere).
     self.sharded = _distributed.is_multiprocess() and method in SHARDED
+    self.host_test = data.test  # this process's copy (labels for the predictions)
     example = data.train.features[0, :1]
     if self.sharded:
       data = cache.global_data(data)
@@ -163,6 +164,37 @@ class MethodRun:
       self.pooled_evaluator = cache.evaluator(model, self.kind, algo,
                                               self._evaluated_models(), self.pooled_sets)
     self.compile_s = 0.0
+
+  def prediction_rows(self, seed_index: int) -> list[dict]:
+    """The final models' output on every real test example of every site: method,
+    seed, client, example index, label and score (binary: P(class 1); multi-class:
+    `probs`; survival: the risk score with `event` and `time`)."""
+    outputs = np.asarray(self.test_outputs[seed_index])
+    labels, sizes = np.asarray(self.host_test.labels), np.asarray(
+        self.host_test.num_examples)
+    seed = self.seeds[seed_index]
+    swept = {k: v for k, v in self.swept.items() if k != "num_clients"}
+    if self.kind == "stacked":  # local_m on every site
+      models = [(f"local_{m}", outputs[m]) for m in range(len(self.names))]
+    else:
+      models = [(self.method, outputs)]
+    survival = labels.ndim == 3
+    rows = []
+    for name, per_client in models:
+      for k, client_name in enumerate(self.names):
+        for i in range(int(sizes[k])):
+          row = dict(method=name, seed=seed, client=str(k), client_name=client_name,
+                     example=i, **swept)
+          if survival:
+            row.update(score=_clean(per_client[k, i, 0]), event=int(labels[k, i, 0]),
+                       time=float(labels[k, i, 1]))
+          elif per_client.shape[-1] == 2:
+            row.update(label=int(labels[k, i]), score=_clean(per_client[k, i, 1]))
+          else:
+            row.update(label=int(labels[k, i]),
+                       probs=[_clean(p) for p in per_client[k, i]])
+          rows.append(row)
+    return rows
 
   def _evaluated_models(self):
     if self.kind == "personalized":
@@ -291,6 +323,7 @@ class MethodRun:
 
     def evaluate_now(round_index, bytes_up, bytes_down, round_losses=None):
       results = host(self.evaluator(self._evaluated_models(), data.train, data.test))
+      self.test_outputs = results[2]  # the final evaluation's are the predictions
       pooled_results = [None, None]
       if self.pooled_evaluator is not None:
         pooled_results = host(self.pooled_evaluator(
@@ -602,6 +635,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
       groups = [missing] if config.batch_seeds else [[s] for s in missing]
       for group in filter(None, groups):
         rows = {seed: [] for seed in group}
+        predictions = {seed: [] for seed in group}
         seeds_label = (f"seed{'s' if len(group) > 1 else ''} "
                        f"{','.join(map(str, group))}")
         progress.advance(0, f"point {index + 1}/{len(points)}: compiling {len(methods)} "
@@ -623,13 +657,19 @@ def run_study(config, workdir: str, *, quiet: bool = False,
 
           for seed, seed_rows in run.execute(advance).items():
             rows[seed] += seed_rows
+          for s, seed in enumerate(run.seeds):
+            predictions[seed] += run.prediction_rows(s)
           for (seed, name), at in sorted(run.diverged.items()):
             progress.log(f"warning: {name} seed {seed} diverged at round {at} "
                          f"{swept or ''}(its model is not finite; its metrics are NaN)")
           _check_secure_rounds(run, swept, progress)
 
-        def write_points(index=index, point=point, group=group, rows=rows):
-          for seed in group:
+        def write_points(index=index, point=point, group=group, rows=rows,
+                         predictions=predictions):
+          for seed in group:  # the predictions first: a point file means both exist
+            write_atomic(os.path.join(workdir, "predictions",
+                                      point_id(index, point, seed) + ".jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in predictions[seed]))
             write_atomic(path_of(index, point, seed),
                          "".join(json.dumps(r) + "\n" for r in rows[seed]))
 

@@ -153,7 +153,10 @@ class ProgramCache:
     return self.runs[key]
 
   def evaluator(self, model, kind: str, algorithm, models, data):
-    """Evaluates a seeds axis of models on the train and test splits in one call.
+    """Evaluates a seeds axis of models on the train and test splits in one call:
+    `[train metrics, test metrics, test outputs]`, the outputs per test example
+    (`_metrics.outputs`: class probabilities, or a Cox model's risk score) for the
+    predictions file.
 
     kind "global" and "stacked" take the (stacked) parameters only, so every method
     with the same model and seed count shares one compiled evaluator; "personalized"
@@ -164,17 +167,23 @@ class ProgramCache:
            data.train.features.is_fully_addressable, str(jax.tree.structure(models)),
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]))
     if key not in self.evaluators:
+      apply_all = jax.vmap(model.apply, in_axes=(None, 0))  # [C, N, out]
       if kind == "global":
-        fn = lambda params, train, test: [_metrics.evaluate(model, params, d)
-                                          for d in (train, test)]
+        fn = lambda params, train, test: [
+            *(_metrics.evaluate(model, params, d) for d in (train, test)),
+            _metrics.outputs(model, apply_all(params, test.features))]
       elif kind == "stacked":
-        fn = lambda params, train, test: [_metrics.evaluate_stacked(model, params, d)
-                                          for d in (train, test)]
+        fn = lambda params, train, test: [
+            *(_metrics.evaluate_stacked(model, params, d) for d in (train, test)),
+            _metrics.outputs(model, jax.vmap(apply_all, in_axes=(0, None))(
+                params, test.features))]
       else:
         def fn(state, train, test):
           personal = algorithm.personalize(state, train)
-          return [_metrics.evaluate_personalized(model, personal, d)
-                  for d in (train, test)]
+          return [*(_metrics.evaluate_personalized(model, personal, d)
+                    for d in (train, test)),
+                  _metrics.outputs(model, jax.vmap(model.apply)(personal,
+                                                                test.features))]
       lowered = jax.jit(jax.vmap(fn, in_axes=(0, None, None))).lower(
           models, data.train, data.test)
       self.evaluators[key] = _LazyExecutable(lowered, (model, algorithm))

@@ -29,7 +29,7 @@ SURVIVAL_DATASETS = ("tcga_brca",)  # labels (event, time); model.name = cox
 MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_class_balanced_auc",
                "mia_calibrated_auc", "mia_calibrated_tpr_at_1pct_fpr")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
-           "f1", "c_index")
+           "f1", "pr_auc", "brier", "ece", "c_index")
 
 
 class StudyError(ValueError):

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from fedjax_dx.study._schema import StudyError
-from fedjax_dx.study._summary import methods_order, summarize, summary_table
+from fedjax_dx.study._summary import fairness, methods_order, summarize, summary_table
 from fedjax_dx.study._summary import swept_columns
 
 
@@ -125,15 +125,30 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
     lines.extend(point_lines)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   write_atomic(metrics_path, "".join(lines))
+  # The final models' per-patient test outputs (written with each point), together.
+  predictions_path = os.path.join(workdir, "predictions.jsonl")
+
+  def write_predictions(tmp):
+    with open(tmp, "w") as out:
+      for pid in ids:
+        path = os.path.join(workdir, "predictions", pid + ".jsonl")
+        if os.path.isfile(path):  # absent for points recorded before predictions were
+          with open(path) as f:
+            out.write(f.read())
+
+  write_atomic(predictions_path, write=write_predictions)
   frame = pd.read_json(metrics_path, lines=True, dtype={"client": str})
   summary = summarize(frame, config)
   summary_path = os.path.join(workdir, "summary.csv")
   write_atomic(summary_path, summary.to_csv(index=False))
+  fairness_path = os.path.join(workdir, "fairness.csv")
+  write_atomic(fairness_path, fairness(summary).to_csv(index=False))
   table_path = os.path.join(workdir, "summary_table.md")
   notes = {**form_notes(config), **dict(config.get("method_notes") or {})}
   write_atomic(table_path, summary_table(summary, config.target_metric,
                                          methods_order(config, summary), notes))
   return {"metrics": metrics_path, "summary": summary_path, "table": table_path,
+          "predictions": predictions_path, "fairness": fairness_path,
           "diverged": diverged_runs(frame)}
 
 

@@ -86,6 +86,7 @@ def summarize(frame, config):
   grouped = final.groupby(keys, dropna=False, sort=False)
   summary = grouped[list(METRICS)].agg(["mean", "std"])
   summary.columns = [f"{m}_{s}" for m, s in summary.columns]
+  summary["num_examples_mean"] = grouped["num_examples"].mean()
   summary["num_seeds"] = grouped["seed"].nunique()
   # A diverged seed's metrics are NaN; the mean of the others would hide it.
   diverged = (final["diverged_round"].notna() if "diverged_round" in final
@@ -115,3 +116,39 @@ def summarize(frame, config):
   summary["seeds_reaching_target"] = summary["seeds_reaching_target"].fillna(0).astype(int)
   summary["target"] = f"{target}>={value}"
   return summary.reset_index()
+
+
+LOWER_IS_BETTER = ("loss", "brier", "ece")
+
+
+def fairness(summary) -> "pd.DataFrame":
+  """Across the sites (not the pooled sets), per method (and swept point) and metric,
+  from the final metrics' means over seeds: the worst and best site, their spread
+  (max - min) and the mean weighted by each site's test patients. For loss, Brier and
+  ECE the worst site is the highest."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  sites = summary[summary["client"].astype(str).str.isdigit()]
+  swept = [c for c in summary.columns if c not in (
+      "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
+      "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
+      "seeds_reaching_target", "target", "epsilon", "diverged_seeds",
+      "num_examples_mean") and not c.endswith(("_mean", "_std"))]
+  rows = []
+  for key, group in sites.groupby(["method", *swept], dropna=False, sort=False):
+    key = key if isinstance(key, tuple) else (key,)
+    for metric in METRICS:
+      values = group[f"{metric}_mean"]
+      defined = values.notna()
+      if not defined.any():
+        continue
+      lower = metric in LOWER_IS_BETTER
+      worst = values[defined].idxmax() if lower else values[defined].idxmin()
+      best = values[defined].idxmin() if lower else values[defined].idxmax()
+      sizes = group.loc[defined, "num_examples_mean"]
+      rows.append({**dict(zip(["method", *swept], key)), "metric": metric,
+                   "worst_site": group.at[worst, "client_name"],
+                   "worst": values[worst], "best_site": group.at[best, "client_name"],
+                   "best": values[best], "spread": values.max() - values.min(),
+                   "weighted_mean": float((values[defined] * sizes).sum() / sizes.sum()),
+                   "sites": int(defined.sum())})
+  return pd.DataFrame(rows)
