@@ -121,7 +121,7 @@ def summarize(frame, config):
 LOWER_IS_BETTER = ("loss", "brier", "ece")
 
 
-def fairness(summary) -> "pd.DataFrame":
+def fairness(summary):
   """Across the sites (not the pooled sets), per method (and swept point) and metric,
   from the final metrics' means over seeds: the worst and best site, their spread
   (max - min) and the mean weighted by each site's test patients. For loss, Brier and
