@@ -151,7 +151,8 @@ def test_the_field_table_declares_every_method_field_with_the_default_config_val
   assert _fields.DEFAULTS == {name: default[name] for name in _fields.DEFAULTS}
   study_level = {"name", "methods", "dataset", "seed", "num_seeds", "batch_seeds",
                  "bucket_clients", "membership_audit", "fast_compile", "per_method",
-                 "sweep", "target_metric", "target_value", "method_notes"}
+                 "sweep", "target_metric", "target_value", "method_notes",
+                 "bootstrap_resamples"}
   table = {f.name for f in _fields.FIELDS}
   assert set(default.keys()) - study_level == table
   assert set(_fields.METHOD_FIELDS) <= table and set(_fields.COMPILE_FIELDS) <= table
@@ -776,3 +777,38 @@ def test_fairness_names_the_worst_and_best_site_and_weights_by_test_patients():
   assert auc["spread"] == pytest.approx(0.3) and auc["sites"] == 3
   assert auc["weighted_mean"] == pytest.approx((80 + 35 + 5) / 160)
   assert (loss["worst_site"], loss["worst"]) == ("Switzerland", 0.9)  # higher is worse
+
+
+def test_bootstrap_intervals_resample_each_sites_patients_and_pool_the_seeds(tmp_path):
+  """bootstrap_resamples = 40: each final test row carries its metric on 40 resamples
+  of that site's patients, exactly the AUCs of those resamples of the kept
+  predictions (scikit-learn); the summary's interval pools seeds and resamples and
+  the table prints it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _execute  # pylint: disable=g-import-not-at-top
+  frame = _study_frame(tmp_path, "boot", methods="fedavg", bootstrap_resamples=40)
+  final = frame[(frame["split"] == "test") & (frame["round"] == frame["round"].max())]
+  assert final["bootstrap_auc"].map(len).eq(40).all()
+  predictions = pd.read_json(tmp_path / "boot" / "predictions.jsonl", lines=True,
+                             dtype={"client": str})
+  width = int(final[final["client"] != "pooled"]["num_examples"].max())
+  for seed in (0, 1):
+    for client in ("0", "2"):
+      site = predictions[(predictions["seed"] == seed) & (predictions["client"] == client)]
+      key = jax.random.fold_in(jax.random.fold_in(
+          jax.random.PRNGKey(_execute.BOOTSTRAP_KEY), seed), int(client))
+      draws = np.asarray(jax.random.randint(key, (40, width), 0, len(site)))[:, :len(site)]
+      want = [skm.roc_auc_score(site["label"].to_numpy()[d], site["score"].to_numpy()[d])
+              if len(set(site["label"].to_numpy()[d])) == 2 else None for d in draws]
+      got = final[(final["seed"] == seed) & (final["client"] == client)].iloc[0]
+      np.testing.assert_allclose(
+          [g for g, w in zip(got["bootstrap_auc"], want) if w is not None],
+          [w for w in want if w is not None], atol=1e-5)
+  summary = pd.read_csv(tmp_path / "boot" / "summary.csv", dtype={"client": str})
+  pooled = summary[summary["client"] == "pooled"].iloc[0]
+  samples = np.concatenate(final[final["client"] == "pooled"]["bootstrap_auc"].tolist())
+  assert pooled["auc_ci_low"] == pytest.approx(np.percentile(samples, 2.5))
+  assert pooled["auc_ci_low"] <= pooled["auc_mean"] <= pooled["auc_ci_high"]
+  table = (tmp_path / "boot" / "summary_table.md").read_text()
+  assert "[95% interval over the site's test patients (bootstrap) and the seeds]" in table

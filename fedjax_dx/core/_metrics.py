@@ -184,6 +184,62 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
           for name, value in metrics.items()}
 
 
+BOOTSTRAP_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity",
+                     "accuracy", "c_index")
+
+
+def bootstrap_metrics(key: jax.Array, outputs: jax.Array, labels: jax.Array,
+                      mask: jax.Array, *, survival: bool, num_resamples: int
+                      ) -> dict[str, jax.Array]:
+  """The headline metrics (`BOOTSTRAP_METRICS`) of one test set resampled with
+  replacement from its real examples, `num_resamples` times (vectorised; the
+  percentile interval of the result is the patient-level uncertainty).
+
+  Args:
+    key: the resampling key.
+    outputs: `[N, K]` what the model said of each example (`outputs`).
+    labels: `[N]` labels, or `[N, 2]` (event, time).
+    mask: `[N]` True on real examples (they occupy the first slots).
+    survival: whether `outputs` are Cox risk scores.
+    num_resamples: resamples (static).
+
+  Returns:
+    `{metric: [num_resamples]}`.
+  """
+  n_max = mask.shape[0]
+  count = mask.sum()
+  draws = jax.random.randint(key, (num_resamples, n_max), 0, jnp.maximum(count, 1))
+
+  def one(indices):
+    x, y = outputs[indices], labels[indices]
+    if survival:
+      found = survival_metrics(x[:, 0], y, mask)
+    else:
+      losses = -jnp.log(jnp.clip(jnp.take_along_axis(x, y[:, None], 1)[:, 0], 1e-12))
+      found = classification_metrics(x, y, mask, losses)
+    return {m: found[m] for m in BOOTSTRAP_METRICS}
+
+  # Real examples sit in the first `count` slots: draw indices among them only.
+  return jax.vmap(one)(draws)
+
+
+def bootstrap_sites(key: jax.Array, outputs: jax.Array, labels: jax.Array,
+                    mask: jax.Array, *, survival: bool, num_resamples: int
+                    ) -> dict[str, jax.Array]:
+  """`bootstrap_metrics` of every site and of the pooled test set: `{metric: [R, C +
+  1]}`, column C the pooled set; site k resamples with `fold_in(key, k)`."""
+  c, n = mask.shape
+  per_site = jax.vmap(lambda k, o, y, m: bootstrap_metrics(
+      jax.random.fold_in(key, k), o, y, m, survival=survival,
+      num_resamples=num_resamples))(jnp.arange(c), outputs, labels, mask)
+  order = jnp.argsort(~mask.reshape(-1), stable=True)  # real examples first
+  flat = lambda x: x.reshape((c * n,) + x.shape[2:])[order]
+  pooled = bootstrap_metrics(jax.random.fold_in(key, c), flat(outputs), flat(labels),
+                             flat(mask), survival=survival, num_resamples=num_resamples)
+  return {m: jnp.concatenate([per_site[m].T, pooled[m][:, None]], axis=1)
+          for m in BOOTSTRAP_METRICS}
+
+
 def outputs(model: _models.Model, logits: jax.Array) -> jax.Array:
   """What a model says of each example, `[..., K]`: class probabilities, or `[..., 1]`
   a Cox model's risk score."""

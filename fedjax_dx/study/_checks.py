@@ -139,6 +139,9 @@ def _check_shared_fields(config) -> None:
        "model.compute_dtype", "float32 unless model.name = cnn (only the CNN computes "
        "in bfloat16)")
   need(config.num_seeds >= 1, "num_seeds", "an integer >= 1")
+  need(isinstance(config.get("bootstrap_resamples", 0), int)
+       and config.get("bootstrap_resamples", 0) >= 0, "bootstrap_resamples",
+       "an integer >= 0 (0: no bootstrap)")
   need(config.target_metric in METRICS, "target_metric", f"one of {METRICS}")
 
 

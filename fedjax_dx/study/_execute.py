@@ -38,6 +38,9 @@ from fedjax_dx.study._storage import (environment, finalize, prepare_workdir,
 from fedjax_dx.study._sweep import apply_point, column_name, point_id, sweep_points
 
 
+BOOTSTRAP_KEY = 0xB0075  # PRNGKey of the patient bootstrap (folded with the seed)
+
+
 def _tree_bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
@@ -416,7 +419,36 @@ class MethodRun:
       progress(done * len(seeds))
     self.secagg_failed = {seed: int(failed_rounds[s]) for s, seed in enumerate(seeds)
                           if failed_rounds[s]}
+    if config.get("bootstrap_resamples", 0):
+      self._attach_bootstrap(rows, done)
     return rows
+
+  def _attach_bootstrap(self, rows, final_round: int) -> None:
+    """Each final test row (sites and pooled) gets `bootstrap_<metric>`: the metric of
+    `config.bootstrap_resamples` resamples of that test set's patients (the summary's
+    `<metric>_ci_low/_ci_high` pool them over seeds)."""
+    test = self.host_test
+    survival = test.labels.ndim == 3
+    program = self.cache.bootstrapper(survival, self.kind == "stacked",
+                                      self.config.bootstrap_resamples)
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(BOOTSTRAP_KEY), seed)
+                      for seed in self.seeds])
+    samples = jax.device_get(program(keys, jnp.asarray(self.test_outputs), test.labels,
+                                     test.mask))
+    columns = {str(k): k for k in range(len(self.names))}
+    columns["pooled"] = len(self.names)
+    for s, seed in enumerate(self.seeds):
+      for row in rows[seed]:
+        if (row["round"] != final_round or row["split"] != "test"
+            or str(row["client"]) not in columns):
+          continue
+        column = columns[str(row["client"])]
+        for metric, values in samples.items():
+          per_model = values[s]
+          if self.kind == "stacked":
+            per_model = per_model[int(row["method"].split("_")[1])]
+          row[f"bootstrap_{metric}"] = [_clean(round(float(v), 6))
+                                        for v in per_model[:, column]]
 
 
 class Progress:

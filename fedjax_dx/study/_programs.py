@@ -86,6 +86,7 @@ class ProgramCache:
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
     self.pool, self.reported, self.sharded = None, set(), {}
     self.pooled = {}  # dataset key -> FLamby's pooled-normalized sets (or None)
+    self.bootstraps = {}  # (survival, stacked, resamples) -> the jitted bootstrap
 
   def model(self, config, num_classes):
     key = (json.dumps(config.model.to_dict(), sort_keys=True), num_classes)
@@ -189,6 +190,22 @@ class ProgramCache:
       self.evaluators[key] = _LazyExecutable(lowered, (model, algorithm))
       self.compile_soon(self.evaluators[key], self.options)
     return self.evaluators[key]
+
+  def bootstrapper(self, survival: bool, stacked: bool, num_resamples: int):
+    """`(keys [S], outputs [S, (M,) C, N, K], labels, mask) -> {metric: [S, (M,) R,
+    C + 1]}`: `_metrics.bootstrap_sites` of every seed's (and model's) outputs."""
+    key = (survival, stacked, num_resamples)
+    if key not in self.bootstraps:
+      sites = lambda k, o, y, m: _metrics.bootstrap_sites(
+          k, o, y, m, survival=survival, num_resamples=num_resamples)
+      if stacked:  # model m resamples with fold_in(key, m) too
+        inner = lambda k, o, y, m: jax.vmap(
+            lambda i, om: sites(jax.random.fold_in(k, i), om, y, m))(
+                jnp.arange(o.shape[0]), o)
+      else:
+        inner = sites
+      self.bootstraps[key] = jax.jit(jax.vmap(inner, in_axes=(0, 0, None, None)))
+    return self.bootstraps[key]
 
   def compile_soon(self, task, options=None) -> None:
     """Compiles `task` (a `_LazyExecutable`) on a worker thread, so XLA

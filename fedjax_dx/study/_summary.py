@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from fedjax_dx.study._checks import methods_of
 from fedjax_dx.study._schema import METRICS, MIA_COLUMNS
 
@@ -30,22 +32,27 @@ def summary_table(summary, metric: str, methods: list[str],
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
       "seeds_reaching_target", "target", "epsilon", "diverged_seeds")
-      and not c.endswith(("_mean", "_std"))]
+      and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
   clients = summary.drop_duplicates("client")
   clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
                                   for c in clients["client"]]).sort_values("order")
   names = clients["client_name"].tolist()
 
-  def cell(mean, std, seeds, diverged):
+  intervals = f"{metric}_ci_low" in summary
+
+  def cell(mean, std, seeds, diverged, low=float("nan"), high=float("nan")):
     if diverged:
       return f"diverged ({diverged} of {seeds} seeds)"
     if mean != mean:  # NaN: undefined on this test set
       return "–"
-    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 and std == std else f"{mean:.3f}"
+    text = f"{mean:.3f} ± {std:.3f}" if seeds > 1 and std == std else f"{mean:.3f}"
+    return text + (f" [{low:.2f}, {high:.2f}]" if low == low else "")
 
   header = [*swept, "method", *names]
   lines = [f"Final test {metric}, mean ± std over seeds (n = "
-           f"{int(summary['num_seeds'].max())})", "",
+           f"{int(summary['num_seeds'].max())})"
+           + ("; [95% interval over the site's test patients (bootstrap) and the "
+              "seeds]" if intervals else ""), "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   groups = summary.groupby(swept, sort=True, dropna=False) if swept else [((), summary)]
   for key, group in groups:
@@ -55,7 +62,9 @@ def summary_table(summary, metric: str, methods: list[str],
       if rows.empty:
         continue
       cells = [cell(rows.at[n, f"{metric}_mean"], rows.at[n, f"{metric}_std"],
-                    rows.at[n, "num_seeds"], rows.at[n, "diverged_seeds"])
+                    rows.at[n, "num_seeds"], rows.at[n, "diverged_seeds"],
+                    *([rows.at[n, f"{metric}_ci_low"], rows.at[n, f"{metric}_ci_high"]]
+                      if intervals else []))
                if n in rows.index else "–" for n in names]
       lines.append("| " + " | ".join([*(f"{v:g}" if isinstance(v, float) else str(v)
                                         for v in key), method + marks.get(method, ""),
@@ -74,7 +83,8 @@ def swept_columns(frame) -> list[str]:
            "dp_mode", "guard_dropped", "secagg_failed_rounds", "diverged_round",
            *MIA_COLUMNS, *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
-  return varying + [c for c in frame.columns if c not in fixed]
+  return varying + [c for c in frame.columns
+                    if c not in fixed and not c.startswith("bootstrap_")]
 
 
 def summarize(frame, config):
@@ -95,6 +105,19 @@ def summarize(frame, config):
       [final[k] for k in keys], dropna=False, sort=False).sum().astype(int)
   for m in METRICS:
     summary.loc[summary["diverged_seeds"] > 0, [f"{m}_mean", f"{m}_std"]] = float("nan")
+  # 95% interval over test patients (bootstrap) and training seeds, pooled.
+  for column in [c for c in final.columns if c.startswith("bootstrap_")]:
+    metric = column[len("bootstrap_"):]
+
+    def interval(lists, q):
+      values = np.array([v for one in lists if isinstance(one, list) for v in one
+                         if v is not None], dtype=float)
+      return float(np.percentile(values, q)) if values.size else float("nan")
+
+    summary[f"{metric}_ci_low"] = grouped[column].agg(lambda x: interval(x, 2.5))
+    summary[f"{metric}_ci_high"] = grouped[column].agg(lambda x: interval(x, 97.5))
+    summary.loc[summary["diverged_seeds"] > 0,
+                [f"{metric}_ci_low", f"{metric}_ci_high"]] = float("nan")
   summary["rounds"] = grouped["round"].max()
   summary["cumulative_bytes"] = grouped["cumulative_bytes"].mean()
   summary["wall_s_mean"] = grouped["wall_s"].mean()
@@ -132,7 +155,8 @@ def fairness(summary):
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
       "seeds_reaching_target", "target", "epsilon", "diverged_seeds",
-      "num_examples_mean") and not c.endswith(("_mean", "_std"))]
+      "num_examples_mean")
+      and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
   rows = []
   for key, group in sites.groupby(["method", *swept], dropna=False, sort=False):
     key = key if isinstance(key, tuple) else (key,)
