@@ -630,8 +630,9 @@ def test_a_full_disk_is_one_error_and_leaves_the_results_intact(tmp_path, monkey
     replace(source, target)
 
   monkeypatch.setattr(_storage.os, "replace", full_disk)
-  with pytest.raises(study.StudyError, match=re.escape(
-      f"cannot write {first}: No space left on device; what was written before is "
+  with pytest.raises(study.StudyError, match=re.escape(  # a point's predictions go first
+      f"cannot write {workdir / 'predictions' / first.name}: No space left on device; "
+      "what was written before is "
       "intact; free disk space and run the same command again (the study resumes)")):
     _study_frame(tmp_path, "study", methods="fedavg", rounds=2)
   assert (workdir / "metrics.jsonl").read_text() == metrics_text
