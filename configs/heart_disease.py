@@ -124,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 95% intervals of the final metrics per site: this many resamples of each site's
   # test patients per seed, pooled over the seeds (summary: <metric>_ci_low/_ci_high);
   # 0 turns the bootstrap off
-  config.bootstrap_resamples = 200
+  config.bootstrap_resamples = 100
   config.membership_audit = True  # loss-threshold membership inference on the final
   # global model (pooled train = members vs pooled test): mia_auc, mia_tpr_at_1pct_fpr,
   # and the difficulty-calibrated attack against the initial model (mia_calibrated_*)
