@@ -813,3 +813,4 @@ def test_bootstrap_intervals_resample_each_sites_patients_and_pool_the_seeds(tmp
   assert pooled["auc_ci_low"] <= pooled["auc_mean"] <= pooled["auc_ci_high"]
   table = (tmp_path / "boot" / "summary_table.md").read_text()
   assert "[95% interval over the site's test patients (bootstrap) and the seeds]" in table
+  assert "report" in study.make_report(str(tmp_path / "boot"))  # reads the list columns

@@ -169,6 +169,8 @@ def make_report(workdir: str) -> dict[str, str]:
   config = meta["config"]
   frame = pd.read_json(os.path.join(workdir, "metrics.jsonl"), lines=True,
                        dtype={"client": str})
+  # The bootstrap resamples (lists) are summarized in summary.csv's intervals.
+  frame = frame.drop(columns=[c for c in frame if c.startswith("bootstrap_")])
   summary = pd.read_csv(os.path.join(workdir, "summary.csv"), dtype={"client": str})
   metric = config.get("target_metric", "accuracy")
   test = _collapse_local(frame[frame["split"] == "test"])
