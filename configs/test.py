@@ -13,6 +13,7 @@ def get_config():
   config.eval_every = 2
   config.local_steps = 3
   config.num_seeds = 2
+  config.target_metric = "accuracy"
   config.target_value = 0.5
   config.bootstrap_resamples = 0  # its own test turns it on
   return config
