@@ -813,4 +813,41 @@ def test_bootstrap_intervals_resample_each_sites_patients_and_pool_the_seeds(tmp
   assert pooled["auc_ci_low"] <= pooled["auc_mean"] <= pooled["auc_ci_high"]
   table = (tmp_path / "boot" / "summary_table.md").read_text()
   assert "[95% interval over the site's test patients (bootstrap) and the seeds]" in table
-  assert "report" in study.make_report(str(tmp_path / "boot"))  # reads the list columns
+  report = study.make_report(str(tmp_path / "boot"))["report"]  # reads the list columns
+  _check_report(open(report).read())
+
+
+def _check_report(text: str) -> None:
+  """The report is valid, self-contained HTML: every image embedded in a figure with a
+  caption, tables as HTML (not text in <pre>), the overview first, the environment as a
+  table."""
+  import html.parser  # pylint: disable=g-import-not-at-top
+
+  class Parser(html.parser.HTMLParser):
+
+    def __init__(self):
+      super().__init__()
+      self.stack, self.images, self.captions, self.tags = [], [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+      self.tags.append(tag)
+      if tag not in ("img", "meta", "br"):
+        self.stack.append(tag)
+      if tag == "img":
+        self.images.append((dict(attrs)["src"], "figure" in self.stack))
+      self.captions += tag == "figcaption"
+
+    def handle_endtag(self, tag):
+      assert self.stack and self.stack[-1] == tag, (tag, self.stack[-3:])
+      self.stack.pop()
+
+  parser = Parser()
+  parser.feed(text)
+  assert not parser.stack  # every element closed, in order
+  assert parser.images and all(src.startswith("data:image/png;base64,") and in_figure
+                               for src, in_figure in parser.images)
+  assert parser.captions == len(parser.images)
+  assert "pre" not in parser.tags and parser.tags.count("table") >= 3
+  overview = text[text.index("<p>"):text.index("</p>")]
+  assert "test patients per site: hospital 0 10" in overview and "95% interval" in overview
+  assert "<th>jax</th>" in text and "{'platform'" not in text

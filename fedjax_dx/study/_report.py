@@ -12,7 +12,7 @@ import numpy as np
 
 from fedjax_dx.study._schema import METRICS
 from fedjax_dx.study._storage import write_atomic
-from fedjax_dx.study._summary import swept_columns
+from fedjax_dx.study._summary import summary_swept_columns, swept_columns
 
 
 
@@ -336,41 +336,152 @@ def _labels(workdir: str) -> dict[str, str]:
   return figures
 
 
+_CAPTIONS = {
+    "convergence": "Convergence: the pooled test {metric} after each evaluation round, "
+                   "mean over seeds with a 95% band (bootstrap over seeds). Centralized "
+                   "training is the dashed level; each hospital's own model is averaged "
+                   "into the local curve.",
+    "communication": "Communication: the pooled test {metric} against the bytes every "
+                     "hospital sent and received so far (uploads and downloads), mean "
+                     "over seeds.",
+    "comparison": "Final test {metric} per test set: bars are means over seeds, error "
+                  "bars 95% bootstrap intervals over the seeds (not over patients: see "
+                  "the table's intervals). Local = each hospital's own model on its own "
+                  "site; on the pooled set, the mean of the hospitals' models.",
+    "privacy_utility": "Utility against privacy: final pooled test {metric} against the "
+                       "epsilon spent, with the non-private references.",
+    "round_time": "Seconds per round of each method at each sweep point.",
+    "labels": "Training labels per client (the partition of the first sweep point).",
+}
+
+
+def _caption(name: str, metric: str) -> str:
+  if name.startswith("sweep_"):
+    return (f"Sweep over {name[len('sweep_'):]}: final pooled test {metric}, mean over "
+            "seeds with a 95% band.")
+  return _CAPTIONS.get(name, name.replace("_", " ")).format(metric=metric)
+
+
+def _cell(row, metric: str) -> str:
+  mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+  if row.get("diverged_seeds", 0):
+    return f"diverged ({int(row['diverged_seeds'])} of {int(row['num_seeds'])} seeds)"
+  if mean is None or mean != mean:
+    return "–"
+  text = f"{mean:.3f}" + (f" ± {std:.3f}" if std == std and row["num_seeds"] > 1 else "")
+  low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+  return text + (f" [{low:.2f}, {high:.2f}]" if low is not None and low == low else "")
+
+
+def _headline(summary, metric: str):
+  """Methods x test sets of the headline metric, as text cells (no sweep)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  sites = summary.drop_duplicates("client")
+  sites = sites.assign(order=[int(c) if str(c).isdigit() else 10**9
+                              for c in sites["client"]]).sort_values("order")
+  names = [f"{n} (n = {int(k)})" if k == k else n for n, k in
+           zip(sites["client_name"], sites.get("num_examples_mean", sites["client"] * 0))]
+  table = pd.DataFrame(index=pd.Index(list(dict.fromkeys(summary["method"])), name="method"),
+                       columns=names)
+  for _, row in summary.iterrows():
+    column = names[list(sites["client"]).index(row["client"])]
+    table.at[row["method"], column] = _cell(row, metric)
+  return table.fillna("–")
+
+
+def _overview(summary, config, metric: str) -> str:
+  """The report's first paragraph: data, sites and sizes, methods, and the best
+  federated method against centralized and the best hospital alone (pooled test)."""
+  pooled = summary[summary["client"] == "pooled"]
+  sites = summary[summary["client"].astype(str).str.isdigit()].drop_duplicates("client")
+  sizes = ", ".join(f"{n} {int(k)}" for n, k in zip(sites["client_name"],
+                                                     sites["num_examples_mean"]))
+  label = _label(metric)
+  lower = metric in ("loss", "brier", "ece")
+  best = lambda rows: (rows.sort_values(f"{metric}_mean", ascending=lower).iloc[0]
+                       if rows[f"{metric}_mean"].notna().any() else None)
+  federated = best(pooled[~pooled["method"].isin(("centralized",))
+                          & ~pooled["method"].str.startswith("local")])
+  central = pooled[pooled["method"] == "centralized"]
+  local = best(pooled[pooled["method"].str.startswith("local")])
+  text = (f"Data set {html.escape(config['dataset']['name'])}: "
+          f"{len(sites)} sites, test patients per site: {html.escape(sizes)}. Methods: "
+          f"{html.escape(config['methods'])}; {config['num_seeds']} seeds. ")
+  if federated is not None:
+    text += (f"On the pooled test set, the best federated method is "
+             f"<b>{html.escape(federated['method'])}</b> with {label} "
+             f"{_cell(federated, metric)}")
+    if len(central):
+      text += f", against {_cell(central.iloc[0], metric)} for centralized training"
+    if local is not None:
+      text += (f" and {_cell(local, metric)} for the best hospital alone "
+               f"({html.escape(local['method'])})")
+    text += ". "
+  text += ("Cells are mean ± std over training seeds; [low, high] is the 95% interval "
+           "over resamples of the site's test patients pooled over the seeds.")
+  return f"<p>{text}</p>"
+
+
 def _html(workdir, meta, summary, figures, metric) -> str:
+  """A self-contained report: overview, captioned figures, tables as HTML, environment."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
   config = meta["config"]
+  label = _label(metric)
   parts = [
-      "<!doctype html><html><head><meta charset='utf-8'>",
+      "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
       f"<title>fedjax_dx report: {html.escape(config['name'])}</title>",
       "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-      "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
-      "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
+      "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
+      "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+      "figure{margin:1.5em 0}figcaption{font-size:13px;color:#333}"
+      "img{max-width:100%}.wide{overflow-x:auto}</style></head><body>",
       f"<h1>Study {html.escape(config['name'])}</h1>",
-      f"<p>Methods: {html.escape(config['methods'])}; dataset "
-      f"{html.escape(config['dataset']['name'])}; {config['rounds']} rounds; "
-      f"{config['num_seeds']} seeds; sweep: {html.escape(config['sweep'] or 'none')}. "
-      f"Device: {html.escape(str(meta.get('device')))}; versions: "
-      f"{html.escape(json.dumps(meta.get('versions', {})))}.</p>"]
+      _overview(summary, config, metric)]
+  swept = summary_swept_columns(summary)
+  parts.append(f"<h2>Final test {html.escape(label)} per test set</h2>")
+  if swept:
+    parts.append("<p>Sweep points are in summary.csv; the table below is the first "
+                 "point.</p>")
+    first = summary[(summary[swept] == summary[swept].iloc[0]).all(axis=1)]
+  else:
+    first = summary
+  parts.append("<div class='wide'>" + _headline(first, metric).to_html(escape=True)
+               + "</div>")
   for name, path in figures.items():
     with open(path, "rb") as f:
       encoded = base64.b64encode(f.read()).decode()
-    parts.append(f"<h2>{html.escape(name)}</h2><img src='data:image/png;base64,{encoded}'>")
-  columns = ["method", "client_name", *[c for c in summary.columns
-             if c not in ("method", "client", "client_name") and not c.endswith("_std")
-             and c not in ("target",)]]
-  table = summary[columns].copy()
-  for m in METRICS:
-    if f"{m}_mean" in summary:
-      table[f"{m}_mean"] = [f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
-                            for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
-  table_path = os.path.join(workdir, "summary_table.md")
-  if os.path.isfile(table_path):
-    with open(table_path) as f:
-      parts.append(f"<h2>Final test {html.escape(_label(metric))} per test set</h2>"
-                   f"<pre>{html.escape(f.read())}</pre>")
-  parts.append(f"<h2>Summary (final round, test sets, mean ± std over seeds; target "
-               f"{html.escape(str(summary['target'].iloc[0]))})</h2>")
-  parts.append(table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}"))
-  parts.append("</body></html>")
+    parts.append(f"<figure><img alt='{html.escape(name)}' "
+                 f"src='data:image/png;base64,{encoded}'><figcaption>"
+                 f"{html.escape(_caption(name, label))}</figcaption></figure>")
+  pooled = first[first["client"] == "pooled"].set_index("method")
+  headline = [m for m in ("auc", "balanced_accuracy", "sensitivity", "specificity",
+                          "accuracy", "pr_auc", "brier", "ece", "c_index", "loss")
+              if f"{m}_mean" in pooled and pooled[f"{m}_mean"].notna().any()]
+  metrics_table = pd.DataFrame({_label(m): [_cell(r, m) for _, r in pooled.iterrows()]
+                                for m in headline}, index=pooled.index)
+  parts.append("<h2>Every metric on the pooled test set</h2><div class='wide'>"
+               + metrics_table.to_html(escape=True) + "</div>")
+  fairness_path = os.path.join(workdir, "fairness.csv")
+  if os.path.isfile(fairness_path) and os.path.getsize(fairness_path) > 1:
+    fairness = pd.read_csv(fairness_path)
+    fairness = fairness[fairness["metric"] == metric]
+    if len(fairness):
+      parts.append(f"<h2>Across sites ({html.escape(label)}): worst and best site, "
+                   "spread, mean weighted by test patients</h2><div class='wide'>"
+                   + fairness.to_html(index=False, float_format=lambda v: f"{v:.3f}")
+                   + "</div>")
+  device = meta.get("device", {})
+  environment = {"device": f"{device.get('kind', '?')} ({device.get('platform', '?')}), "
+                           f"{device.get('count', '?')} device(s), "
+                           f"{device.get('processes', 1)} process(es)",
+                 "python": meta.get("python", "?"), "host": meta.get("host", "?"),
+                 "created": meta.get("created", "?"),
+                 **{k: v for k, v in meta.get("versions", {}).items()}}
+  parts.append("<h2>Environment</h2><table>" + "".join(
+      f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+      for k, v in environment.items()) + "</table>")
+  parts.append("<p>Full results: metrics.jsonl (every evaluation), summary.csv, "
+               "fairness.csv, predictions.jsonl (every test patient).</p></body></html>")
   path = os.path.join(workdir, "report.html")
   write_atomic(path, "\n".join(parts))
   return path

@@ -20,6 +20,15 @@ def methods_order(config, summary) -> list[str]:
   return [m for m in order if m in set(summary["method"])]
 
 
+def summary_swept_columns(summary) -> list[str]:
+  """The swept values among summary.csv's columns (the rest are results)."""
+  return [c for c in summary.columns if c not in (
+      "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
+      "rounds_to_target", "bytes_to_target", "seeds_reaching_target", "target",
+      "epsilon", "diverged_seeds")
+      and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
+
+
 def summary_table(summary, metric: str, methods: list[str],
                   notes: dict[str, str] | None = None) -> str:
   """A Markdown table: one row per method (and swept point), one column per test set,
@@ -28,11 +37,7 @@ def summary_table(summary, metric: str, methods: list[str],
   notes = {m: text for m, text in (notes or {}).items() if text}
   marks = {m: f" [{i}]" for i, m in enumerate(
       (m for m in methods if m in notes), start=1)}
-  swept = [c for c in summary.columns if c not in (
-      "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
-      "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
-      "seeds_reaching_target", "target", "epsilon", "diverged_seeds")
-      and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
+  swept = summary_swept_columns(summary)
   clients = summary.drop_duplicates("client")
   clients = clients.assign(order=[int(c) if str(c).isdigit() else 10**9
                                   for c in clients["client"]]).sort_values("order")
@@ -151,12 +156,7 @@ def fairness(summary):
   ECE the worst site is the highest."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
   sites = summary[summary["client"].astype(str).str.isdigit()]
-  swept = [c for c in summary.columns if c not in (
-      "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
-      "wall_s_mean", "compile_s_mean", "rounds_to_target", "bytes_to_target",
-      "seeds_reaching_target", "target", "epsilon", "diverged_seeds",
-      "num_examples_mean")
-      and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
+  swept = summary_swept_columns(summary)
   rows = []
   for key, group in sites.groupby(["method", *swept], dropna=False, sort=False):
     key = key if isinstance(key, tuple) else (key,)
