@@ -83,11 +83,12 @@ def test_end_to_end_tiny_study(tmp_path):
   assert [line.split(" | ")[0] for line in table[4:]] == [
       "| fedavg", "| fedprox", "| scaffold", "| fedadam", "| centralized", "| local_0",
       "| local_1", "| local_2"]
-  for name in ("convergence.png", "communication.png", "comparison.png",
-               "label_distribution.png", "report.html"):
+  for name in ("convergence.png", "communication.png", "comparison.png", "clinical.png",
+               "calibration.png", "fairness.png", "label_distribution.png", "report.html"):
     assert (workdir / name).stat().st_size > 1000, name
   html = (workdir / "report.html").read_text()
-  assert html.count("data:image/png;base64,") >= 4
+  assert html.count("data:image/png;base64,") >= 7
+  _check_report(html)
   # Written through temporary files (none left), all with a plain file's permissions.
   assert not [p.name for p in workdir.rglob(".*")]
   mode = 0o666 & ~_storage.umask()

@@ -25,8 +25,8 @@ def _plt():
   return plt, sns
 
 
-def _save(fig, path):
-  fig.tight_layout()
+def _save(fig, path, rect=None):
+  fig.tight_layout(rect=rect)
   write_atomic(path, write=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
   import matplotlib.pyplot as plt
   plt.close(fig)
@@ -188,9 +188,112 @@ def make_report(workdir: str) -> dict[str, str]:
   if privacy is not None:
     figures["privacy_utility"] = _save(privacy, os.path.join(workdir,
                                                              "privacy_utility.png"))
+  figures.update(_clinical(study, last))
+  figures.update(_calibration(study, workdir))
+  figures.update(_fairness_view(study, workdir))
   figures.update(_labels(workdir))
   report = _html(workdir, meta, summary, figures, metric)
   return {**figures, "report": report}
+
+
+CLINICAL_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
+
+
+def _clinical(study: _Study, last) -> dict[str, str]:
+  """Per-site panel of AUC, balanced accuracy, sensitivity and specificity (final
+  round), n per site in the labels; a hatched bar is a model that calls every patient
+  of that site the same class (sensitivity or specificity 0 with the other 1)."""
+  plt, sns, hue = study.plt, study.sns, study.hue
+  if last["auc"].isna().all():
+    return {}
+  sites = last.drop_duplicates("client")
+  sizes = dict(zip(sites["client"], sites["num_examples"]))
+  names = dict(zip(sites["client"], sites["client_name"]))
+  order = (sorted((c for c in names if str(c).isdigit()), key=int)
+           + [c for c in ("pooled",) if c in names])
+  label = {c: f"{names[c]}\n(n = {int(sizes[c])})" for c in order}
+  data = last[last["client"].isin(order)].assign(site=lambda d: d["client"].map(label))
+  fig, axes = plt.subplots(2, 2, figsize=(max(9, 1.3 * len(order) + 5), 7), sharex=True)
+  means = data.groupby(["method", "client"])[["sensitivity", "specificity"]].mean()
+  constant = ((means["sensitivity"] >= 0.999) & (means["specificity"] <= 0.001)) | (
+      (means["specificity"] >= 0.999) & (means["sensitivity"] <= 0.001))
+  methods = hue(data["method"])["hue_order"]
+  for ax, metric in zip(axes.ravel(), CLINICAL_METRICS):
+    sns.barplot(data=data, x="site", y=metric, **hue(data["method"]),
+                order=[label[c] for c in order], errorbar=("ci", 95), ax=ax)
+    for method, bars in zip(methods, ax.containers):
+      for client, bar in zip(order, bars):
+        if constant.get((method, client), False):
+          bar.set_hatch("///")
+          bar.set_edgecolor("black")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(_label(metric))
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", labelsize=8)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  for ax in axes.ravel():
+    if ax.get_legend() is not None:
+      ax.get_legend().remove()
+  fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+  return {"clinical": _save(fig, os.path.join(study.fig_dir, "clinical.png"),
+                            rect=(0, 0, 0.86, 1))}
+
+
+def _calibration(study: _Study, workdir: str) -> dict[str, str]:
+  """Reliability diagram of each method's final models (binary tasks): the observed
+  share of diseased patients against the mean predicted probability, in 10 bins,
+  every site and seed pooled (predictions.jsonl)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "predictions.jsonl")
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return {}
+  predictions = pd.read_json(path, lines=True, dtype={"client": str})
+  if "score" not in predictions or "label" not in predictions:
+    return {}  # multi-class (probs) or survival: no binary reliability diagram
+  predictions["method"] = predictions["method"].where(
+      ~predictions["method"].str.startswith("local_"), "local")
+  predictions["bin"] = np.minimum((predictions["score"] * 10).astype(int), 9)
+  curve = predictions.groupby(["method", "bin"], as_index=False).agg(
+      predicted=("score", "mean"), observed=("label", "mean"), n=("label", "size"))
+  plt, sns = study.plt, study.sns
+  fig, ax = plt.subplots(figsize=(6.5, 5))
+  ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1,
+          label="perfectly calibrated")
+  sns.lineplot(data=curve, x="predicted", y="observed", **study.hue(curve["method"]),
+               style="method", markers=True, dashes=True, ax=ax)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  _finish(ax, "mean predicted probability of disease (bin of 0.1)",
+          "observed share with disease", "Calibration of the final models")
+  return {"calibration": _save(fig, os.path.join(study.fig_dir, "calibration.png"))}
+
+
+def _fairness_view(study: _Study, workdir: str) -> dict[str, str]:
+  """Each method's worst site against its test-size-weighted mean (fairness.csv)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "fairness.csv")
+  if not os.path.isfile(path) or os.path.getsize(path) <= 1:
+    return {}
+  table = pd.read_csv(path)
+  table = table[table["metric"] == study.metric]
+  if table.empty or table["method"].duplicated().any():  # sweeps: one point per method
+    return {}
+  plt = study.plt
+  fig, ax = plt.subplots(figsize=(8.5, 5))
+  markers = "osD^vP*Xh<>p"
+  for i, (_, row) in enumerate(table.iterrows()):
+    ax.scatter(row["weighted_mean"], row["worst"], s=45, marker=markers[i % len(markers)],
+               color=study.colors.get(row["method"].split("_")[0], "grey"),
+               label=f"{row['method']} (worst: {row['worst_site']})", alpha=0.85)
+  low = min(table["worst"].min(), table["weighted_mean"].min())
+  high = max(table["worst"].max(), table["weighted_mean"].max())
+  ax.plot([low, high], [low, high], color="grey", linestyle=":", linewidth=1)
+  ax.set_xlabel(f"{_label(study.metric)}, mean over sites weighted by test patients")
+  ax.set_ylabel(f"{_label(study.metric)} at the worst site")
+  ax.set_title("Fairness across sites (on the diagonal: every site alike)")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+  return {"fairness": _save(fig, os.path.join(study.fig_dir, "fairness.png"))}
 
 
 def _centralized_level(study: _Study):
@@ -210,21 +313,29 @@ def _convergence(study: _Study) -> dict[str, str]:
   own_schedule = _own_schedule(config)
   fig, ax = plt.subplots(figsize=(8.5, 4.2))
   curves = pooled[~pooled["method"].isin(own_schedule)]
-  style = swept[0] if swept else None
+  style = swept[0] if swept else "method"  # overlapping methods stay distinguishable
   if not curves.empty:
     sns.lineplot(data=curves, x="round", y=metric, **hue(curves["method"]), style=style,
-                 errorbar=("ci", 95), marker="o", ax=ax)
-  _, level = _centralized_level(study)
+                 markers=True, dashes=True, errorbar=("ci", 95), ax=ax)
+  central, level = _centralized_level(study)
   if level is not None:
     _centralized_line(ax, level)
+    finals = central[central["round"] == central["round"].max()][metric].dropna()
+    if len(finals) > 1:  # its spread over seeds, as the curves' bands show theirs
+      low, high = np.percentile(finals, [2.5, 97.5])
+      ax.axhspan(low, high, color="black", alpha=0.08, linewidth=0)
   local = pooled[pooled["method"] == "local"]
   if "local" in own_schedule and not local.empty:
     final = local[local["round"] == local["round"].max()][metric].mean()
     ax.axhline(final, color=colors["local"], linestyle=":", linewidth=1.4,
                label=f"local-only, mean of hospitals (final, {own_schedule['local']}) "
                      f"{final:.3f}")
-  from matplotlib.ticker import MaxNLocator
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  rounds = sorted(curves["round"].unique()) if not curves.empty else []
+  if 1 < len(rounds) <= 16:  # ticks where the evaluations are
+    ax.set_xticks(rounds)
+  else:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   _finish(ax, "communication round", f"pooled test {_label(metric)}",
           f"Convergence ({config['name']}): mean and 95% CI over seeds")
   return {"convergence": _save(fig, os.path.join(study.fig_dir, "convergence.png"))}
@@ -351,6 +462,18 @@ _CAPTIONS = {
     "privacy_utility": "Utility against privacy: final pooled test {metric} against the "
                        "epsilon spent, with the non-private references.",
     "round_time": "Seconds per round of each method at each sweep point.",
+    "clinical": "Per site (n = test patients): AUC, balanced accuracy, sensitivity and "
+                "specificity of the final models, means over seeds with 95% bootstrap "
+                "intervals over the seeds. A hatched bar is a model that gives every "
+                "patient of that site the same class (sensitivity or specificity 0): "
+                "its accuracy is the site's prevalence, not skill.",
+    "calibration": "Reliability diagram: for patients binned by the predicted "
+                   "probability of disease (bins of 0.1; all sites and seeds), the "
+                   "observed share with disease. On the dotted diagonal a probability "
+                   "means what it says.",
+    "fairness": "Fairness across sites: each method's {metric} at its worst site "
+                "(named) against its mean over sites weighted by test patients; the "
+                "further below the diagonal, the more unequal the sites.",
     "labels": "Training labels per client (the partition of the first sweep point).",
 }
 
