@@ -86,6 +86,9 @@ def test_end_to_end_tiny_study(tmp_path):
   for name in ("convergence.png", "communication.png", "comparison.png", "clinical.png",
                "calibration.png", "fairness.png", "label_distribution.png", "report.html"):
     assert (workdir / name).stat().st_size > 1000, name
+  partition = json.loads((workdir / "partition.json").read_text())["0"]
+  assert partition["client_names"] == ["hospital 0", "hospital 1", "hospital 2"]
+  assert partition["class_names"] == ["negative", "positive"]  # the label chart's names
   html = (workdir / "report.html").read_text()
   assert html.count("data:image/png;base64,") >= 7
   _check_report(html)

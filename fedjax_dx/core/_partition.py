@@ -172,8 +172,10 @@ def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int
 
 
 def plot_label_counts(counts: np.ndarray, path: str, title: str = "",
-                      class_names: Sequence[str] | None = None) -> str:
-  """Draws label counts per client as stacked bars (seaborn) and saves a PNG."""
+                      class_names: Sequence[str] | None = None,
+                      client_names: Sequence[str] | None = None) -> str:
+  """Draws label counts per client as stacked bars (seaborn) and saves a PNG; bars are
+  labelled with `client_names` (e.g. the hospitals) when given, else client indices."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -194,6 +196,10 @@ def plot_label_counts(counts: np.ndarray, path: str, title: str = "",
   ax.set_xlabel("client")
   ax.set_ylabel("examples (count)")
   ax.set_xticks(np.arange(num_clients))
+  if client_names is not None and num_clients <= 20:
+    wide = sum(len(n) for n in client_names) > 6 * num_clients
+    ax.set_xticklabels(client_names, rotation=25 if wide else 0,
+                       ha="right" if wide else "center", fontsize=8)
   if num_clients > 20:
     ax.set_xticks(np.arange(0, num_clients, max(1, num_clients // 10)))
   ax.set_title(title or "label counts per client")

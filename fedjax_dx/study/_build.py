@@ -45,6 +45,16 @@ POOLED_PN_NAME = "Pooled Test (pooled z-scores)"
 POOLED_CENTER_NAME = "pooled (center z-scores)"
 
 
+def class_names(config, num_classes: int) -> list[str]:
+  """What the data set calls its classes (survival: what its event flag means)."""
+  known = {"heart_disease": ["no disease", "disease"],
+           "tcga_brca": ["censored", "death"],
+           "synthetic": ["negative", "positive"]}
+  names = known.get(config.dataset.name)
+  return names if names and len(names) == num_classes else [
+      f"class {c}" for c in range(num_classes)]
+
+
 def pooled_normalized(config) -> _data.FederatedData | None:
   """FLamby's pooled sets (`config.dataset.pooled_normalization = "pooled"`): the
   pooled train and test sets of Fed-Heart-Disease z-scored with the pooled train

@@ -25,7 +25,7 @@ from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
 from fedjax_dx.study._build import (POOLED_CENTER_NAME, POOLED_PN, POOLED_PN_NAME,
-                                    aggregator_chain, client_optimizer,
+                                    aggregator_chain, class_names, client_optimizer,
                                     dp_sampling_rate)
 from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
@@ -660,6 +660,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
       swept = {column_name(f, fields): v for f, v in point.items()}
       data, names, counts = cache.dataset(variant)
       partitions[str(index)] = {"point": swept, "client_names": names,
+                                "class_names": class_names(variant, data.num_classes),
                                 "label_counts": counts.tolist()}
       missing = [s for s in seeds if not is_done(index, point, s)]
       progress.advance(rounds_of(point) * (len(seeds) - len(missing)),

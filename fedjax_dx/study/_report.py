@@ -439,10 +439,13 @@ def _labels(workdir: str) -> dict[str, str]:
       partitions = json.load(f)
     first = partitions[sorted(partitions, key=int)[0]]
     counts = np.asarray(first["label_counts"])
+    names = first.get("client_names")
     figures["labels"] = _partition.plot_label_counts(
         counts, os.path.join(workdir, "label_distribution.png"),
         title="training labels per client" + (f" ({first['point']})" if first["point"]
-                                                else ""))
+                                                else ""),
+        class_names=first.get("class_names"),
+        client_names=names[:len(counts)] if names else None)
 
   return figures
 
