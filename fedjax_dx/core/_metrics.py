@@ -184,14 +184,15 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
           for name, value in metrics.items()}
 
 
-BOOTSTRAP_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity",
-                     "accuracy", "c_index")
+# Every metric of a row (classification and survival).
+BOOTSTRAP_METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity",
+                     "specificity", "f1", "pr_auc", "brier", "ece", "c_index")
 
 
 def bootstrap_metrics(key: jax.Array, outputs: jax.Array, labels: jax.Array,
                       mask: jax.Array, *, survival: bool, num_resamples: int
                       ) -> dict[str, jax.Array]:
-  """The headline metrics (`BOOTSTRAP_METRICS`) of one test set resampled with
+  """Every metric (`BOOTSTRAP_METRICS`) of one test set resampled with
   replacement from its real examples, `num_resamples` times (vectorised; the
   percentile interval of the result is the patient-level uncertainty).
 

@@ -326,10 +326,14 @@ def _convergence(study: _Study) -> dict[str, str]:
       ax.axhspan(low, high, color="black", alpha=0.08, linewidth=0)
   local = pooled[pooled["method"] == "local"]
   if "local" in own_schedule and not local.empty:
-    final = local[local["round"] == local["round"].max()][metric].mean()
+    finals = local[local["round"] == local["round"].max()][metric].dropna()
+    final = finals.mean()
     ax.axhline(final, color=colors["local"], linestyle=":", linewidth=1.4,
                label=f"local-only, mean of hospitals (final, {own_schedule['local']}) "
                      f"{final:.3f}")
+    if len(finals) > 1:  # its spread over seeds
+      low, high = np.percentile(finals, [2.5, 97.5])
+      ax.axhspan(low, high, color=colors["local"], alpha=0.12, linewidth=0)
   rounds = sorted(curves["round"].unique()) if not curves.empty else []
   if 1 < len(rounds) <= 16:  # ticks where the evaluations are
     ax.set_xticks(rounds)
@@ -343,7 +347,7 @@ def _convergence(study: _Study) -> dict[str, str]:
 
 def _communication(study: _Study) -> dict[str, str]:
   plt, sns, metric, pooled, hue = study.plt, study.sns, study.metric, study.pooled, study.hue
-  style = study.swept[0] if study.swept else None
+  style = study.swept[0] if study.swept else "method"
   central, level = _centralized_level(study)
   figures = {}
   # Metric vs cumulative communication (MB, log scale), federated methods.
@@ -353,7 +357,7 @@ def _communication(study: _Study) -> dict[str, str]:
     comm = comm.assign(megabytes=comm["cumulative_bytes"] / 1e6)
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
     sns.lineplot(data=comm, x="megabytes", y=metric, **hue(comm["method"]), style=style,
-                 errorbar=("ci", 95), marker="o", ax=ax)
+                 errorbar=("ci", 95), markers=True, dashes=True, ax=ax)
     ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator
     plain = FuncFormatter(lambda v, _: f"{v:g}")
