@@ -285,7 +285,9 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   timing = ["wall_s_mean", "compile_s_mean"]
   sa = pd.read_csv(resumed / "summary.csv").drop(columns=timing)
   sb = pd.read_csv(fresh / "summary.csv").drop(columns=timing)
-  pd.testing.assert_frame_equal(sa, sb)
+  # The killed process compiled its own programs: float32 results agree to rtol 1e-5 as
+  # above, and a std over nearly equal seeds (Brier's, ~3e-4) needs an absolute floor.
+  pd.testing.assert_frame_equal(sa, sb, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------- in-process: strategies in the harness
