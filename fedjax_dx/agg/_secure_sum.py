@@ -57,11 +57,6 @@ class SecureSum(Stage):
     if not self.bound > 0:
       raise ValueError(f"secagg_bound must be > 0, got {self.bound!r}")
 
-  @property
-  def max_participants(self) -> int:
-    """The most participants a round may have at these bits (`_secagg.check_bits`)."""
-    return _secagg.max_participants(self.bits)
-
   def begin(self, state, ctx):
     sending, noise_key = ctx["clients"]["sending"], ctx["noise_key"]
     dropped = jnp.zeros(sending.shape, bool)
