@@ -28,6 +28,15 @@ def _poisoned(data: fdx.ClientData, clients, *, nan=False, scale=1.0) -> fdx.Cli
   return data.replace(features=features)
 
 
+def _fedavg_without(model, params, xs, ys, client, num_rounds, steps=3):
+  """The sequential FedAvg loop (sgd 0.2, batch 4) with `client` sitting out."""
+  participation = np.ones((num_rounds, len(ys)))
+  participation[:, client] = 0
+  return reference.fedavg_rounds(model, optax.sgd(0.2), params, xs, ys, rng=RNG,
+                                 num_rounds=num_rounds, budget=fdx.LocalBudget(steps=steps),
+                                 batch_size=4, participation=participation)
+
+
 @pytest.mark.parametrize("stages,message", [
     ((agg.secure_sum(), agg.mean()), r"secure aggregation must be the last stage"),
     ((agg.mean("uniform"), agg.gaussian(1.0)), r"put a clip stage before it"),
@@ -139,18 +148,12 @@ def test_guard_equals_fedavg_over_the_clean_clients():
   xs, ys, data = make_data()
   model = fdx.mlp(hidden=(6,), num_classes=2)
   params = init_params(model)
-  budget = fdx.LocalBudget(steps=3)
   algo = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
                     aggregator=agg.chain(agg.guard(), agg.mean()))
   state = algo.init(params, data, RNG)
   broken = _poisoned(data, [1], nan=True)
   state, metrics = algo.run.compiled(state, broken, jnp.ones((3, data.num_clients)))
-  participation = np.ones((3, data.num_clients))
-  participation[:, 1] = 0
-  want = reference.fedavg_rounds(model, optax.sgd(0.2), params, xs, ys, rng=RNG,
-                                 num_rounds=3, budget=budget, batch_size=4,
-                                 participation=participation)
-  assert_trees_close(state.params, want)
+  assert_trees_close(state.params, _fedavg_without(model, params, xs, ys, 1, 3))
   np.testing.assert_array_equal(metrics["guard_dropped"], 1)
 
 
@@ -170,12 +173,7 @@ def test_finite_guard_is_linear_and_equals_fedavg_over_the_clean_clients(client_
   state = algo.init(params, data, RNG)
   broken = _poisoned(data, [1], nan=True)
   state, metrics = algo.run.compiled(state, broken, jnp.ones((3, data.num_clients)))
-  participation = np.ones((3, data.num_clients))
-  participation[:, 1] = 0
-  want = reference.fedavg_rounds(model, optax.sgd(0.2), params, xs, ys, rng=RNG,
-                                 num_rounds=3, budget=fdx.LocalBudget(steps=3),
-                                 batch_size=4, participation=participation)
-  assert_trees_close(state.params, want)
+  assert_trees_close(state.params, _fedavg_without(model, params, xs, ys, 1, 3))
   np.testing.assert_array_equal(metrics["guard_dropped"], 1)
   screened = fdx.fedavg(model, optax.sgd(0.2), batch_size=4, local_steps=3,
                         aggregator=agg.chain(agg.guard(10.0), agg.mean()))
@@ -233,12 +231,8 @@ def test_secure_sum_after_the_finite_guard_drops_the_nan_hospital():
   state, metrics = algo.run.compiled(algo.init(params, data, RNG),
                                      _poisoned(data, [1], nan=True),
                                      jnp.ones((2, data.num_clients)))
-  participation = np.ones((2, data.num_clients))
-  participation[:, 1] = 0
-  want = reference.fedavg_rounds(model, optax.sgd(0.2), params, xs, ys, rng=RNG,
-                                 num_rounds=2, budget=fdx.LocalBudget(steps=3),
-                                 batch_size=4, participation=participation)
-  assert_trees_close(state.params, want, atol=1e-4)
+  assert_trees_close(state.params, _fedavg_without(model, params, xs, ys, 1, 2),
+                    atol=1e-4)
   np.testing.assert_array_equal(metrics["guard_dropped"], 1)
 
 
