@@ -79,9 +79,10 @@ class FiniteGuard(Stage):
     removed = jnp.where(dropped, clients["raw_weight"] * ctx["scale_weights"], 0.0).sum()
     if ctx["expected_clients"] is None:
       kept = before - removed
+      # Exactly 1.0 when none was dropped (x * 1.0 == x in IEEE arithmetic).
       factor = jnp.where(dropped.any() & (kept > 0),
                          before / jnp.where(kept > 0, kept, 1.0), 1.0)
-      total = jax.tree.map(lambda t: jnp.where(dropped.any(), t * factor, t), total)
+      total = jax.tree.map(lambda t: t * factor, total)
     return total, state, {"guard_dropped": dropped.sum(),
                           "guard_kept": (sending & ~clients["guarded"]).sum()}
 

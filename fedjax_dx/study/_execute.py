@@ -323,10 +323,12 @@ class MethodRun:
           self.diverged[(seed, name)] = first
 
     pooled_name = "pooled" if self.pooled_sets is None else POOLED_CENTER_NAME
+    final_outputs = [None]  # the last evaluation's test outputs (predictions, bootstrap)
 
     def evaluate_now(round_index, bytes_up, bytes_down, round_losses=None):
-      results = host(self.evaluator(self._evaluated_models(), data.train, data.test))
-      self.test_outputs = results[2]  # the final evaluation's are the predictions
+      *results, outputs = self.evaluator(self._evaluated_models(), data.train, data.test)
+      results = host(results)
+      final_outputs[0] = outputs  # on the device: only the final ones are fetched
       pooled_results = [None, None]
       if self.pooled_evaluator is not None:
         pooled_results = host(self.pooled_evaluator(
@@ -419,6 +421,7 @@ class MethodRun:
       progress(done * len(seeds))
     self.secagg_failed = {seed: int(failed_rounds[s]) for s, seed in enumerate(seeds)
                           if failed_rounds[s]}
+    self.test_outputs = host(final_outputs[0])
     if config.get("bootstrap_resamples", 0):
       self._attach_bootstrap(rows, done)
     return rows
