@@ -13,7 +13,7 @@ capped at `dataset.max_examples`.
 
 import ml_collections
 
-from configs import heart_disease
+from fedjax_dx.configs import heart_disease
 
 
 def get_config() -> ml_collections.ConfigDict:

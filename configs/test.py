@@ -1,6 +1,6 @@
 """A tiny study that runs in seconds on CPU (tests, smoke checks)."""
 
-from configs import heart_disease
+from fedjax_dx.configs import heart_disease
 
 
 def get_config():

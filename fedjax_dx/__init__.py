@@ -56,6 +56,7 @@ from fedjax_dx.core._metrics import evaluate
 from fedjax_dx.core._metrics import evaluate_personalized
 from fedjax_dx.core._metrics import evaluate_stacked
 from fedjax_dx.core._metrics import METRIC_NAMES
+from fedjax_dx.core._metrics import metrics_table
 from fedjax_dx.core._models import cnn
 from fedjax_dx.core._models import cox
 from fedjax_dx.core._models import from_flax
@@ -107,7 +108,27 @@ from fedjax_dx.privacy import _secagg as secagg
 
 __version__ = "0.1.0"
 
+# Loaded on first use (`fdx.study.run(...)`, `fdx.datasets.from_file(...)`): the study
+# harness and the data sets import pandas and tensorflow-datasets.
+_LAZY = {"study": ("fedjax_dx.study", None), "datasets": ("fedjax_dx.datasets", None),
+         "load_results": ("fedjax_dx.study", "load_results"),
+         "load_model": ("fedjax_dx.study", "load_model")}
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'fedjax_dx' has no attribute {name!r}")
+  import importlib  # pylint: disable=g-import-not-at-top
+  module_name, attribute = _LAZY[name]
+  module = importlib.import_module(module_name)
+  return module if attribute is None else getattr(module, attribute)
+
 __all__ = (
+    "datasets",
+    "load_model",
+    "load_results",
+    "study",
+    "metrics_table",
     "adaptive_update_noise",
     "Algorithm",
     "Systems",

@@ -101,8 +101,11 @@ def test_end_to_end_tiny_study(tmp_path):
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.no_such_field=1",
-     "error: --config.no_such_field=1: configs/test.py has no field config.no_such_field"),
-    ("--config.dataset.nam=x", "has no field config.dataset.nam; did you mean name?"),
+     "error: --config.no_such_field=1: no field 'no_such_field' in test.py"),
+    ("--config.round=50", "error: --config.round=50: no field 'round' in test.py; did "
+     "you mean 'rounds'?"),
+    ("--config.dataset.nam=x", "no field 'dataset.nam' in test.py; did you mean "
+     "'dataset.name'?"),
     ("--config.rounds=abc", "error: flag --config.rounds=abc: invalid literal for int()"),
     ("--config.rounds=0", "config.rounds = 0: expected an integer >= 1"),
     # A per-method override from the command line reaches the config checks.

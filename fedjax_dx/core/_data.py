@@ -37,6 +37,32 @@ class ClientData:
   def feature_shape(self) -> tuple[int, ...]:
     return tuple(self.features.shape[2:])
 
+  def describe(self) -> str:
+    """Clients, examples per client and the class balance, in one line."""
+    shape = f"features {list(self.features.shape)} {self.features.dtype}"
+    if isinstance(self.num_examples, jax.core.Tracer):  # inside jit: shapes only
+      return f"{self.num_clients} clients, {shape}"
+    sizes = np.asarray(self.num_examples)
+    if len(sizes) <= 8:
+      per_client = "/".join(map(str, sizes.tolist()))
+    else:
+      per_client = (f"min {sizes.min()}, median {int(np.median(sizes))}, max "
+                    f"{sizes.max()}")
+    labels, mask = np.asarray(self.labels), np.asarray(self.mask)
+    if labels.ndim == 3:  # survival
+      events = labels[..., 0][mask]
+      balance = f"events {events.mean():.0%}" if events.size else "no examples"
+    else:
+      counts = np.bincount(labels[mask], minlength=2) if mask.any() else np.zeros(2)
+      shares = counts / max(counts.sum(), 1)
+      balance = "classes " + " ".join(f"{c}: {v:.0%}" for c, v in enumerate(shares[:6]))
+      balance += " ..." if len(shares) > 6 else ""
+    return (f"{self.num_clients} clients, {int(sizes.sum())} examples (per client "
+            f"{per_client}), {balance}, {shape}")
+
+  def __repr__(self) -> str:
+    return f"ClientData({self.describe()})"
+
 
 @flax.struct.dataclass
 class FederatedData:
@@ -49,6 +75,11 @@ class FederatedData:
   @property
   def num_clients(self) -> int:
     return self.train.num_clients
+
+  def __repr__(self) -> str:
+    return (f"FederatedData({self.num_clients} clients, {self.num_classes} classes, "
+            f"features {self.train.feature_shape}\n  train: {self.train.describe()}\n"
+            f"  test:  {self.test.describe()})")
 
 
 def stack_clients(

@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from fedjax_dx.core import _models
@@ -285,10 +286,39 @@ def evaluate(model: _models.Model, params: Any, data: ClientData) -> dict[str, A
     data: `ClientData` with C clients (usually their test parts).
 
   Returns:
-    `{"clients": {metric: [C]}, "pooled": {metric: []}}`.
+    `{"clients": {metric: [C]}, "pooled": {metric: []}}` (arrays; `metrics_table`
+    makes a DataFrame of it).
   """
   logits = jax.vmap(model.apply, in_axes=(None, 0))(params, data.features)
   return _evaluate_logits(model, logits, data)
+
+
+def metrics_table(results: dict[str, Any], client_names=None):
+  """`evaluate`'s (or `evaluate_personalized`'s) result as a pandas DataFrame: one row
+  per client and one for the pooled data, one float column per metric.
+
+  Args:
+    results: `{"clients": {metric: [C]}, "pooled": {metric: []}}`.
+    client_names: a name per client (default: "client 0", "client 1", ...).
+
+  Example:
+    >>> fdx.metrics_table(fdx.evaluate(model, params, data.test), ["Cleveland", ...])
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  clients = {k: np.asarray(v) for k, v in jax.device_get(results["clients"]).items()}
+  pooled = {k: np.asarray(v) for k, v in jax.device_get(results["pooled"]).items()}
+  count = len(next(iter(clients.values())))
+  names = list(client_names) if client_names is not None else [
+      f"client {k}" for k in range(count)]
+  if len(names) != count:
+    raise ValueError(f"client_names: got {len(names)} names for {count} clients")
+  rows = [{"client": name, **{m: float(v[k]) for m, v in clients.items()}}
+          for k, name in enumerate(names)]
+  rows.append({"client": "pooled", **{m: float(v) for m, v in pooled.items()}})
+  frame = pd.DataFrame(rows).set_index("client")
+  if "num_examples" in frame:
+    frame["num_examples"] = frame["num_examples"].astype(int)
+  return frame
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one program, not op by op

@@ -7,6 +7,8 @@ why. All use NumPy's `Generator` seeded with `seed` (host-side data preparation)
 
 from __future__ import annotations
 
+import os
+
 from typing import Sequence
 
 import numpy as np
@@ -171,14 +173,14 @@ def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int
   return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
 
 
-def plot_label_counts(counts: np.ndarray, path: str, title: str = "",
+def plot_label_counts(counts: np.ndarray, path: str | None, title: str = "",
                       class_names: Sequence[str] | None = None,
-                      client_names: Sequence[str] | None = None) -> str:
-  """Draws label counts per client as stacked bars (seaborn) and saves a PNG; bars are
-  labelled with `client_names` (e.g. the hospitals) when given, else client indices."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+                      client_names: Sequence[str] | None = None):
+  """Draws label counts per client as stacked bars (seaborn) and saves a PNG at `path`
+  (returned), or returns the matplotlib Figure when `path` is None; bars are labelled
+  with `client_names` (e.g. the hospitals) when given, else client indices. Global
+  matplotlib state (backend, open figures) is left alone."""
+  from matplotlib.figure import Figure
   import pandas as pd
   import seaborn as sns
 
@@ -186,7 +188,8 @@ def plot_label_counts(counts: np.ndarray, path: str, title: str = "",
   names = list(class_names or [str(c) for c in range(num_classes)])
   frame = pd.DataFrame(counts, columns=names)
   frame.index.name = "client"
-  fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * num_clients + 2), 3.6))
+  fig = Figure(figsize=(max(5.0, 0.35 * num_clients + 2), 3.6))
+  ax = fig.subplots()
   bottom = np.zeros(num_clients)
   palette = sns.color_palette("colorblind", num_classes)
   for c, name in enumerate(names):
@@ -206,6 +209,18 @@ def plot_label_counts(counts: np.ndarray, path: str, title: str = "",
   ax.legend(title="label", bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
   sns.despine(fig)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  if path is None:
+    return fig
+  import tempfile  # pylint: disable=g-import-not-at-top
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+  os.close(fd)
+  try:  # a temporary file, then a rename: an earlier figure stays whole on failure
+    fig.savefig(tmp, dpi=120, format="png")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # a plain file's permissions (mkstemp's are 0600)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path

@@ -3,6 +3,10 @@
 Importing this package registers `fed_heart_disease` (configs `center`, `pooled`,
 `raw`), `fed_tcga_brca` and `medmnist/<subset>` (e.g. `medmnist/pneumoniamnist`). It needs
 `tensorflow-datasets`, `array_record` and `importlib_resources`, not TensorFlow.
+
+Your own data: `from_file` (CSV, Parquet), `from_dataframe`, `from_tfds` (any TFDS data
+set with a feature naming the hospital) and `from_loader` give `TableData`;
+`heart_disease_table()` is the Heart Disease records as such a table (the example).
 """
 
 from fedjax_dx.datasets._builders import FedHeartDisease
@@ -18,6 +22,14 @@ from fedjax_dx.datasets._medmnist import MedMnistError
 from fedjax_dx.datasets._medmnist import SUBSETS as MEDMNIST_SUBSETS
 from fedjax_dx.datasets._tcga_brca import TcgaBrcaError
 from fedjax_dx.datasets._loaders import tcga_brca
+from fedjax_dx.datasets._table import from_dataframe
+from fedjax_dx.datasets._table import from_file
+from fedjax_dx.datasets._table import from_loader
+from fedjax_dx.datasets._table import from_tfds
+from fedjax_dx.datasets._table import read_table
+from fedjax_dx.datasets._table import TableData
+from fedjax_dx.datasets._table import TableError
+from fedjax_dx.datasets._example import heart_disease_table
 
 __all__ = (
     "DamagedDataError",
@@ -33,4 +45,12 @@ __all__ = (
     "tcga_brca",
     "TcgaBrcaError",
     "FedTcgaBrca",
+    "from_dataframe",
+    "from_file",
+    "from_loader",
+    "from_tfds",
+    "heart_disease_table",
+    "read_table",
+    "TableData",
+    "TableError",
 )

@@ -12,13 +12,19 @@ One job per module:
   _storage   atomic writes, environment record, workdir resume checks, finalize
   _summary   summary tables over seeds
   _report    the HTML report and its charts (imports matplotlib/seaborn when drawing)
+  _saved     the final models in DIR/models/, and loading one back
+  _api       the notebook path: `run` -> `Study` (DataFrames, figures, report)
 
 Example:
   >>> from fedjax_dx import study
-  >>> from configs import test
-  >>> paths = study.run_study(test.get_config(), "/tmp/fdx_test", quiet=True)
+  >>> result = study.run("test", "/tmp/fdx_test", quiet=True)
+  >>> result.summary.head()
 """
 
+from fedjax_dx.study._api import Study
+from fedjax_dx.study._api import load_config
+from fedjax_dx.study._api import load_results
+from fedjax_dx.study._api import run
 from fedjax_dx.study._checks import check_config
 from fedjax_dx.study._checks import method_config
 from fedjax_dx.study._checks import methods_of
@@ -26,6 +32,7 @@ from fedjax_dx.study._execute import run_study
 from fedjax_dx.study._fields import FIELDS
 from fedjax_dx.study._programs import ProgramCache
 from fedjax_dx.study._programs import enable_compilation_cache
+from fedjax_dx.study._saved import load_model
 from fedjax_dx.study._schema import DATASETS
 from fedjax_dx.study._schema import METRICS
 from fedjax_dx.study._schema import STRATEGIES
@@ -37,7 +44,8 @@ from fedjax_dx.study._sweep import sweep_points
 
 
 def make_report(workdir: str) -> dict[str, str]:
-  """Draws the study's charts and HTML report (imports matplotlib and seaborn)."""
+  """Draws the study's charts and HTML report (imports matplotlib and seaborn; global
+  matplotlib and seaborn state is left as it was)."""
   from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
   return _report.make_report(workdir)
 
@@ -48,12 +56,17 @@ __all__ = (
     "METRICS",
     "ProgramCache",
     "STRATEGIES",
+    "Study",
     "StudyError",
     "check_config",
     "enable_compilation_cache",
+    "load_config",
+    "load_model",
+    "load_results",
     "make_report",
     "method_config",
     "methods_of",
+    "run",
     "run_study",
     "summarize",
     "sweep_points",

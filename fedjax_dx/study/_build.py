@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import optax
 
@@ -20,9 +22,21 @@ from fedjax_dx.strategies import _scaffold
 from fedjax_dx.study._schema import PRIVATE, StudyError, split_list
 
 
-def load_data(config) -> tuple[_data.FederatedData, list[str], np.ndarray | None]:
-  """The data of a (point) config: FederatedData, client names, label counts."""
+class Loaded(NamedTuple):
+  """A (point) config's data set and what the study records of it."""
+  data: _data.FederatedData
+  names: list[str]  # client k's name (hospital, region, ...)
+  counts: np.ndarray  # [C, num_classes] training labels per client
+  classes: list[str]  # what class c means
+  notes: list[str]  # rows dropped, values imputed, the split (own tables)
+
+
+def load_data(config) -> Loaded:
+  """The data of a (point) config, with its client and class names and label counts."""
   return dataset_errors(config, _load_data)
+
+
+TABLE_DATASETS = ("csv", "parquet", "tfds", "loader")
 
 
 def dataset_errors(config, load):
@@ -31,12 +45,15 @@ def dataset_errors(config, load):
   try:
     return load(config)
   except Exception as e:  # pylint: disable=broad-except
-    if config.dataset.name not in ("heart_disease", "medmnist", "tcga_brca"):
+    if config.dataset.name not in ("heart_disease", "medmnist", "tcga_brca",
+                                   *TABLE_DATASETS):
       raise
     import fedjax_dx.datasets as ds  # pylint: disable=g-import-not-at-top
     if not isinstance(e, (ds.DamagedDataError, ds.HeartDiseaseError, ds.MedMnistError,
-                          ds.TcgaBrcaError)):
+                          ds.TcgaBrcaError, ds.TableError)):
       raise
+    if isinstance(e, ds.TableError):
+      raise StudyError(f"config.dataset ({config.dataset.name}): {e}") from None
     raise StudyError(f"config.dataset ({config.dataset.name}): {e}") from None
 
 
@@ -70,10 +87,32 @@ def pooled_normalized(config) -> _data.FederatedData | None:
                              num_classes=data.num_classes)
 
 
+def _table(config):
+  """An own table (csv, parquet), a TFDS data set or a loader function, as TableData."""
+  import fedjax_dx.datasets as ds  # pylint: disable=g-import-not-at-top
+  d = config.dataset
+  if d.name == "loader":
+    return ds.from_loader(d.loader, d)
+  common = dict(normalization=d.normalization, test_fraction=d.test_fraction,
+                seed=config.seed)
+  if d.name == "tfds":
+    return ds.from_tfds(d.tfds_name, client_feature=d.client_column,
+                        label_feature=d.label_column, feature_keys=d.feature_columns,
+                        data_dir=d.data_dir or None, raw_dir=d.raw_dir or None, **common)
+  return ds.from_file(d.file, client_column=d.client_column, label_column=d.label_column,
+                      feature_columns=d.feature_columns,
+                      categorical_columns=d.categorical_columns, classes=d.classes,
+                      missing=d.missing, split_column=d.split_column,
+                      event_column=d.event_column, time_column=d.time_column, **common)
+
+
 def _load_data(config):
   d = config.dataset
   raw_dir, data_dir = d.raw_dir or None, d.data_dir or None
-  if d.name == "heart_disease":
+  known_classes, notes = None, []
+  if d.name in TABLE_DATASETS:
+    data, names, known_classes, _, notes = _table(config)
+  elif d.name == "heart_disease":
     import fedjax_dx.datasets as ds
     data = ds.heart_disease(source=d.source, raw_dir=raw_dir, data_dir=data_dir,
                             normalization=d.normalization)
@@ -108,7 +147,8 @@ def _load_data(config):
              for labels in _data.unstack_clients(data.train)[1]]
   counts = np.stack([np.bincount(labels, minlength=data.num_classes)
                      for labels in classes])
-  return data, names, counts
+  return Loaded(data, names, counts,
+                known_classes or class_names(config, data.num_classes), notes)
 
 
 def build_model(config, num_classes: int) -> _models.Model:

@@ -13,7 +13,7 @@ import os
 from fedjax_dx.core import _models
 from fedjax_dx.study import _fields
 from fedjax_dx.study._schema import (BASELINES, CHUNKABLE, DATASETS, METHOD_FIELDS,
-                                     SURVIVAL_DATASETS,
+                                     is_survival,
                                      METRICS, PRIVATE, STRATEGIES, StudyError,
                                      get_field, split_list)
 from fedjax_dx.study._sweep import apply_point, sweep_points
@@ -119,13 +119,17 @@ def _check_shared_fields(config) -> None:
          f"one of {', '.join(_medmnist.SUBSETS)}")
   if d.raw_dir:
     need(os.path.isdir(d.raw_dir), "dataset.raw_dir", "an existing directory")
+  _check_table_fields(config, need)
   need(config.model.name in ("logistic_regression", "mlp", "cnn", "cox"), "model.name",
        "logistic_regression, mlp, cnn or cox")
-  survival = d.name in SURVIVAL_DATASETS
+  survival = is_survival(d)
+  if survival is None:  # a loader's data: checked once loaded
+    survival = config.model.name == "cox"
   need((config.model.name == "cox") == survival, "model.name",
-       "cox for a survival data set (tcga_brca), and only there" if survival else
+       "cox for a survival data set (tcga_brca, a table with event/time columns), and "
+       "only there" if survival else
        "a classifier (logistic_regression, mlp or cnn) for a classification data set; "
-       "cox needs survival data (dataset.name = tcga_brca)")
+       "cox needs survival data (tcga_brca, or a table's event_column and time_column)")
   need(not survival or not config.membership_audit, "membership_audit",
        "false for a survival model (the audit ranks per-example losses; a Cox model's "
        "loss is not per example)")
@@ -143,6 +147,37 @@ def _check_shared_fields(config) -> None:
        and config.get("bootstrap_resamples", 0) >= 0, "bootstrap_resamples",
        "an integer >= 0 (0: no bootstrap)")
   need(config.target_metric in METRICS, "target_metric", f"one of {METRICS}")
+
+
+def _check_table_fields(config, need) -> None:
+  """Own data (csv, parquet, tfds, loader): the fields that say where it is and which
+  columns mean what; the table's own columns and values are checked when it is read."""
+  d = config.dataset
+  table = d.name in ("csv", "parquet")
+  need(not table or bool(d.file), "dataset.file",
+       f"the path of a .{d.name} table for dataset.name = {d.name}")
+  if table and d.file:
+    need(os.path.isfile(d.file), "dataset.file", "an existing file")
+    extension = os.path.splitext(d.file)[1].lower()
+    need(extension in ((".parquet", ".pq") if d.name == "parquet" else
+                       (".csv", ".txt", ".gz")), "dataset.file",
+         f"a .{d.name} file for dataset.name = {d.name}")
+  need(d.name != "tfds" or bool(d.tfds_name), "dataset.tfds_name",
+       "a TFDS data set name for dataset.name = tfds (e.g. fed_heart_disease/raw)")
+  need(d.name != "loader" or ":" in d.loader, "dataset.loader",
+       "'module:function' for dataset.name = loader")
+  need(not d.loader or d.name == "loader", "dataset.loader",
+       "'' unless dataset.name = loader")
+  if d.name in ("csv", "parquet", "tfds"):
+    need(bool(d.client_column), "dataset.client_column",
+         "the column (feature) naming each row's hospital")
+    need(bool(d.label_column) != bool(d.event_column and d.time_column),
+         "dataset.label_column", "a label column, or '' with event_column and "
+         "time_column (survival)")
+    need(d.missing in ("drop", "impute"), "dataset.missing", "drop or impute")
+    need(0 < d.test_fraction < 1, "dataset.test_fraction", "a share in (0, 1)")
+  need(d.name != "tfds" or not d.event_column, "dataset.event_column",
+       "'' for tfds (a TFDS data set gives a class label)")
 
 
 def _check_method_fields(config, method: str, overridden: set[str]) -> None:

@@ -25,16 +25,18 @@ from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
 from fedjax_dx.study._build import (POOLED_CENTER_NAME, POOLED_PN, POOLED_PN_NAME,
-                                    aggregator_chain, class_names, client_optimizer,
+                                    aggregator_chain, client_optimizer,
                                     dp_sampling_rate)
+from fedjax_dx.study._build import TABLE_DATASETS
 from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
 from fedjax_dx.study._checks import check_config, method_config, methods_of
 from fedjax_dx.study._programs import UNSET_OPTIONS, ProgramCache, compiler_options
 from fedjax_dx.study._schema import (CHUNKABLE, GUARDED, METRICS, PRIVATE, SHARDED,
                                      STRATEGIES, StudyError)
+from fedjax_dx.study._saved import save_models
 from fedjax_dx.study._storage import (environment, finalize, prepare_workdir,
-                                      write_atomic)
+                                      to_plain, write_atomic)
 from fedjax_dx.study._sweep import apply_point, column_name, point_id, sweep_points
 
 
@@ -63,7 +65,7 @@ def _metric_rows(result, names, *, prefix: dict, model_index=None,
   if model_index is not None:
     clients = {k: v[model_index] for k, v in clients.items()}
   for k in range(len(names)):
-    row = dict(prefix, client=k, client_name=names[k])
+    row = dict(prefix, client=str(k), client_name=names[k])
     row.update({m: _clean(clients[m][k]) for m in METRICS})
     row["num_examples"] = int(clients["num_examples"][k])
     rows.append(row)
@@ -198,6 +200,14 @@ class MethodRun:
                        probs=[_clean(p) for p in per_client[k, i]])
           rows.append(row)
     return rows
+
+  def final_models(self, seed_index: int) -> dict[str, Any]:
+    """The final model(s) of one seed, by name: `{method: params}`, or one per
+    hospital for local training (`local_k`); fedavg_ft: its global model."""
+    params = _seed_slice(self.final_params, seed_index)
+    if self.kind == "stacked":
+      return {f"local_{m}": _seed_slice(params, m) for m in range(len(self.names))}
+    return {self.method: params}
 
   def _evaluated_models(self):
     if self.kind == "personalized":
@@ -422,6 +432,9 @@ class MethodRun:
     self.secagg_failed = {seed: int(failed_rounds[s]) for s, seed in enumerate(seeds)
                           if failed_rounds[s]}
     self.test_outputs = host(final_outputs[0])
+    params = (self.states.params if self.kind == "personalized"
+              else self._evaluated_models())
+    self.final_params = host(params)  # [S, ...] ([S, C, ...] local): models/ saves them
     if config.get("bootstrap_resamples", 0):
       self._attach_bootstrap(rows, done)
     return rows
@@ -454,34 +467,72 @@ class MethodRun:
                                         for v in per_model[:, column]]
 
 
+def _progress_bar_class():
+  """tqdm's notebook widget where ipywidgets is there to draw it, else its text bar."""
+  try:
+    import ipywidgets  # pylint: disable=g-import-not-at-top,unused-import
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from tqdm.std import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm
+
+
+def _in_notebook() -> bool:
+  try:
+    from IPython import get_ipython  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  shell = get_ipython()
+  return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class Progress:
-  """Points done, rounds and ETA, on stderr (one updating line on a terminal)."""
+  """Rounds done of the whole study, with the current method and an ETA (tqdm's: a
+  number once the first rounds have run, never NaN). A terminal or a notebook gets a
+  live bar; elsewhere (a log file) one log line per tenth of the study."""
 
   def __init__(self, total_rounds: int, quiet: bool):
     self.total, self.done, self.quiet = total_rounds, 0, quiet
-    self.start = time.perf_counter()
-    self.tty = sys.stderr.isatty()
     self.label = ""
+    self.live = not quiet and (sys.stderr.isatty() or _in_notebook())
+    self.bar = None
+    self.next_line = 0.1
+    self.start = time.perf_counter()
+    if self.live:
+      self.bar = _progress_bar_class()(total=total_rounds, unit="round",
+                                       dynamic_ncols=True, leave=True, file=sys.stderr)
 
   def advance(self, rounds: int, label: str | None = None):
     self.done += rounds
-    if label is not None:
+    if label is not None and label != self.label:
       self.label = label
+      if self.bar is not None:
+        self.bar.set_description_str(label, refresh=False)
     if self.quiet:
       return
-    elapsed = time.perf_counter() - self.start
-    eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-    line = (f"{self.label} | rounds {self.done}/{self.total} | elapsed {elapsed:.0f}s | "
-            f"ETA {eta:.0f}s")
-    if self.tty:
-      sys.stderr.write("\r" + line[:150].ljust(150))
-      sys.stderr.flush()
+    if self.bar is not None:
+      self.bar.update(rounds)
+    elif self.total and self.done / self.total >= self.next_line:
+      from tqdm.std import tqdm  # pylint: disable=g-import-not-at-top
+      logging.info(tqdm.format_meter(self.done, self.total,
+                                     time.perf_counter() - self.start,
+                                     prefix=self.label, unit="round", ncols=100,
+                                     ascii=True))
+      while self.next_line <= self.done / self.total:
+        self.next_line += 0.1
 
   def log(self, message: str):
-    if not self.quiet:
-      if self.tty:
-        sys.stderr.write("\r" + " " * 150 + "\r")
+    if self.quiet:
+      return
+    if self.bar is not None:
+      self.bar.write(message, file=sys.stderr)
+    else:
       logging.info(message)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
 
 
 def _check_secure_rounds(run: "MethodRun", swept: dict, progress: Progress) -> None:
@@ -532,14 +583,41 @@ def _prefix(config, method: str, field: str) -> str:
   return f"per_method.{method}." if overridden else ""
 
 
+def _check_own_data(config, data, names, methods, where: str) -> None:
+  """Own data (a table, TFDS, a loader): every hospital trains on whole batches, and a
+  loader's labels fit the model (survival with cox, classes otherwise)."""
+  d = config.dataset
+  if d.name not in TABLE_DATASETS:
+    return
+  source = {"csv": d.file, "parquet": d.file, "tfds": f"tfds {d.tfds_name}",
+            "loader": f"loader {d.loader}"}[d.name]
+  sizes = np.asarray(data.train.num_examples)
+  for method in methods:
+    batch = method_config(config, method).batch_size
+    if method != "centralized" and sizes.min() < batch:
+      k = int(np.argmin(sizes))
+      raise StudyError(
+          f"config.dataset ({source}): hospital {names[k]!r} (column "
+          f"{d.client_column!r}) has {int(sizes[k])} training rows, fewer than "
+          f"config.{_prefix(config, method, 'batch_size')}batch_size = {batch} "
+          f"({method}){where}; lower batch_size or leave that hospital out")
+  survival = _data.is_survival(data.train)
+  if d.name == "loader" and survival != (config.model.name == "cox"):
+    raise StudyError(
+        f"config.model.name = {config.model.name!r}: {source} returned "
+        f"{'survival' if survival else 'classification'} data{where}; use "
+        f"{'cox' if survival else 'a classifier (logistic_regression, mlp or cnn)'}")
+
+
 def _check_data_dependent(config, cache: ProgramCache) -> None:
   """Checks that need the data (client counts), before anything is written."""
   methods = methods_of(config)
   for point in sweep_points(config):
     variant = apply_point(config, point)
     where = f" in sweep point {point}" if point else ""
-    data, _, _ = cache.dataset(variant)
+    data, names = cache.dataset(variant)[:2]
     with_data = int(np.sum(np.asarray(data.train.num_examples) > 0))
+    _check_own_data(variant, data, names, methods, where)
     largest = int(np.max(np.asarray(data.train.num_examples)))
     feature_shape = tuple(data.train.feature_shape)
     if variant.model.name == "cnn" and len(feature_shape) != 3:
@@ -625,6 +703,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
         "ProgramCache made with the same fast_compile setting")
   cache = programs if programs is not None else ProgramCache(options)
   fresh = lead and not resuming and not os.path.isdir(workdir)
+  progress = None
   try:
     _check_data_dependent(config, cache)
     if not resuming:
@@ -661,10 +740,12 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     for index, point in enumerate(points):
       variant = apply_point(config, point)
       swept = {column_name(f, fields): v for f, v in point.items()}
-      data, names, counts = cache.dataset(variant)
+      data, names, counts, classes, notes = cache.dataset(variant)
       partitions[str(index)] = {"point": swept, "client_names": names,
-                                "class_names": class_names(variant, data.num_classes),
-                                "label_counts": counts.tolist()}
+                                "class_names": classes, "label_counts": counts.tolist(),
+                                **({"data_notes": notes} if notes else {})}
+      if notes and index == 0:
+        progress.log("data: " + "; ".join(notes))
       missing = [s for s in seeds if not is_done(index, point, s)]
       progress.advance(rounds_of(point) * (len(seeds) - len(missing)),
                        f"point {index + 1}/{len(points)} (done)")
@@ -672,6 +753,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
       for group in filter(None, groups):
         rows = {seed: [] for seed in group}
         predictions = {seed: [] for seed in group}
+        models = {seed: {} for seed in group}
         seeds_label = (f"seed{'s' if len(group) > 1 else ''} "
                        f"{','.join(map(str, group))}")
         progress.advance(0, f"point {index + 1}/{len(points)}: compiling {len(methods)} "
@@ -695,14 +777,23 @@ def run_study(config, workdir: str, *, quiet: bool = False,
             rows[seed] += seed_rows
           for s, seed in enumerate(run.seeds):
             predictions[seed] += run.prediction_rows(s)
+            models[seed].update(run.final_models(s))
           for (seed, name), at in sorted(run.diverged.items()):
             progress.log(f"warning: {name} seed {seed} diverged at round {at} "
                          f"{swept or ''}(its model is not finite; its metrics are NaN)")
           _check_secure_rounds(run, swept, progress)
 
+        model_info = {"point": swept, "point_index": index,
+                      "model": dict(to_plain(variant.model),
+                                    num_classes=data.num_classes),
+                      "feature_shape": list(data.train.feature_shape),
+                      "client_names": names, "class_names": classes}
+
         def write_points(index=index, point=point, group=group, rows=rows,
-                         predictions=predictions):
-          for seed in group:  # the predictions first: a point file means both exist
+                         predictions=predictions, models=models, model_info=model_info):
+          for seed in group:  # models and predictions first: a point file means all exist
+            save_models(workdir, point_id(index, point, seed), models[seed],
+                        dict(model_info, seed=seed))
             write_atomic(os.path.join(workdir, "predictions",
                                       point_id(index, point, seed) + ".jsonl"),
                          "".join(json.dumps(r) + "\n" for r in predictions[seed]))
@@ -719,6 +810,8 @@ def run_study(config, workdir: str, *, quiet: bool = False,
       _remove_unstarted(workdir, fresh)  # so its corrected rerun is not "another study"
     raise
   finally:
+    if progress is not None:
+      progress.close()
     cache.close()  # its worker threads; a cache given by the caller keeps its programs
   if not lead:
     return {}

@@ -248,13 +248,14 @@ class ProgramCache:
     key = (json.dumps(to_plain(config.dataset), sort_keys=True)
            + f"|{config.seed}|{config.bucket_clients}")
     if key not in self.data:
-      data, names, counts = load_data(config)
+      loaded = load_data(config)
       if config.bucket_clients:  # pad to a power of two: one compile per bucket
+        data = loaded.data
         bucket = _scale.client_bucket(data.num_clients)
-        data = _data.FederatedData(train=_data.pad_clients(data.train, bucket),
-                                   test=_data.pad_clients(data.test, bucket),
-                                   num_classes=data.num_classes)
-      self.data[key] = (data, names, counts)
+        loaded = loaded._replace(data=_data.FederatedData(
+            train=_data.pad_clients(data.train, bucket),
+            test=_data.pad_clients(data.test, bucket), num_classes=data.num_classes))
+      self.data[key] = loaded
     return self.data[key]
 
 

@@ -16,20 +16,36 @@ from fedjax_dx.study._summary import summary_swept_columns, swept_columns
 
 
 
+class _Figures:
+  """`plt.subplots` without pyplot: figures that belong to no global figure manager
+  and no backend, so drawing a report never changes a user's matplotlib state (an
+  inline notebook backend, open figures)."""
+
+  @staticmethod
+  def subplots(*args, figsize=None, **kwargs):
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
 def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import seaborn as sns
-  sns.set_theme(style="whitegrid", context="notebook")
-  return plt, sns
+  import seaborn as sns  # pylint: disable=g-import-not-at-top
+  return _Figures, sns
+
+
+def _path(study_or_dir, filename: str) -> str | None:
+  """Where a figure goes: in the report's folder, or nowhere (figures() keeps them)."""
+  folder = getattr(study_or_dir, "fig_dir", study_or_dir)
+  return None if folder is None else os.path.join(folder, filename)
 
 
 def _save(fig, path, rect=None):
+  """Lays `fig` out and writes it to `path` (returns the path), or returns the figure
+  itself when `path` is None."""
   fig.tight_layout(rect=rect)
+  if path is None:
+    return fig
   write_atomic(path, write=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-  import matplotlib.pyplot as plt
-  plt.close(fig)
   return path
 
 
@@ -152,7 +168,7 @@ class _Study(NamedTuple):
   pooled: Any  # their pooled-test-set rows
   colors: dict  # method -> colour
   order: list  # methods in config order
-  fig_dir: str
+  fig_dir: str | None  # where figures are written (None: kept as Figures)
 
   def hue(self, methods) -> dict:
     return dict(hue="method", palette=self.colors,
@@ -160,7 +176,32 @@ class _Study(NamedTuple):
 
 
 def make_report(workdir: str) -> dict[str, str]:
-  """Draws every figure that the results support; returns {name: path}."""
+  """Draws every figure that the results support into `workdir` (PNG) and writes
+  report.html; returns {name: path}. Global matplotlib and seaborn state is left as
+  it was."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    meta = json.load(f)
+  summary, figures = _draw(workdir, workdir)
+  report = _html(workdir, meta, summary, figures, meta["config"].get("target_metric",
+                                                                     "accuracy"))
+  return {**figures, "report": report}
+
+
+def figures(workdir: str) -> dict[str, Any]:
+  """The report's figures as matplotlib `Figure`s, {name: figure}; nothing is written
+  and no global matplotlib or seaborn state changes."""
+  return _draw(workdir, None)[1]
+
+
+def _draw(workdir: str, fig_dir: str | None):
+  """(summary, {name: path, or Figure when fig_dir is None}) of every figure the
+  results support, drawn in seaborn's whitegrid style for this call only."""
+  _, sns = _plt()
+  with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+    return _draw_all(workdir, fig_dir)
+
+
+def _draw_all(workdir: str, fig_dir: str | None):
   import pandas as pd
 
   plt, sns = _plt()
@@ -177,7 +218,7 @@ def make_report(workdir: str) -> dict[str, str]:
   order = [m for m in config["methods"].split(",") if m in set(test["method"])]
   study = _Study(plt, sns, config, metric, swept_columns(frame), test,
                  test[test["client"] == "pooled"], dict(zip(order, sns.color_palette(
-                     "deep", len(order)))), order, workdir)
+                     "deep", len(order)))), order, fig_dir)
   figures = _convergence(study)
   figures.update(_communication(study))
   comparison, last = _comparison(study)
@@ -186,14 +227,13 @@ def make_report(workdir: str) -> dict[str, str]:
   figures.update(_sweeps(study, final_pooled))
   privacy = _privacy_utility(final_pooled, metric, study.colors, plt, sns)
   if privacy is not None:
-    figures["privacy_utility"] = _save(privacy, os.path.join(workdir,
-                                                             "privacy_utility.png"))
+    figures["privacy_utility"] = _save(privacy, _path(study,
+                                                               "privacy_utility.png"))
   figures.update(_clinical(study, last))
   figures.update(_calibration(study, workdir))
   figures.update(_fairness_view(study, workdir))
-  figures.update(_labels(workdir))
-  report = _html(workdir, meta, summary, figures, metric)
-  return {**figures, "report": report}
+  figures.update(_labels(workdir, fig_dir))
+  return summary, figures
 
 
 CLINICAL_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
@@ -236,7 +276,7 @@ def _clinical(study: _Study, last) -> dict[str, str]:
     if ax.get_legend() is not None:
       ax.get_legend().remove()
   fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-  return {"clinical": _save(fig, os.path.join(study.fig_dir, "clinical.png"),
+  return {"clinical": _save(fig, _path(study, "clinical.png"),
                             rect=(0, 0, 0.86, 1))}
 
 
@@ -266,7 +306,7 @@ def _calibration(study: _Study, workdir: str) -> dict[str, str]:
   ax.set_ylim(0, 1)
   _finish(ax, "mean predicted probability of disease (bin of 0.1)",
           "observed share with disease", "Calibration of the final models")
-  return {"calibration": _save(fig, os.path.join(study.fig_dir, "calibration.png"))}
+  return {"calibration": _save(fig, _path(study, "calibration.png"))}
 
 
 def _fairness_view(study: _Study, workdir: str) -> dict[str, str]:
@@ -293,7 +333,7 @@ def _fairness_view(study: _Study, workdir: str) -> dict[str, str]:
   ax.set_ylabel(f"{_label(study.metric)} at the worst site")
   ax.set_title("Fairness across sites (on the diagonal: every site alike)")
   ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-  return {"fairness": _save(fig, os.path.join(study.fig_dir, "fairness.png"))}
+  return {"fairness": _save(fig, _path(study, "fairness.png"))}
 
 
 def _centralized_level(study: _Study):
@@ -342,7 +382,7 @@ def _convergence(study: _Study) -> dict[str, str]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   _finish(ax, "communication round", f"pooled test {_label(metric)}",
           f"Convergence ({config['name']}): mean and 95% CI over seeds")
-  return {"convergence": _save(fig, os.path.join(study.fig_dir, "convergence.png"))}
+  return {"convergence": _save(fig, _path(study, "convergence.png"))}
 
 
 def _communication(study: _Study) -> dict[str, str]:
@@ -373,7 +413,7 @@ def _communication(study: _Study) -> dict[str, str]:
     _finish(ax, "cumulative communication, up + down (MB, log scale)",
             f"pooled test {_label(metric)}",
             f"{_label(metric).capitalize()} versus communication")
-    figures["communication"] = _save(fig, os.path.join(study.fig_dir, "communication.png"))
+    figures["communication"] = _save(fig, _path(study, "communication.png"))
 
   return figures
 
@@ -394,7 +434,7 @@ def _comparison(study: _Study):
           f"final test {_label(metric)}", "Federated vs centralized vs local-only")
   if len(client_order) > 6:
     ax.tick_params(axis="x", rotation=45)
-  return {"comparison": _save(fig, os.path.join(study.fig_dir, "comparison.png"))}, last
+  return {"comparison": _save(fig, _path(study, "comparison.png"))}, last
 
 
 
@@ -416,7 +456,7 @@ def _sweeps(study: _Study, final_pooled) -> dict[str, str]:
     _finish(ax, {"alpha": "Dirichlet alpha (label skew; log scale)",
                  "num_clients": "number of clients"}.get(column, column),
             f"final pooled test {_label(metric)}", f"Sweep over {column}")
-    figures[f"sweep_{column}"] = _save(fig, os.path.join(study.fig_dir, f"sweep_{column}.png"))
+    figures[f"sweep_{column}"] = _save(fig, _path(study, f"sweep_{column}.png"))
   if "num_clients" in swept:
     timing = final_pooled.assign(round_ms=1e3 * final_pooled["wall_s"] /
                                  final_pooled["round"].clip(lower=1))
@@ -427,12 +467,12 @@ def _sweeps(study: _Study, final_pooled) -> dict[str, str]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _finish(ax, "number of clients", "wall time per round (ms, compile excluded)",
             "Round time versus clients (mean over seeds)")
-    figures["round_time"] = _save(fig, os.path.join(study.fig_dir, "round_time.png"))
+    figures["round_time"] = _save(fig, _path(study, "round_time.png"))
 
   return figures
 
 
-def _labels(workdir: str) -> dict[str, str]:
+def _labels(workdir: str, fig_dir: str | None) -> dict[str, str]:
   """The label distribution of the partition (first point), if the study wrote one."""
   figures = {}
   # Label distribution of the partition (first point).
@@ -445,7 +485,7 @@ def _labels(workdir: str) -> dict[str, str]:
     counts = np.asarray(first["label_counts"])
     names = first.get("client_names")
     figures["labels"] = _partition.plot_label_counts(
-        counts, os.path.join(workdir, "label_distribution.png"),
+        counts, _path(fig_dir, "label_distribution.png"),
         title="training labels per client" + (f" ({first['point']})" if first["point"]
                                                 else ""),
         class_names=first.get("class_names"),

@@ -24,8 +24,18 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi",
 
 # Fields a config may set per method (config.per_method.<method>.<field>).
 METHOD_FIELDS = _fields.METHOD_FIELDS
-DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox", "tcga_brca")
+DATASETS = ("heart_disease", "medmnist", "synthetic", "fedprox", "tcga_brca",
+            "csv", "parquet", "tfds", "loader")
 SURVIVAL_DATASETS = ("tcga_brca",)  # labels (event, time); model.name = cox
+
+
+def is_survival(dataset) -> bool | None:
+  """Whether `config.dataset` gives survival data (None: a loader's, known once loaded)."""
+  if dataset.name == "loader":
+    return None
+  if dataset.name in ("csv", "parquet"):
+    return bool(dataset.get("event_column") or dataset.get("time_column"))
+  return dataset.name in SURVIVAL_DATASETS
 MIA_COLUMNS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_class_balanced_auc",
                "mia_calibrated_auc", "mia_calibrated_tpr_at_1pct_fpr")
 METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",

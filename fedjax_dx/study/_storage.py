@@ -138,6 +138,9 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
 
   write_atomic(predictions_path, write=write_predictions)
   frame = pd.read_json(metrics_path, lines=True, dtype={"client": str})
+  parquet_path = os.path.join(workdir, "metrics.parquet")
+  write_atomic(parquet_path, write=lambda tmp: parquet_ready(frame).to_parquet(
+      tmp, index=False))
   summary = summarize(frame, config)
   summary_path = os.path.join(workdir, "summary.csv")
   write_atomic(summary_path, summary.to_csv(index=False))
@@ -147,9 +150,21 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
   notes = {**form_notes(config), **dict(config.get("method_notes") or {})}
   write_atomic(table_path, summary_table(summary, config.target_metric,
                                          methods_order(config, summary), notes))
-  return {"metrics": metrics_path, "summary": summary_path, "table": table_path,
+  return {"metrics": metrics_path, "metrics_parquet": parquet_path,
+          "summary": summary_path, "table": table_path,
           "predictions": predictions_path, "fairness": fairness_path,
           "diverged": diverged_runs(frame)}
+
+
+def parquet_ready(frame):
+  """`frame` with one type per column, as Parquet needs: list columns (the bootstrap
+  resamples of final rows) hold None, not NaN, where a row has none."""
+  frame = frame.copy()
+  for column in frame.columns:
+    values = frame[column]
+    if values.dtype == object and values.map(lambda v: isinstance(v, list)).any():
+      frame[column] = values.map(lambda v: v if isinstance(v, list) else None)
+  return frame
 
 
 def form_notes(config) -> dict[str, str]:
