@@ -157,7 +157,9 @@ def _check_table_fields(config, need) -> None:
   need(not table or bool(d.file), "dataset.file",
        f"the path of a .{d.name} table for dataset.name = {d.name}")
   if table and d.file:
-    need(os.path.isfile(d.file), "dataset.file", "an existing file")
+    need(os.path.isfile(d.file), "dataset.file", "an existing file (relative paths are "
+         "read from the current directory; the example table: python "
+         "examples/make_example_csv.py, or fdx.datasets.heart_disease_table().to_csv)")
     extension = os.path.splitext(d.file)[1].lower()
     need(extension in ((".parquet", ".pq") if d.name == "parquet" else
                        (".csv", ".txt", ".gz")), "dataset.file",
