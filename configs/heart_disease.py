@@ -102,7 +102,11 @@ def get_config() -> ml_collections.ConfigDict:
   # drop | keep
   config.fine_tune_steps = 10  # fedavg_ft: local fine-tuning steps per client
   config.clients_per_round = 0  # clients sampled per round (0 = all take part)
-  config.sampling = "uniform"  # uniform | size (probability proportional to n_k)
+  # auto (poisson for central client-level DP, what its accountant assumes; else
+  # uniform) | uniform (a fixed-size cohort; under DP accounted as sampled without
+  # replacement) | size (probability proportional to n_k; not with DP) | poisson (each
+  # client independently with probability clients_per_round / clients)
+  config.sampling = "auto"
   config.rounds = 30
   config.eval_every = 5  # rounds per compiled call between evaluations
 
@@ -120,6 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dp_noise = 1.0  # noise multiplier z (noise std = z * dp_clip)
   config.dp_target_epsilon = 0.0  # > 0: choose dp_noise to reach this epsilon
   config.dp_delta = 1e-5
+  config.dp_budget = 0.0  # > 0: a private method stops at the last round whose epsilon
+  # (at dp_delta) stays within this budget (rows: dp_budget, dp_budget_rounds)
   config.dp_accountant = "rdp"  # rdp | pld (dp-accounting)
   config.dp_adaptive_quantile = 0.0  # central: > 0 adapts the clip to this quantile of
   # update norms (Andrew et al. 2021), starting at dp_clip

@@ -56,10 +56,12 @@ class Gaussian(Stage):
   def statics(self, ctx):
     return {"noise_multiplier": self.noise_multiplier}
 
-  def privacy_event(self, rounds, sampling_rate):
+  def privacy_event(self, rounds, sampling_rate, sampling="poisson", population=0):
     """Central noise is amplified by sampling; local noise claims no amplification."""
-    return _accounting.GaussianRelease(
-        self.noise_multiplier, sampling_rate if self.mode == "central" else 1.0, rounds)
+    if self.mode != "central":
+      return _accounting.GaussianRelease(self.noise_multiplier, 1.0, rounds)
+    return _accounting.GaussianRelease(self.noise_multiplier, sampling_rate, rounds,
+                                       sampling, population)
 
   def encode(self, state, row, message, client, ctx):
     if self.mode != "local" or not self.active:

@@ -71,9 +71,12 @@ class Stage:
     del num_params
     return current
 
-  def privacy_event(self, rounds: int, sampling_rate: float):
-    """The `GaussianRelease` this stage spends over `rounds` rounds, or None."""
-    del rounds, sampling_rate
+  def privacy_event(self, rounds: int, sampling_rate: float, sampling: str = "poisson",
+                    population: int = 0):
+    """The `GaussianRelease` this stage spends over `rounds` rounds, or None
+    (`sampling`: how clients were drawn, "poisson" or "without_replacement" from
+    `population`)."""
+    del rounds, sampling_rate, sampling, population
     return None
 
 
@@ -233,13 +236,16 @@ class Chain:
       size = stage.upload_bytes(num_params, size)
     return size
 
-  def privacy_events(self, rounds: int, sampling_rate: float) -> list:
+  def privacy_events(self, rounds: int, sampling_rate: float, sampling: str = "poisson",
+                     population: int = 0) -> list:
     """The privacy events of the stages that spend privacy (a Gaussian stage)."""
-    events = [stage.privacy_event(rounds, sampling_rate) for stage in self.stages]
+    events = [stage.privacy_event(rounds, sampling_rate, sampling, population)
+              for stage in self.stages]
     return [event for event in events if event is not None]
 
   def epsilon(self, *, rounds: int, sampling_rate: float, delta: float,
-              accountant: str = "rdp") -> float:
+              accountant: str = "rdp", sampling: str = "poisson",
+              population: int = 0) -> float:
     """The epsilon at `delta` this chain spends in `rounds` rounds (dp-accounting).
 
     Args:
@@ -247,12 +253,16 @@ class Chain:
       sampling_rate: the chance a client takes part in a round (1: all take part).
       delta: the delta of the (epsilon, delta) guarantee.
       accountant: "rdp" (Renyi DP) or "pld" (privacy loss distributions).
+      sampling: how each round's clients are drawn: "poisson" (each independently
+        with probability `sampling_rate`) or "without_replacement" (a fixed-size
+        cohort of `sampling_rate * population` clients; rdp, replace-one).
+      population: clients a fixed-size cohort is drawn from.
 
     Example:
       >>> private = agg.chain(agg.clip(1.0), agg.mean("uniform"), agg.gaussian(1.1))
       >>> private.epsilon(rounds=50, sampling_rate=0.1, delta=1e-5)
     """
-    events = self.privacy_events(rounds, sampling_rate)
+    events = self.privacy_events(rounds, sampling_rate, sampling, population)
     if not events:
       raise ValueError("aggregator chain: no stage spends privacy, so it has no epsilon "
                        "(client-level DP is agg.clip(...) ... agg.gaussian(...))")

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLINGS = ("uniform", "size")
+SAMPLINGS = ("uniform", "size", "poisson")
 
 
 def sample_participation(seed: int, num_rounds: int, num_examples, clients_per_round: int,
                          *, by: str = "uniform") -> np.ndarray:
-  """Draws `clients_per_round` distinct clients per round.
+  """Draws the clients of each round.
 
   Args:
     seed: seed of the draw (host-side NumPy; the mask then goes into the compiled run).
     num_rounds: rounds R.
     num_examples: `[C]` client sizes; clients with none are never drawn.
-    clients_per_round: clients per round (at most the clients with data).
-    by: "uniform", or "size" (probability proportional to n_k, without replacement).
+    clients_per_round: clients per round (at most the clients with data); with
+      "poisson", the expected number.
+    by: "uniform" (a fixed-size cohort drawn without replacement), "size" (probability
+      proportional to n_k, without replacement), or "poisson" (each client with data
+      independently with probability clients_per_round / clients with data: a
+      cohort of variable size, the sampling DP accountants' Poisson events assume).
 
   Returns:
-    `[R, C]` float32 with exactly `clients_per_round` ones per row.
+    `[R, C]` float32 masks: exactly `clients_per_round` ones per row, or with
+    "poisson" each row's own count.
   """
   sizes = np.asarray(num_examples)
   eligible = np.flatnonzero(sizes > 0)
@@ -30,8 +35,12 @@ def sample_participation(seed: int, num_rounds: int, num_examples, clients_per_r
         f"clients_per_round={clients_per_round}: cannot sample more clients than exist "
         f"({len(eligible)} with data) or fewer than 1")
   rng = np.random.default_rng(seed)
-  p = sizes[eligible] / sizes[eligible].sum() if by == "size" else None
   mask = np.zeros((num_rounds, len(sizes)), np.float32)
+  if by == "poisson":
+    rate = clients_per_round / len(eligible)
+    mask[:, eligible] = rng.random((num_rounds, len(eligible))) < rate
+    return mask
+  p = sizes[eligible] / sizes[eligible].sum() if by == "size" else None
   for r in range(num_rounds):
     mask[r, rng.choice(eligible, clients_per_round, replace=False, p=p)] = 1.0
   return mask

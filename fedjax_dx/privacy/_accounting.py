@@ -43,24 +43,59 @@ class _SkipNonConvergedOrders(logging.Filter):
 logging.getLogger("absl").addFilter(_SkipNonConvergedOrders())
 
 
-def _event(noise_multiplier: float, sampling_rate: float, steps: int):
+SAMPLINGS = ("poisson", "without_replacement")
+
+
+def _event(noise_multiplier: float, sampling_rate: float, steps: int,
+           sampling: str = "poisson", population: int = 0):
+  """dp-accounting's event of `steps` sampled Gaussian releases.
+
+  "poisson": each unit in a release independently with probability `sampling_rate`
+  (add/remove-one neighbours). "without_replacement": a fixed-size sample of
+  `round(sampling_rate * population)` of `population` units (replace-one neighbours:
+  replacing one unit moves a sum of vectors clipped to C by up to 2C, so the noise
+  multiplier relative to that sensitivity is half the one relative to C).
+  """
   import dp_accounting
+  if sampling == "without_replacement" and sampling_rate < 1:
+    sample = int(round(sampling_rate * population))
+    release = dp_accounting.SampledWithoutReplacementDpEvent(
+        population, sample, dp_accounting.GaussianDpEvent(noise_multiplier / 2))
+    return dp_accounting.SelfComposedDpEvent(release, steps)
   release = dp_accounting.GaussianDpEvent(noise_multiplier)
   if sampling_rate < 1:
     release = dp_accounting.PoissonSampledDpEvent(sampling_rate, release)
   return dp_accounting.SelfComposedDpEvent(release, steps)
 
 
-def _accountant(name: str):
+def _check_sampling(sampling: str, population: int, sampling_rate: float,
+                    accountant: str) -> None:
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+  if sampling == "without_replacement" and sampling_rate < 1:
+    if not isinstance(population, (int, np.integer)) or population < 1:
+      raise ValueError("sampling='without_replacement' needs population, the number of "
+                       f"units a fixed-size sample is drawn from, got {population!r}")
+    if accountant != "rdp":
+      raise ValueError("fixed-size samples without replacement are accounted by the rdp "
+                       f"accountant only (dp-accounting's {accountant} accountant takes "
+                       "Poisson sampling); use accountant 'rdp' or Poisson sampling")
+
+
+def _accountant(name: str, replace_one: bool = False):
   import dp_accounting
   if name == "rdp":
+    if replace_one:
+      return dp_accounting.rdp.RdpAccountant(
+          neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     return dp_accounting.rdp.RdpAccountant()
   return dp_accounting.pld.PLDAccountant()
 
 
 def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-            accountant: str = "rdp") -> float:
-  """The epsilon at `delta` of `steps` Gaussian releases with Poisson sampling.
+            accountant: str = "rdp", *, sampling: str = "poisson",
+            population: int = 0) -> float:
+  """The epsilon at `delta` of `steps` sampled Gaussian releases.
 
   Args:
     noise_multiplier: noise standard deviation / sensitivity (clip norm); 0 = no noise.
@@ -69,18 +104,28 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
     steps: noised releases (rounds for DP-FedAvg).
     delta: the delta of the (epsilon, delta) guarantee.
     accountant: "rdp" (Renyi DP) or "pld" (privacy loss distributions; tighter).
+    sampling: how units are drawn: "poisson" (independently, add/remove-one
+      neighbours) or "without_replacement" (a fixed-size sample of `sampling_rate *
+      population`; replace-one neighbours, rdp only).
+    population: units a fixed-size sample is drawn from ("without_replacement").
 
   Returns:
     epsilon (inf without noise).
+
+  Example:
+    >>> epsilon(1.0, 5 / 20, 30, 1e-5)                      # 5 of 20 clients, Poisson
+    >>> epsilon(1.0, 5 / 20, 30, 1e-5, sampling="without_replacement", population=20)
   """
   check_budget_args(delta=delta, sampling_rate=sampling_rate, steps=steps,
                     accountant=accountant)
+  _check_sampling(sampling, population, sampling_rate, accountant)
   if not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
   if noise_multiplier == 0:
     return math.inf
-  ledger = _accountant(accountant)
-  ledger.compose(_event(noise_multiplier, sampling_rate, steps))
+  fixed = sampling == "without_replacement" and sampling_rate < 1
+  ledger = _accountant(accountant, replace_one=fixed)
+  ledger.compose(_event(noise_multiplier, sampling_rate, steps, sampling, population))
   return float(ledger.get_epsilon(delta))
 
 
@@ -90,6 +135,8 @@ class GaussianRelease(NamedTuple):
   noise_multiplier: float  # noise std / sensitivity (the clipping norm)
   sampling_rate: float  # chance a unit takes part in a release (1: no amplification)
   releases: int  # how many times it is released (rounds)
+  sampling: str = "poisson"  # poisson | without_replacement (a fixed-size cohort)
+  population: int = 0  # units a fixed-size cohort is drawn from
 
 
 def epsilon_of(events: Sequence[GaussianRelease], delta: float,
@@ -107,30 +154,40 @@ def epsilon_of(events: Sequence[GaussianRelease], delta: float,
   if not events:
     raise ValueError("no privacy events: nothing in the pipeline adds noise")
   if len(events) == 1:
-    return epsilon(*events[0], delta, accountant)
+    (event,) = events
+    return epsilon(event.noise_multiplier, event.sampling_rate, event.releases, delta,
+                   accountant, sampling=event.sampling, population=event.population)
   for event in events:
     check_budget_args(delta=delta, sampling_rate=event.sampling_rate,
                       steps=event.releases, accountant=accountant)
+    _check_sampling(event.sampling, event.population, event.sampling_rate, accountant)
     if event.noise_multiplier == 0:
       return math.inf
-  ledger = _accountant(accountant)
+  replace_one = any(e.sampling == "without_replacement" and e.sampling_rate < 1
+                    for e in events)
+  ledger = _accountant(accountant, replace_one=replace_one)
   for event in events:
     ledger.compose(_event(*event))
   return float(ledger.get_epsilon(delta))
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float,
-                      steps: int, accountant: str = "rdp") -> float:
-  """The smallest noise multiplier whose run reaches `target_epsilon` at `delta`.
+                      steps: int, accountant: str = "rdp", *, sampling: str = "poisson",
+                      population: int = 0) -> float:
+  """The smallest noise multiplier whose run reaches `target_epsilon` at `delta`
+  (`sampling`, `population`: as in `epsilon`).
 
   Raises:
     ValueError: epsilon <= 0, or no multiplier up to `MAX_NOISE_MULTIPLIER` reaches it.
   """
   check_budget_args(delta=delta, sampling_rate=sampling_rate, steps=steps,
                     accountant=accountant)
+  _check_sampling(sampling, population, sampling_rate, accountant)
   if not target_epsilon > 0:
     raise ValueError(f"target epsilon must be > 0, got {target_epsilon!r}")
-  best = epsilon(MAX_NOISE_MULTIPLIER, sampling_rate, steps, delta, accountant)
+  fixed = sampling == "without_replacement" and sampling_rate < 1
+  best = epsilon(MAX_NOISE_MULTIPLIER, sampling_rate, steps, delta, accountant,
+                 sampling=sampling, population=population)
   if best > target_epsilon:
     raise ValueError(
         f"target epsilon {target_epsilon} is not reached by any noise multiplier up to "
@@ -141,7 +198,8 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float,
 
   def calibrate(name, low, high):
     return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _accountant(name), lambda z: _event(z, sampling_rate, steps),
+        lambda: _accountant(name, replace_one=fixed),
+        lambda z: _event(z, sampling_rate, steps, sampling, population),
         target_epsilon, delta, dp_accounting.ExplicitBracketInterval(low, high),
         tol=1e-4))
 
@@ -186,6 +244,30 @@ def example_level_epsilon(noise_multiplier: float, batch_size: int, num_examples
   """
   return max(epsilon(noise_multiplier, rate, k, delta, accountant)
              for rate, k in _example_level_groups(batch_size, num_examples, steps))
+
+
+def example_level_epsilons(noise_multiplier: float, batch_size: int, num_examples,
+                           steps, delta: float, accountant: str = "rdp") -> list:
+  """Each hospital's own epsilon of example-level DP-SGD (`[C]`; None for a hospital
+  with no examples or no steps); `example_level_epsilon` is their largest.
+
+  Each hospital's batches are accounted as Poisson sampling at rate batch / n_k: the
+  usual approximation of the shuffled fixed-size batches that DP-SGD takes here, not a
+  guarantee for them (Chua, Ghazi et al., ICML 2024)."""
+  sizes = np.asarray(num_examples)
+  steps = np.broadcast_to(np.asarray(steps), sizes.shape)
+  _example_level_groups(batch_size, sizes, steps)  # argument checks
+  cache = {}
+  result = []
+  for n, k in zip(sizes.tolist(), steps.tolist()):
+    if n <= 0 or k <= 0:
+      result.append(None)
+      continue
+    key = (min(1.0, batch_size / int(n)), int(k))
+    if key not in cache:
+      cache[key] = epsilon(noise_multiplier, key[0], key[1], delta, accountant)
+    result.append(cache[key])
+  return result
 
 
 def example_level_noise(target_epsilon: float, batch_size: int, num_examples, steps,

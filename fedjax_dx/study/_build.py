@@ -191,7 +191,12 @@ def aggregator_chain(config, method: str) -> agg.Chain:
                            adaptive_quantile=config.dp_adaptive_quantile or None,
                            learning_rate=config.dp_clip_learning_rate,
                            count_noise=config.dp_count_noise or None))
-  stages.append(agg.mean("uniform" if client_dp else "num_examples"))
+  # Central DP over Poisson cohorts divides by the expected cohort size, not the
+  # drawn one (which would depend on who took part).
+  fixed = (config.clients_per_round if client_dp and config.dp == "central"
+           and client_sampling(config, method) == "poisson" else None)
+  stages.append(agg.mean("uniform" if client_dp else "num_examples",
+                         expected_clients=fixed))
   if client_dp:
     stages.append(agg.gaussian(config.dp_noise, config.dp))
   if private and config.compression == "quantize":
@@ -211,12 +216,36 @@ def aggregator_chain(config, method: str) -> agg.Chain:
   return agg.chain(*stages)
 
 
-def dp_sampling_rate(config, num_with_data: int) -> float:
-  """The chance that a client takes part in a round (1 for local DP: no amplification
-  is claimed when each client noises its own update)."""
+def client_sampling(config, method: str) -> str:
+  """How a method draws each round's clients: `config.sampling`, with "auto" =
+  Poisson for central client-level DP (what its accountant assumes), else a fixed-size
+  uniform cohort."""
+  if config.sampling != "auto":
+    return config.sampling
+  central = method in PRIVATE and config.dp == "central"
+  return "poisson" if central and config.clients_per_round else "uniform"
+
+
+class DpSampling(NamedTuple):
+  """How client-level DP accounts a method's client sampling."""
+  rate: float  # the chance a client takes part in a round (1: no amplification)
+  sampling: str  # poisson | without_replacement (fixed-size cohorts)
+  population: int  # clients a fixed-size cohort is drawn from
+  label: str  # the rows' dp_sampling column
+
+
+def dp_sampling(config, method: str, num_with_data: int) -> DpSampling:
+  """The sampling client-level DP accounts: full participation (rate 1, also for
+  local DP, which claims no amplification), Poisson, or fixed-size cohorts drawn
+  without replacement (replace-one neighbours)."""
   if config.dp == "local" or not config.clients_per_round:
-    return 1.0
-  return config.clients_per_round / num_with_data
+    return DpSampling(1.0, "poisson", 0, "full participation")
+  rate = config.clients_per_round / num_with_data
+  if client_sampling(config, method) == "poisson":
+    return DpSampling(rate, "poisson", 0, "poisson")
+  return DpSampling(rate, "without_replacement", num_with_data, "without replacement")
+
+
 
 
 def _straggler_policy(config, method: str) -> str:
@@ -232,7 +261,9 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
                 local_epochs=config.local_epochs or None)
   # With sampling, train only each round's sampled clients (compute follows them).
   systems = _engine.Systems(config.stragglers, _straggler_policy(config, method))
-  shape = dict(cohort_size=config.clients_per_round or None,
+  # Poisson cohorts vary in size: every client is computed, non-participants weigh 0.
+  poisson = client_sampling(config, method) == "poisson"
+  shape = dict(cohort_size=None if poisson else config.clients_per_round or None,
                client_chunk=config.client_chunk if config.client_chunk > 0 else None)
   common = dict(aggregator=aggregator_chain(config, method), systems=systems, **shape,
                 **budget)
@@ -269,10 +300,12 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
   return _baselines.local_only(model, client_optimizer(config), name=method, **budget)
 
 
-def privacy_noise(config, sampling_rate: float) -> float:
+def privacy_noise(config, sampling: DpSampling) -> float:
   try:
     return _accounting.noise_for_epsilon(config.dp_target_epsilon, config.dp_delta,
-                                         sampling_rate, config.rounds, config.dp_accountant)
+                                         sampling.rate, config.rounds, config.dp_accountant,
+                                         sampling=sampling.sampling,
+                                         population=sampling.population)
   except ValueError as e:
     raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
 

@@ -235,6 +235,14 @@ def _check_dp_fields(config, need) -> None:
   need(config.dp_accountant in ("rdp", "pld"), "dp_accountant", "rdp or pld")
   need(config.aggregator == "mean", "aggregator", "mean with dp (clipped updates are "
        "averaged)")
+  need(config.sampling != "size" or not config.clients_per_round, "sampling",
+       "auto, uniform or poisson with dp (size-proportional sampling gives large "
+       "hospitals a higher inclusion probability than the accountant assumes)")
+  need(config.dp_accountant == "rdp" or config.dp != "central"
+       or not config.clients_per_round or config.sampling in ("auto", "poisson"),
+       "dp_accountant", "rdp for fixed-size cohorts (sampling = uniform: accounted as "
+       "sampled without replacement, which dp-accounting's pld accountant does not "
+       "take), or use sampling = poisson")
 
 
 def _check_upload_fields(config, method: str, need) -> None:

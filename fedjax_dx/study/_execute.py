@@ -22,11 +22,12 @@ from fedjax_dx.core import _data
 from fedjax_dx.core import _distributed
 from fedjax_dx.core import _sampling
 from fedjax_dx.core import _sharding
+from fedjax_dx.privacy import _accounting
 from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
 from fedjax_dx.study._build import (POOLED_CENTER_NAME, POOLED_PN, POOLED_PN_NAME,
                                     aggregator_chain, client_optimizer,
-                                    dp_sampling_rate)
+                                    client_sampling, dp_sampling)
 from fedjax_dx.study._build import TABLE_DATASETS
 from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
@@ -120,15 +121,22 @@ class MethodRun:
     self.private = config.dp != "none" and method in PRIVATE
     self.sizes, self._epsilons = sizes, {}
     participation = self._participation(config, method, seeds, train.num_clients)
+    self.planned_rounds, self.budget_rounds = config.rounds, None
     if self.private:
-      self.sampling_rate = dp_sampling_rate(config, int(np.sum(sizes > 0)))
+      self.sampling = dp_sampling(config, method, int(np.sum(sizes > 0)))
       if config.dp_target_epsilon > 0:
         config = copy.deepcopy(config)
         if config.dp == "example":
           config.dp_noise = example_noise(config, sizes, self._local_steps(
               config, participation.max(0).sum(0)))
         else:
-          config.dp_noise = privacy_noise(config, self.sampling_rate)
+          config.dp_noise = privacy_noise(config, self.sampling)
+      if config.dp_budget > 0:  # stop at the last round within the budget
+        self.budget_rounds = self._rounds_within_budget(config, method, participation)
+        if self.budget_rounds < config.rounds:
+          config = copy.deepcopy(config)
+          config.rounds = self.budget_rounds
+          participation = participation[:, :self.budget_rounds]
     self.config, self.method = config, method
     # The mechanism that spends privacy gives the epsilon: the chain's noise stage
     # (client level) or the client optimizer's DP-SGD (example level).
@@ -216,6 +224,35 @@ class MethodRun:
       return jax.tree.map(lambda x: x[:, 0], self.states.params)
     return self.states.params
 
+  def _epsilon_after(self, config, method, rounds: int, participation) -> float:
+    """The epsilon (the worst seed's, at dp_delta) after `rounds` rounds."""
+    if config.dp == "example":
+      return max(_accounting.example_level_epsilon(
+          config.dp_noise, config.batch_size, self.sizes,
+          self._local_steps(config, p[:rounds].astype(bool).sum(0)), config.dp_delta,
+          config.dp_accountant) for p in participation)
+    return aggregator_chain(config, method).epsilon(
+        rounds=rounds, sampling_rate=self.sampling.rate, delta=config.dp_delta,
+        accountant=config.dp_accountant, sampling=self.sampling.sampling,
+        population=self.sampling.population)
+
+  def _rounds_within_budget(self, config, method, participation) -> int:
+    """The most rounds (<= config.rounds) whose epsilon stays within config.dp_budget:
+    the accountant's epsilon grows with the rounds, so a bisection finds the last."""
+    spend = lambda r: self._epsilon_after(config, method, r, participation)
+    if spend(config.rounds) <= config.dp_budget:
+      return config.rounds
+    low, high = 0, config.rounds  # spend(low) <= budget < spend(high)
+    while high - low > 1:
+      middle = (low + high) // 2
+      low, high = (middle, high) if spend(middle) <= config.dp_budget else (low, middle)
+    if low == 0:
+      raise StudyError(
+          f"config.dp_budget = {config.dp_budget}: {method} spends epsilon "
+          f"{spend(1):.4g} (delta {config.dp_delta:g}) in its first round already; "
+          "raise the budget or the noise (dp_noise, dp_target_epsilon)")
+    return low
+
   def _participation(self, config, method, seeds, num_clients) -> np.ndarray:
     """Each seed's participation schedule `[S, R, C]` (sampled clients per round)."""
     schedules = []
@@ -224,7 +261,7 @@ class MethodRun:
       if method in STRATEGIES and method != "cyclic" and config.clients_per_round:
         rounds_participation = _sampling.sample_participation(
             seed, config.rounds, self.sizes, config.clients_per_round,
-            by=config.sampling)
+            by=client_sampling(config, method))
       schedules.append(rounds_participation)
     return np.stack(schedules)
 
@@ -242,27 +279,43 @@ class MethodRun:
     if not self.private:
       return {}
     config = self.config
-    if round_index == 0:
-      eps = 0.0
-    elif config.dp == "example":
+    clean = lambda eps: None if eps is None or math.isinf(eps) else round(eps, 6)
+    per_hospital = {}
+    if config.dp == "example":
+      # Each hospital's own epsilon from its own DP-SGD steps (its patients' guarantee);
+      # the row's epsilon is the worst hospital's.
       taken = self.participation[seed_index, :round_index].astype(bool).sum(0)
       steps = self._local_steps(config, taken)
       key = tuple(steps.tolist())
-      if key not in self._epsilons:
-        self._epsilons[key] = self.spender.epsilon(
-            batch_size=config.batch_size, num_examples=self.sizes, steps=steps,
-            delta=config.dp_delta, accountant=config.dp_accountant)
-      eps = self._epsilons[key]
+      if round_index == 0:
+        hospitals = [0.0] * len(self.sizes)
+      else:
+        if key not in self._epsilons:
+          self._epsilons[key] = _accounting.example_level_epsilons(
+              config.dp_noise, config.batch_size, self.sizes, steps, config.dp_delta,
+              config.dp_accountant)
+        hospitals = self._epsilons[key]
+      eps = max((e for e in hospitals if e is not None), default=0.0)
+      per_hospital = {"epsilon_by_hospital": [clean(e) for e in hospitals]}
+      sampling = "shuffled batches accounted as poisson (not a guarantee)"
     else:
-      key = round_index
-      if key not in self._epsilons:
-        self._epsilons[key] = self.spender.epsilon(
-            rounds=round_index, sampling_rate=self.sampling_rate, delta=config.dp_delta,
-            accountant=config.dp_accountant)
-      eps = self._epsilons[key]
-    return {"epsilon": None if math.isinf(eps) else round(eps, 6),
-            "dp_delta": config.dp_delta, "dp_noise": round(config.dp_noise, 6),
-            "dp_clip": config.dp_clip, "dp_mode": config.dp}
+      if round_index == 0:
+        eps = 0.0
+      else:
+        if round_index not in self._epsilons:
+          self._epsilons[round_index] = self.spender.epsilon(
+              rounds=round_index, sampling_rate=self.sampling.rate,
+              delta=config.dp_delta, accountant=config.dp_accountant,
+              sampling=self.sampling.sampling, population=self.sampling.population)
+        eps = self._epsilons[round_index]
+      sampling = self.sampling.label
+    budget = {"dp_budget": config.dp_budget} if config.dp_budget > 0 else {}
+    if config.rounds < self.planned_rounds:  # the budget stopped it: its last round
+      budget["dp_budget_rounds"] = config.rounds
+    return {"epsilon": clean(eps), "dp_delta": config.dp_delta,
+            "dp_noise": round(config.dp_noise, 6), "dp_clip": config.dp_clip,
+            "dp_mode": config.dp, "dp_sampling": sampling,
+            "epsilon_guarantee": config.dp != "example", **budget, **per_hospital}
 
   def _round_bytes(self, metrics) -> tuple[np.ndarray, np.ndarray]:
     """Bytes up and down per seed of the rounds behind `metrics` ([S, R] counts):
@@ -354,11 +407,13 @@ class MethodRun:
           one = _seed_slice(result, s)
           pooled_one = (None if pooled_result is None
                         else _seed_slice(pooled_result, s))
+          seed_privacy = dict(privacy[s])
+          by_hospital = seed_privacy.pop("epsilon_by_hospital", None)
           base = dict(seed=seed, round=round_index, num_clients=len(self.names),
                       split=split, bytes_up=int(bytes_up[s]),
                       bytes_down=int(bytes_down[s]), cumulative_bytes=int(cumulative[s]),
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
-                      batched_seeds=len(seeds), **privacy[s], **guard_columns(s),
+                      batched_seeds=len(seeds), **seed_privacy, **guard_columns(s),
                       **secure_columns(s),
                       **{k: v for k, v in self.swept.items() if k != "num_clients"})
           if self.kind == "stacked":
@@ -373,8 +428,12 @@ class MethodRun:
                                               model_index=m))
           else:
             prefix = dict(base, method=method, **diverged_columns(seed, method))
-            rows[seed].extend(_metric_rows(one, self.names, prefix=prefix,
-                                           pooled_name=pooled_name))
+            site_rows = _metric_rows(one, self.names, prefix=prefix,
+                                     pooled_name=pooled_name)
+            if by_hospital is not None:  # each site's row: its own patients' epsilon
+              for k, row in enumerate(site_rows[:len(self.names)]):
+                row["epsilon_hospital"] = by_hospital[k]
+            rows[seed].extend(site_rows)
             if split == "test" and attack is not None:  # on the pooled test row
               rows[seed][-1].update({f"mia_{k}": _clean(v[s]) for k, v in attack.items()})
             if pooled_one is not None:
@@ -429,6 +488,7 @@ class MethodRun:
                       else metrics.get("train_loss"))
       evaluate_now(done, bytes_up, bytes_down, round_losses)
       progress(done * len(seeds))
+    progress(self.planned_rounds * len(seeds))  # a budget stop skips the rest
     self.secagg_failed = {seed: int(failed_rounds[s]) for s, seed in enumerate(seeds)
                           if failed_rounds[s]}
     self.test_outputs = host(final_outputs[0])
@@ -644,7 +704,7 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
                    np.ceil(sizes * mc.local_epochs / mc.batch_size) * mc.rounds)
           example_noise(mc, sizes, np.asarray(steps, np.int64))
         else:
-          privacy_noise(mc, dp_sampling_rate(mc, with_data))  # reachable?
+          privacy_noise(mc, dp_sampling(mc, method, with_data))  # reachable?
       participants = mc.clients_per_round or with_data
       if mc.secure_aggregation and method in PRIVATE:
         try:

@@ -598,6 +598,31 @@ def _overview(summary, config, metric: str) -> str:
   return f"<p>{text}</p>"
 
 
+def _privacy_table(pooled, config) -> str:
+  """The private methods' budget: epsilon at the end, how client sampling was
+  accounted, whether it is a guarantee, and where a budget stopped training."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  if "epsilon" not in pooled or not pooled["epsilon"].notna().any():
+    return ""
+  private = pooled[pooled["epsilon"].notna()]
+  budget = config.get("dp_budget", 0) or 0
+  stopped = private.get("dp_budget_rounds", pd.Series(index=private.index, dtype=float))
+  table = pd.DataFrame({
+      "epsilon (accountant, upper bound)": private["epsilon"].map(lambda v: f"{v:.3g}"),
+      "delta": config.get("dp_delta", ""),
+      "sampling accounted": private.get("dp_sampling", ""),
+      "a guarantee": private.get("epsilon_guarantee", True).map(
+          lambda v: "yes" if v in (True, 1, "True") else "no (approximation)"),
+      "rounds": [f"{int(r)} (stopped by dp_budget = {budget:g})" if pd.notna(s) else
+                 f"{int(r)}" for r, s in zip(private["rounds"], stopped)]},
+      index=private.index)
+  return ("<h2>Privacy spent</h2><p>The epsilon of each private method at "
+          "its last round, from dp-accounting's accountant (an upper bound), with the "
+          "sampling it assumed. Example-level DP-SGD takes shuffled fixed-size batches "
+          "but is accounted as Poisson sampling: its epsilon is an approximation, not a "
+          "guarantee.</p><div class='wide'>" + table.to_html(escape=True) + "</div>")
+
+
 def _html(workdir, meta, summary, figures, metric) -> str:
   """A self-contained report: overview, captioned figures, tables as HTML, environment."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
@@ -637,6 +662,7 @@ def _html(workdir, meta, summary, figures, metric) -> str:
                                 for m in headline}, index=pooled.index)
   parts.append("<h2>Every metric on the pooled test set</h2><div class='wide'>"
                + metrics_table.to_html(escape=True) + "</div>")
+  parts.append(_privacy_table(pooled, config))
   fairness_path = os.path.join(workdir, "fairness.csv")
   if os.path.isfile(fairness_path) and os.path.getsize(fairness_path) > 1:
     fairness = pd.read_csv(fairness_path)

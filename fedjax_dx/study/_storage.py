@@ -147,13 +147,28 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
   fairness_path = os.path.join(workdir, "fairness.csv")
   write_atomic(fairness_path, fairness(summary).to_csv(index=False))
   table_path = os.path.join(workdir, "summary_table.md")
-  notes = {**form_notes(config), **dict(config.get("method_notes") or {})}
+  notes = {**form_notes(config), **budget_notes(frame),
+           **dict(config.get("method_notes") or {})}
   write_atomic(table_path, summary_table(summary, config.target_metric,
                                          methods_order(config, summary), notes))
   return {"metrics": metrics_path, "metrics_parquet": parquet_path,
           "summary": summary_path, "table": table_path,
           "predictions": predictions_path, "fairness": fairness_path,
           "diverged": diverged_runs(frame)}
+
+
+def budget_notes(frame) -> dict[str, str]:
+  """A note for each method that `config.dp_budget` stopped before its rounds."""
+  if "dp_budget_rounds" not in frame:
+    return {}
+  notes = {}
+  budgeted = frame[frame["dp_budget_rounds"].notna()]
+  for method, rows in budgeted.groupby("method", sort=False):
+    stopped = int(rows["dp_budget_rounds"].min())
+    notes[method] = (f"stopped by dp_budget = {rows['dp_budget'].iloc[0]:g} after round "
+                     f"{stopped} (epsilon {rows['epsilon'].max():.3g} at delta "
+                     f"{rows['dp_delta'].iloc[0]:g}); a further round would exceed it")
+  return notes
 
 
 def parquet_ready(frame):

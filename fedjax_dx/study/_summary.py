@@ -25,7 +25,8 @@ def summary_swept_columns(summary) -> list[str]:
   return [c for c in summary.columns if c not in (
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "rounds_to_target", "bytes_to_target", "seeds_reaching_target", "target",
-      "epsilon", "diverged_seeds")
+      "epsilon", "diverged_seeds", "dp_sampling", "epsilon_guarantee",
+      "dp_budget_rounds", "epsilon_hospital")
       and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
 
 
@@ -85,7 +86,8 @@ def swept_columns(frame) -> list[str]:
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
            "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
-           "dp_mode", "guard_dropped", "secagg_failed_rounds", "diverged_round",
+           "dp_mode", "dp_sampling", "epsilon_guarantee", "epsilon_hospital", "dp_budget",
+           "dp_budget_rounds", "guard_dropped", "secagg_failed_rounds", "diverged_round",
            *MIA_COLUMNS, *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
   return varying + [c for c in frame.columns
@@ -129,6 +131,11 @@ def summarize(frame, config):
   summary["compile_s_mean"] = grouped["compile_s"].mean()
   if "epsilon" in final:  # privacy spent by the end (private methods only)
     summary["epsilon"] = grouped["epsilon"].max()
+    for column in ("dp_sampling", "epsilon_guarantee", "dp_budget_rounds"):
+      if column in final:  # how it was accounted, and where a budget stopped it
+        summary[column] = grouped[column].first()
+  if "epsilon_hospital" in final:  # example-level DP: each site's own patients'
+    summary["epsilon_hospital"] = grouped["epsilon_hospital"].max()
   for column in MIA_COLUMNS:  # the audit of the final model
     if column in final:
       summary[f"{column}_mean"] = grouped[column].mean()
