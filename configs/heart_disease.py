@@ -126,6 +126,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.dp_delta = 1e-5
   config.dp_budget = 0.0  # > 0: a private method stops at the last round whose epsilon
   # (at dp_delta) stays within this budget (rows: dp_budget, dp_budget_rounds)
+  # An empirical epsilon beside the accountant's (client-level DP; needs jax-privacy,
+  # pip install 'fedjax_dx[audit]'): canary clients with crafted updates, each in with
+  # probability 1/2; the final model's move along each one's direction is its score
+  # (Steinke et al. 2023's one-run audit): rows epsilon_lower at 1 - audit_significance
+  config.privacy_audit = False
+  config.audit_canaries = 100
+  config.audit_significance = 0.05
   config.dp_accountant = "rdp"  # rdp | pld (dp-accounting)
   config.dp_adaptive_quantile = 0.0  # central: > 0 adapts the clip to this quantile of
   # update norms (Andrew et al. 2021), starting at dp_clip

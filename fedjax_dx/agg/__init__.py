@@ -11,6 +11,7 @@ Example:
   >>> robust = agg.chain(agg.guard(10.0), agg.median())
 """
 
+from fedjax_dx.agg._canary import Canaries, canaries, canary_directions
 from fedjax_dx.agg._clip import Clip, clip
 from fedjax_dx.agg._compress import Compress, quantize, top_k
 from fedjax_dx.agg._gaussian import Gaussian, adaptive_update_noise, gaussian
@@ -21,8 +22,8 @@ from fedjax_dx.agg._secure_sum import SecureSum, choose_share, secure_sum
 from fedjax_dx.agg._stage import Chain, Reducer, Screen, Stage, chain
 
 __all__ = [
-    "Chain", "Clip", "Compress", "FiniteGuard", "Gaussian", "Guard", "Krum", "Mean", "Median",
-    "Reducer", "Screen", "SecureSum", "Stage", "TrimmedMean", "WEIGHTINGS",
-    "adaptive_update_noise", "chain", "choose_share", "clip", "gaussian", "guard", "krum",
+    "Canaries", "Chain", "Clip", "Compress", "FiniteGuard", "Gaussian", "Guard", "Krum",
+    "Mean", "Median", "Reducer", "Screen", "SecureSum", "Stage", "TrimmedMean", "WEIGHTINGS",
+    "adaptive_update_noise", "canaries", "canary_directions", "chain", "choose_share", "clip", "gaussian", "guard", "krum",
     "mean", "median", "quantize", "secure_sum", "top_k", "trimmed_mean",
 ]

@@ -175,7 +175,7 @@ def client_optimizer(config, method: str | None = None):
   return optimizer
 
 
-def aggregator_chain(config, method: str) -> agg.Chain:
+def aggregator_chain(config, method: str, canaries_from: int | None = None) -> agg.Chain:
   """The aggregator chain of one method's (per-method) config:
   guard -> clip -> mean -> Gaussian noise -> compression -> robust reducer -> secure sum.
 
@@ -184,6 +184,8 @@ def aggregator_chain(config, method: str) -> agg.Chain:
   private = method in PRIVATE
   client_dp = private and config.dp in ("central", "local")
   stages = []
+  if canaries_from is not None:  # the privacy audit's canary clients, first of all
+    stages.append(agg.canaries(canaries_from, config.audit_canaries, config.dp_clip))
   if private and (config.guard or config.drop_nonfinite):
     stages.append(agg.guard(config.guard or None))
   if client_dp:
@@ -254,8 +256,10 @@ def _straggler_policy(config, method: str) -> str:
   return "keep" if method == "fedprox" else "drop"
 
 
-def build_method(config, method: str, model) -> _engine.Algorithm:
-  """The `Algorithm` of one method, from its (per-method) config."""
+def build_method(config, method: str, model,
+                 canaries_from: int | None = None) -> _engine.Algorithm:
+  """The `Algorithm` of one method, from its (per-method) config (with the privacy
+  audit's canary clients from client `canaries_from` on, when given)."""
   budget = dict(batch_size=config.batch_size,
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
@@ -265,7 +269,8 @@ def build_method(config, method: str, model) -> _engine.Algorithm:
   poisson = client_sampling(config, method) == "poisson"
   shape = dict(cohort_size=None if poisson else config.clients_per_round or None,
                client_chunk=config.client_chunk if config.client_chunk > 0 else None)
-  common = dict(aggregator=aggregator_chain(config, method), systems=systems, **shape,
+  common = dict(aggregator=aggregator_chain(config, method, canaries_from),
+                systems=systems, **shape,
                 **budget)
   server_sgd = optax.sgd(config.server_learning_rate)
   if method in ("fedavg", "fedavg_ft"):

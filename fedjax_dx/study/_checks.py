@@ -8,6 +8,7 @@ the field table (`_fields.FIELDS`); the rules here relate several fields.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 
 from fedjax_dx.core import _models
@@ -235,6 +236,16 @@ def _check_dp_fields(config, need) -> None:
   need(config.dp_accountant in ("rdp", "pld"), "dp_accountant", "rdp or pld")
   need(config.aggregator == "mean", "aggregator", "mean with dp (clipped updates are "
        "averaged)")
+  if config.privacy_audit:
+    need(config.dp in ("central", "local"), "privacy_audit",
+         "false with dp = 'example' (the audit inserts canary clients: it audits "
+         "client-level DP; canary examples for DP-SGD are not implemented)")
+    need(not config.clients_per_round or config.sampling in ("auto", "poisson"),
+         "privacy_audit", "false with fixed-size cohorts (sampling = uniform): canary "
+         "clients take part as Poisson-sampled clients do; use sampling = poisson")
+    need(importlib.util.find_spec("jax_privacy") is not None, "privacy_audit",
+         "false, or jax-privacy installed (pip install 'fedjax_dx[audit]'; Python "
+         ">= 3.11): the audit's bounds come from its CanaryScoreAuditor")
   need(config.sampling != "size" or not config.clients_per_round, "sampling",
        "auto, uniform or poisson with dp (size-proportional sampling gives large "
        "hospitals a higher inclusion probability than the accountant assumes)")

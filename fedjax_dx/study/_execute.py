@@ -23,6 +23,7 @@ from fedjax_dx.core import _distributed
 from fedjax_dx.core import _sampling
 from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _accounting
+from fedjax_dx.privacy import _audit
 from fedjax_dx.privacy import _secagg
 from fedjax_dx.strategies import _baselines
 from fedjax_dx.study._build import (POOLED_CENTER_NAME, POOLED_PN, POOLED_PN_NAME,
@@ -137,6 +138,17 @@ class MethodRun:
           config = copy.deepcopy(config)
           config.rounds = self.budget_rounds
           participation = participation[:, :self.budget_rounds]
+    # The privacy audit: canary clients after the real ones, each in with probability
+    # 1/2 per seed, sampled as real clients are; the chain's first stage crafts their
+    # updates. Evaluation and the membership audit see the real clients only.
+    self.audit_from = None
+    if self.private and config.privacy_audit:
+      self.audit_from = train.num_clients
+      train = self.train = _audit.with_canaries(train, config.audit_canaries)
+      rate = self.sampling.rate if self.sampling.sampling == "poisson" else 1.0
+      participation = np.stack([
+          _audit.canary_participation(seed, p, config.audit_canaries, rate)
+          for seed, p in zip(seeds, participation)])
     self.config, self.method = config, method
     # The mechanism that spends privacy gives the epsilon: the chain's noise stage
     # (client level) or the client optimizer's DP-SGD (example level).
@@ -146,7 +158,7 @@ class MethodRun:
     if self.private:
       self.spender = (client_optimizer(config, method) if config.dp == "example"
                       else self.chain)
-    self.algo = algo = cache.algorithm(config, method, model)
+    self.algo = algo = cache.algorithm(config, method, model, self.audit_from)
     if self.sharded:  # global data cannot be closed over: one init per seed, stacked
       mesh = _sharding.client_mesh()
       params = _sharding.replicate(params, mesh)
@@ -415,7 +427,9 @@ class MethodRun:
                       wall_s=round(wall, 4), compile_s=round(self.compile_s, 4),
                       batched_seeds=len(seeds), **seed_privacy, **guard_columns(s),
                       **secure_columns(s),
-                      **{k: v for k, v in self.swept.items() if k != "num_clients"})
+                      # (a swept dp_noise is the privacy columns' own: not twice)
+                      **{k: v for k, v in self.swept.items()
+                         if k != "num_clients" and k not in seed_privacy})
           if self.kind == "stacked":
             for m in range(len(self.names)):  # real clients (not bucket padding)
               name = f"local_{m}"
@@ -495,9 +509,32 @@ class MethodRun:
     params = (self.states.params if self.kind == "personalized"
               else self._evaluated_models())
     self.final_params = host(params)  # [S, ...] ([S, C, ...] local): models/ saves them
+    if self.audit_from is not None:
+      self._attach_audit(rows, done, host(self.states.aggregator["canaries"]))
     if config.get("bootstrap_resamples", 0):
       self._attach_bootstrap(rows, done)
     return rows
+
+  def _attach_audit(self, rows, final_round: int, canaries) -> None:
+    """The final pooled test row of each seed gets the canary audit's epsilon lower
+    bounds (`epsilon_lower`: one run, `epsilon_lower_cp`: Clopper-Pearson) at
+    `epsilon_lower_confidence`, with the scores' AUROC."""
+    config = self.config
+    for s, seed in enumerate(self.seeds):
+      scores = _audit.canary_scores(_seed_slice(self.initial_params, s),
+                                    _seed_slice(self.final_params, s),
+                                    canaries["directions"][s])
+      result = _audit.audit(scores, _audit.canary_inclusion(seed, config.audit_canaries),
+                            delta=config.dp_delta,
+                            significance=config.audit_significance)
+      for row in rows[seed]:
+        if (row["round"] == final_round and row["split"] == "test"
+            and row["client"] == "pooled" and row["method"] == self.method):
+          row.update(epsilon_lower=round(result.epsilon_one_run, 6),
+                     epsilon_lower_cp=round(result.epsilon_clopper_pearson, 6),
+                     epsilon_lower_confidence=result.confidence,
+                     audit_auroc=round(result.auroc, 6),
+                     audit_canaries=result.num_canaries)
 
   def _attach_bootstrap(self, rows, final_round: int) -> None:
     """Each final test row (sites and pooled) gets `bootstrap_<metric>`: the metric of

@@ -94,11 +94,11 @@ class ProgramCache:
       self.models[key] = build_model(config, num_classes)
     return self.models[key]
 
-  def algorithm(self, config, method, model):
+  def algorithm(self, config, method, model, canaries_from: int | None = None):
     key = (method, json.dumps({f: to_plain(config[f]) for f in _COMPILE_FIELDS},
-                              sort_keys=True), model.num_classes)
+                              sort_keys=True), model.num_classes, canaries_from)
     if key not in self.algorithms:
-      self.algorithms[key] = build_method(config, method, model)
+      self.algorithms[key] = build_method(config, method, model, canaries_from)
     return self.algorithms[key]
 
   def fit_client_chunk(self, config, method, model, params, train, rng):

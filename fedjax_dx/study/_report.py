@@ -162,6 +162,32 @@ def _privacy_utility(final_pooled, metric, colors, plt, sns):
   return fig
 
 
+def _privacy_bounds(final_pooled, colors, plt):
+  """Both sides of the privacy claim against the noise multiplier: the accountant's
+  epsilon (an upper bound) and the canary audit's (a lower bound, at its confidence),
+  mean over seeds with each seed's bound as a dot."""
+  if "epsilon_lower" not in final_pooled or not final_pooled["epsilon_lower"].notna().any():
+    return None
+  audited = final_pooled[final_pooled["epsilon_lower"].notna()].sort_values("dp_noise")
+  fig, ax = plt.subplots(figsize=(8.5, 4.6))
+  for method, rows in audited.groupby("method", sort=False):
+    color = colors.get(method, "black")
+    per_noise = rows.groupby("dp_noise", as_index=False).agg(
+        upper=("epsilon", "max"), lower=("epsilon_lower", "mean"))
+    finite = per_noise[per_noise["upper"].notna()]
+    ax.plot(finite["dp_noise"], finite["upper"], color=color, marker="o",
+            label=f"{method}: accountant epsilon (upper bound)")
+    ax.plot(per_noise["dp_noise"], per_noise["lower"], color=color, marker="s",
+            linestyle="--", label=f"{method}: audit epsilon (lower bound, mean of seeds)")
+    ax.scatter(rows["dp_noise"], rows["epsilon_lower"], color=color, s=12, alpha=0.5)
+  confidence = audited["epsilon_lower_confidence"].iloc[0]
+  ax.set_yscale("symlog", linthresh=0.1)
+  _finish(ax, "noise multiplier z (noise std / clipping norm)",
+          "epsilon (symlog scale)",
+          f"Privacy claimed and measured ({confidence:.0%} confidence for the audit)")
+  return fig
+
+
 class _Study(NamedTuple):
   """What every figure of a report reads."""
 
@@ -222,7 +248,8 @@ def _draw_all(workdir: str, fig_dir: str | None):
   metric = config.get("target_metric", "accuracy")
   test = _collapse_local(frame[frame["split"] == "test"])
   order = [m for m in config["methods"].split(",") if m in set(test["method"])]
-  study = _Study(plt, sns, config, metric, swept_columns(frame), test,
+  study = _Study(plt, sns, config, metric, swept_columns(frame, config.get("sweep", "")),
+                 test,
                  test[test["client"] == "pooled"], dict(zip(order, sns.color_palette(
                      "deep", len(order)))), order, fig_dir)
   figures = _convergence(study)
@@ -235,6 +262,9 @@ def _draw_all(workdir: str, fig_dir: str | None):
   if privacy is not None:
     figures["privacy_utility"] = _save(privacy, _path(study,
                                                                "privacy_utility.png"))
+  bounds = _privacy_bounds(final_pooled, study.colors, plt)
+  if bounds is not None:
+    figures["privacy_bounds"] = _save(bounds, _path(study, "privacy_bounds.png"))
   figures.update(_clinical(study, last))
   figures.update(_calibration(study, workdir))
   figures.update(_fairness_view(study, workdir))
@@ -515,6 +545,13 @@ _CAPTIONS = {
     "privacy_utility": "Utility against privacy: final pooled test {metric} against the "
                        "epsilon spent, with the non-private references.",
     "round_time": "Seconds per round of each method at each sweep point.",
+    "privacy_bounds": "Privacy claimed against privacy measured, per noise multiplier: "
+                      "the accountant's epsilon is an upper bound; the canary audit's "
+                      "(one run, Steinke et al. 2023, jax-privacy's auditor) a lower "
+                      "bound that holds at the stated confidence. A lower bound above "
+                      "the upper one would mean the mechanism leaks more than it "
+                      "claims. The audited runs carry the canary clients, so their "
+                      "utility is not the utility without them.",
     "clinical": "Per site (n = test patients): AUC, balanced accuracy, sensitivity and "
                 "specificity of the final models, means over seeds with 95% bootstrap "
                 "intervals over the seeds. A hatched bar is a model that gives every "
@@ -598,17 +635,22 @@ def _overview(summary, config, metric: str) -> str:
   return f"<p>{text}</p>"
 
 
-def _privacy_table(pooled, config) -> str:
-  """The private methods' budget: epsilon at the end, how client sampling was
-  accounted, whether it is a guarantee, and where a budget stopped training."""
+def _privacy_table(pooled, config, swept) -> str:
+  """The private methods' budget at every sweep point: epsilon at the end (and the
+  canary audit's lower bound), how client sampling was accounted, whether it is a
+  guarantee, and where a budget stopped training."""
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  if "epsilon" not in pooled or not pooled["epsilon"].notna().any():
+  if "dp_sampling" not in pooled or not pooled["dp_sampling"].notna().any():
     return ""
-  private = pooled[pooled["epsilon"].notna()]
+  private = pooled[pooled["dp_sampling"].notna()].set_index(["method", *swept])
   budget = config.get("dp_budget", 0) or 0
   stopped = private.get("dp_budget_rounds", pd.Series(index=private.index, dtype=float))
+  lower = private.get("epsilon_lower", pd.Series(index=private.index, dtype=float))
   table = pd.DataFrame({
-      "epsilon (accountant, upper bound)": private["epsilon"].map(lambda v: f"{v:.3g}"),
+      "epsilon (accountant, upper bound)": private["epsilon"].map(
+          lambda v: "inf (no noise)" if pd.isna(v) else f"{v:.3g}"),
+      "epsilon (canary audit, lower bound)": [
+          "" if pd.isna(v) else f"{v:.3g}" for v in lower],
       "delta": config.get("dp_delta", ""),
       "sampling accounted": private.get("dp_sampling", ""),
       "a guarantee": private.get("epsilon_guarantee", True).map(
@@ -662,7 +704,7 @@ def _html(workdir, meta, summary, figures, metric) -> str:
                                 for m in headline}, index=pooled.index)
   parts.append("<h2>Every metric on the pooled test set</h2><div class='wide'>"
                + metrics_table.to_html(escape=True) + "</div>")
-  parts.append(_privacy_table(pooled, config))
+  parts.append(_privacy_table(summary[summary["client"] == "pooled"], config, swept))
   fairness_path = os.path.join(workdir, "fairness.csv")
   if os.path.isfile(fairness_path) and os.path.getsize(fairness_path) > 1:
     fairness = pd.read_csv(fairness_path)

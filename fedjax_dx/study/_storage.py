@@ -137,7 +137,8 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
             out.write(f.read())
 
   write_atomic(predictions_path, write=write_predictions)
-  frame = pd.read_json(metrics_path, lines=True, dtype={"client": str})
+  frame = pd.read_json(metrics_path, lines=True, dtype={"client": str},
+                       precise_float=True)  # the numbers as written, to the last bit
   parquet_path = os.path.join(workdir, "metrics.parquet")
   write_atomic(parquet_path, write=lambda tmp: parquet_ready(frame).to_parquet(
       tmp, index=False))

@@ -26,7 +26,8 @@ def summary_swept_columns(summary) -> list[str]:
       "method", "client", "client_name", "num_seeds", "rounds", "cumulative_bytes",
       "rounds_to_target", "bytes_to_target", "seeds_reaching_target", "target",
       "epsilon", "diverged_seeds", "dp_sampling", "epsilon_guarantee",
-      "dp_budget_rounds", "epsilon_hospital")
+      "dp_budget_rounds", "epsilon_hospital", "epsilon_lower",
+      "epsilon_lower_confidence")
       and not c.endswith(("_mean", "_std", "_ci_low", "_ci_high"))]
 
 
@@ -81,15 +82,27 @@ def summary_table(summary, metric: str, methods: list[str],
   return "\n".join(lines) + "\n"
 
 
-def swept_columns(frame) -> list[str]:
-  """Columns of swept values (num_clients counts when it varies)."""
+def swept_fields(sweep: str) -> list[str]:
+  """The column names of `config.sweep`'s fields ("a=1,2;b+c=..." -> a, b, c)."""
+  from fedjax_dx.study._sweep import column_name  # pylint: disable=g-import-not-at-top
+  fields = [name.strip() for part in str(sweep or "").split(";") if "=" in part
+            for name in part.split("=", 1)[0].split("+")]
+  return [column_name(f, fields) for f in fields]
+
+
+def swept_columns(frame, sweep: str = "") -> list[str]:
+  """Columns of swept values (num_clients counts when it varies); a field of
+  `sweep` counts even where it is also a result column (a swept dp_noise)."""
   fixed = {"method", "seed", "round", "num_clients", "client", "client_name", "split",
            "num_examples", "bytes_up", "bytes_down", "cumulative_bytes", "wall_s",
            "compile_s", "batched_seeds", "epsilon", "dp_delta", "dp_noise", "dp_clip",
            "dp_mode", "dp_sampling", "epsilon_guarantee", "epsilon_hospital", "dp_budget",
-           "dp_budget_rounds", "guard_dropped", "secagg_failed_rounds", "diverged_round",
+           "dp_budget_rounds", "epsilon_lower", "epsilon_lower_cp",
+           "epsilon_lower_confidence", "audit_auroc", "audit_canaries", "guard_dropped",
+           "secagg_failed_rounds", "diverged_round",
            *MIA_COLUMNS, *METRICS}
   varying = ["num_clients"] if frame["num_clients"].nunique() > 1 else []
+  fixed -= set(swept_fields(sweep)) - {"num_clients"}
   return varying + [c for c in frame.columns
                     if c not in fixed and not c.startswith("bootstrap_")]
 
@@ -97,7 +110,7 @@ def swept_columns(frame) -> list[str]:
 def summarize(frame, config):
   """Final test metrics per method x client x swept point: mean/std over seeds."""
   test = frame[frame["split"] == "test"]
-  keys = ["method", "client", "client_name", *swept_columns(frame)]
+  keys = ["method", "client", "client_name", *swept_columns(frame, config.sweep)]
   last_round = test.groupby(keys + ["seed"], dropna=False)["round"].transform("max")
   final = test[test["round"] == last_round]
   grouped = final.groupby(keys, dropna=False, sort=False)
@@ -134,6 +147,10 @@ def summarize(frame, config):
     for column in ("dp_sampling", "epsilon_guarantee", "dp_budget_rounds"):
       if column in final:  # how it was accounted, and where a budget stopped it
         summary[column] = grouped[column].first()
+  if "epsilon_lower" in final:  # the canary audit: the largest bound over seeds
+    summary["epsilon_lower"] = grouped["epsilon_lower"].max()
+    summary["epsilon_lower_mean"] = grouped["epsilon_lower"].mean()
+    summary["epsilon_lower_confidence"] = grouped["epsilon_lower_confidence"].first()
   if "epsilon_hospital" in final:  # example-level DP: each site's own patients'
     summary["epsilon_hospital"] = grouped["epsilon_hospital"].max()
   for column in MIA_COLUMNS:  # the audit of the final model
