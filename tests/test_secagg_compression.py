@@ -354,8 +354,8 @@ def test_study_refuses_too_few_secagg_bits_and_shows_failed_secure_rounds(tmp_pa
   assert pooled["loss"].nunique() == 3  # rounds 0, 2 and 4: the model moved
   build = _build.aggregator_chain
 
-  def beyond_tolerance(config, method):  # what the config checks refuse, to test the stop
-    chain = build(config, method)
+  def beyond_tolerance(config, method, canaries_from=None):  # what the config checks
+    chain = build(config, method, canaries_from)  # refuse, to test the stop
     return agg.chain(*chain.stages[:-1], agg.secure_sum(bound=1.0, dropout=0.5,
                                                         tolerance=0.3))
 
