@@ -124,6 +124,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dp_noise = 1.0  # noise multiplier z (noise std = z * dp_clip)
   config.dp_target_epsilon = 0.0  # > 0: choose dp_noise to reach this epsilon
   config.dp_delta = 1e-5
+  # example-level DP-SGD's batches: poisson (each example independently with
+  # probability batch / n_k in every step: what the accountant assumes) | shuffle
+  # (fixed-size batches of a shuffle; its epsilon is then an approximation)
+  config.dp_batches = "poisson"
   config.dp_budget = 0.0  # > 0: a private method stops at the last round whose epsilon
   # (at dp_delta) stays within this budget (rows: dp_budget, dp_budget_rounds)
   # An empirical epsilon beside the accountant's (client-level DP; needs jax-privacy,

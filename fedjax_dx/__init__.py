@@ -48,6 +48,7 @@ from fedjax_dx.core._local import gather_batch
 from fedjax_dx.core._local import local_trainer
 from fedjax_dx.core._local import LocalBudget
 from fedjax_dx.core._local import LocalTrainer
+from fedjax_dx.core._local import poisson_bound
 from fedjax_dx.core._local import train_client
 from fedjax_dx.core._local import train_clients
 from fedjax_dx.core._metrics import binary_auc
@@ -129,6 +130,7 @@ __all__ = (
     "load_results",
     "study",
     "metrics_table",
+    "poisson_bound",
     "adaptive_update_noise",
     "Algorithm",
     "Systems",

@@ -293,3 +293,47 @@ def test_calibrated_attack_scores_the_loss_drop():
   assert float(result["calibrated_tpr_at_1pct_fpr"]) == pytest.approx(
       np.mean(member > threshold))
   assert float(result["calibrated_auc"]) > 0.8
+
+
+def test_poisson_dp_sgd_batches_include_each_example_at_batch_over_n():
+  """DP-SGD's Poisson batches: every example of a client in each step with probability
+  batch / n (frequencies over many steps), never a padded or out-of-range example, a
+  new draw each round; one step equals a loop over the chosen examples with the
+  clipped sum divided by the expected batch, not by the padded slots."""
+  model = fdx.mlp(hidden=(8,), num_classes=2)
+  xs, ys, data = make_data()
+  params = init_params(model)
+  clip, batch = 0.05, 3
+  opt = fdx.client.dp_sgd(optax.sgd(1.0), clip_norm=clip, noise_multiplier=0.0,
+                          batch_sampling="poisson")
+  trainer = fdx.local_trainer(model, opt, batch_size=batch,
+                              budget=fdx.LocalBudget(steps=2000))
+  client = jax.tree.map(lambda a: a[1], data)
+  n = int(client.num_examples)
+  layout, end = jax.jit(trainer.client_batches, static_argnums=3)(
+      client, jax.random.PRNGKey(4), jnp.int32(0), 1)
+  slots, weight = np.asarray(layout.slots), np.asarray(layout.weight)
+  assert int(end) == 2000 and slots.shape[1] == fdx.poisson_bound(batch, client.labels.shape[0])
+  chosen = np.zeros((2000, client.labels.shape[0]))
+  for s in range(2000):
+    chosen[s, slots[s][weight[s] > 0]] = 1
+  assert chosen[:, n:].sum() == 0  # padding never
+  np.testing.assert_allclose(chosen[:, :n].mean(0), batch / n, atol=0.05)
+  again, _ = trainer.client_batches(client, jax.random.PRNGKey(4), jnp.int32(2000), 1)
+  assert not np.array_equal(np.asarray(again.slots), slots)  # the next round draws anew
+  # One step against the loop over its chosen examples.
+  one = fdx.local_trainer(model, opt, batch_size=batch, budget=fdx.LocalBudget(steps=1))
+  layout, _ = one.client_batches(client, jax.random.PRNGKey(7), jnp.int32(0), 1)
+  picked = np.asarray(layout.slots[0])[np.asarray(layout.weight[0]) > 0]
+  state = one.client_init(params, optax.sgd(1.0).init(params),
+                          noise_key=jax.random.PRNGKey(0))
+  stepped = one.client_step(state, fdx.gather_batch(client, layout.slots[0],
+                                                    layout.weight[0]))
+  total = np.zeros_like(_flat(params))
+  for i in picked:
+    g = _flat(jax.grad(lambda p: fdx.per_example_loss(
+        model, model.apply(p, client.features[i][None]), client.labels[i][None])[0])(
+            params))
+    total += g * min(1.0, clip / np.linalg.norm(g))
+  np.testing.assert_allclose(_flat(stepped.params), _flat(params) - total / batch,
+                             atol=1e-6)

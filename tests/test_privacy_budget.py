@@ -131,9 +131,10 @@ def test_a_budget_stops_training_at_the_last_round_within_it(tmp_path):
 
 def test_each_hospital_sees_its_own_example_level_epsilon(tmp_path):
   """DP-SGD in hospitals of different sizes: each site's rows carry its own epsilon
-  (batch / n_k sampling over its own steps); the pooled row the worst; marked as an
-  approximation (shuffled batches accounted as Poisson)."""
-  config = _config(dp="example", batch_size=4)
+  (batch / n_k sampling over its own steps); the pooled row the worst; with shuffled
+  batches marked as an approximation (accounted as Poisson), with Poisson batches (the
+  default) a guarantee."""
+  config = _config(dp="example", batch_size=4, dp_batches="shuffle")
   config.dataset.size_skew = 1.0
   result = study.run(config, str(tmp_path / "example"), quiet=True, programs=PROGRAMS)
   metrics = result.metrics
@@ -149,3 +150,10 @@ def test_each_hospital_sees_its_own_example_level_epsilon(tmp_path):
   assert final.loc["pooled", "epsilon"] == pytest.approx(max(expected), rel=1e-5)
   assert not final["epsilon_guarantee"].any()
   assert "not a guarantee" in final.loc["pooled", "dp_sampling"]
+  poisson, _ = _pooled(tmp_path, "poisson_batches", dp="example", batch_size=4)
+  assert poisson["epsilon_guarantee"].all()
+  assert set(poisson["dp_sampling"]) == {"poisson batches"}
+  partition = pd.read_json(tmp_path / "poisson_batches" / "partition.json").iloc[:, 0]
+  sizes = np.asarray(partition["label_counts"]).sum(1)
+  assert poisson["epsilon"].iloc[-1] == pytest.approx(
+      fdx.example_level_epsilon(1.0, 4, sizes, 4 * 3, 1e-5), rel=1e-5)

@@ -24,10 +24,14 @@ class DpSgd(NamedTuple):
   clip_norm: float  # every example's gradient is clipped to this L2 norm
   noise_multiplier: float  # noise std / clip_norm, added to the clipped sum
   inner: optax.GradientTransformation  # the wrapped optimizer
+  # "shuffle": fixed-size batches of a per-epoch shuffle (accounted as Poisson: an
+  # approximation); "poisson": each example independently with probability
+  # batch / n_k in every step (what the accountant assumes), sum divided by the batch
+  batch_sampling: str = "shuffle"
 
   needs_noise_key = True  # local training hands each client its own noise key
 
-  def gradient(self, model, state, batch, count):
+  def gradient(self, model, state, batch, count, expected_batch=None):
     """`(loss, grads, next noise key)` of one step: per-example gradients (vmap), each
     clipped to `clip_norm`, summed, noised with std `noise_multiplier * clip_norm`, and
     divided by the fixed batch size."""
@@ -47,7 +51,9 @@ class DpSgd(NamedTuple):
     noisy = jax.tree.unflatten(treedef, [
         g + self.noise_multiplier * self.clip_norm * jax.random.normal(k, g.shape, g.dtype)
         for g, k in zip(leaves, keys)])
-    grads = jax.tree.map(lambda g: g / batch.weight.shape[0], noisy)  # fixed B
+    # The fixed (expected) batch B; Poisson batches fill padded slots, more than B.
+    expected = expected_batch or batch.weight.shape[0]
+    grads = jax.tree.map(lambda g: g / expected, noisy)
     loss = (losses * batch.weight).sum() / jnp.maximum(count, 1.0)
     return loss, grads, noise_key
 
@@ -59,8 +65,11 @@ class DpSgd(NamedTuple):
                                              num_examples, steps, delta, accountant)
 
 
+BATCH_SAMPLINGS = ("shuffle", "poisson")
+
+
 def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
-           noise_multiplier: float) -> DpSgd:
+           noise_multiplier: float, batch_sampling: str = "shuffle") -> DpSgd:
   """Example-level differential privacy for each hospital's local training.
 
   Every example's gradient is clipped to `clip_norm`, the clipped gradients are summed,
@@ -73,6 +82,11 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
     optimizer: the client optimizer.
     clip_norm: per-example clipping norm (> 0; may be traced).
     noise_multiplier: noise std over `clip_norm` (>= 0; may be traced).
+    batch_sampling: "shuffle" (fixed-size batches of a per-epoch shuffle; the
+      accountant's Poisson figure is then an approximation) or "poisson" (every
+      example of the hospital independently with probability batch / n_k in every
+      step, in slots padded to a bound the count exceeds with probability < 1e-9:
+      what the accountant assumes).
 
   Returns:
     A `DpSgd` (an optax transformation with its own gradient and `epsilon`).
@@ -84,6 +98,9 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
   from fedjax_dx.core import _local  # pylint: disable=g-import-not-at-top
   _local.check_hyperparameter(clip_norm, "DP-SGD clip_norm", above=0.0)
   _local.check_hyperparameter(noise_multiplier, "DP-SGD noise_multiplier", minimum=0.0)
+  if batch_sampling not in BATCH_SAMPLINGS:
+    raise ValueError(f"batch_sampling must be one of {BATCH_SAMPLINGS}, got "
+                     f"{batch_sampling!r}")
   inner = optax.with_extra_args_support(optimizer)
 
   def update(grads, state, params=None, *, private_gradient=False, **extra_args):
@@ -92,5 +109,6 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
                        "whole client optimizer (outermost), not sit inside an optax chain")
     return inner.update(grads, state, params, **extra_args)
 
-  return DpSgd(optimizer.init, update, clip_norm, noise_multiplier, optimizer)
+  return DpSgd(optimizer.init, update, clip_norm, noise_multiplier, optimizer,
+               batch_sampling)
 

@@ -69,6 +69,51 @@ def gather_batch(client: "Client", slots: jax.Array, weight: jax.Array) -> Batch
   return Batch(x=client.features[slots], y=client.labels[slots], weight=weight)
 
 
+POISSON_OVERFLOW = 1e-9  # chance a Poisson batch holds more examples than its slots
+
+
+def poisson_bound(batch: int, max_examples: int) -> int:
+  """Slots for a Poisson batch of expected size `batch` from up to `max_examples`
+  examples: P(count > bound) < POISSON_OVERFLOW for every client size (the binomial
+  tail grows with n at a fixed mean, so the largest client sets it)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if max_examples <= batch:
+    return max(max_examples, 1)
+  bound = int(stats.binom.isf(POISSON_OVERFLOW, max_examples, batch / max_examples)) + 1
+  return min(max(bound, batch), max_examples)
+
+
+def _poisson_batches(budget: LocalBudget, batch: int, num_steps: Callable, client: Client,
+                     key, position, epochs_window: int, work=None):
+  """Poisson batches (DP-SGD's `batch_sampling="poisson"`): in every step each of the
+  client's n examples is in independently with probability batch / n; the chosen ones
+  fill the first slots of `poisson_bound` (a count past it, probability < 1e-9, is
+  cut). The steps are the budget's (epochs: n * epochs / batch per client, rounded
+  up). `position` counts the steps taken, so every round draws anew."""
+  del epochs_window
+  n = client.num_examples
+  max_examples = client.labels.shape[0]
+  steps = num_steps(max_examples)
+  bound = poisson_bound(batch, max_examples)
+  if budget.steps is not None:
+    units = budget.steps if work is None else jnp.minimum(work, budget.steps)
+    active = units
+  else:
+    units = budget.epochs if work is None else jnp.minimum(work, budget.epochs)
+    active = jnp.ceil(n * units / batch).astype(jnp.int32)
+  rate = jnp.minimum(1.0, batch / jnp.maximum(n, 1).astype(jnp.float32))
+  real = jnp.arange(max_examples) < n
+
+  def one_step(step):
+    draw = jax.random.uniform(jax.random.fold_in(key, position + step), (max_examples,))
+    chosen = (draw < rate) & real
+    slots = jnp.argsort(~chosen, stable=True)[:bound]
+    return slots, (chosen[slots] & (step < active) & (n > 0)).astype(jnp.float32)
+
+  slots, weight = jax.vmap(one_step)(jnp.arange(steps))
+  return BatchSlots(slots=slots, weight=weight), (position + active).astype(jnp.int32)
+
+
 class ClientState(NamedTuple):
   """Carry of one client's local training (one round)."""
 
@@ -210,14 +255,18 @@ def local_trainer(model: _models.Model, optimizer: optax.GradientTransformation,
                        steps_taken=jnp.zeros((), jnp.int32), correction=correction,
                        noise_key=noise_key if needs_noise_key else None)
 
+  poisson = getattr(optimizer, "batch_sampling", "shuffle") == "poisson"
   if hasattr(optimizer, "gradient"):  # a transformation with its own gradient (DP-SGD)
-    gradient = functools.partial(optimizer.gradient, model)
+    # Poisson batches sit in padded slots: the sum is divided by the expected batch.
+    gradient = functools.partial(optimizer.gradient, model,
+                                 expected_batch=batch if poisson else None)
     step_optimizer, marks = optimizer, {"private_gradient": True}
   else:
     gradient = functools.partial(_gradient, model)
     step_optimizer, marks = optax.with_extra_args_support(optimizer), {}
   return LocalTrainer(
-      client_batches=functools.partial(_client_batches, budget, batch, num_steps),
+      client_batches=functools.partial(
+          _poisson_batches if poisson else _client_batches, budget, batch, num_steps),
       client_init=client_init,
       client_step=functools.partial(_client_step, step_optimizer, gradient, marks),
       client_final=_client_final, num_steps=num_steps, batch_size=batch, budget=budget)

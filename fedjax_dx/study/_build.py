@@ -171,7 +171,8 @@ def client_optimizer(config, method: str | None = None):
     optimizer = optax.sgd(config.learning_rate, momentum=config.momentum or None)
   if method in PRIVATE and config.dp == "example":  # DP-SGD: in local training
     optimizer = client.dp_sgd(optimizer, clip_norm=config.dp_clip,
-                              noise_multiplier=config.dp_noise)
+                              noise_multiplier=config.dp_noise,
+                              batch_sampling=config.dp_batches)
   return optimizer
 
 

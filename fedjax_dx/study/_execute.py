@@ -309,7 +309,8 @@ class MethodRun:
         hospitals = self._epsilons[key]
       eps = max((e for e in hospitals if e is not None), default=0.0)
       per_hospital = {"epsilon_by_hospital": [clean(e) for e in hospitals]}
-      sampling = "shuffled batches accounted as poisson (not a guarantee)"
+      sampling = ("poisson batches" if config.dp_batches == "poisson" else
+                  "shuffled batches accounted as poisson (not a guarantee)")
     else:
       if round_index == 0:
         eps = 0.0
@@ -327,7 +328,8 @@ class MethodRun:
     return {"epsilon": clean(eps), "dp_delta": config.dp_delta,
             "dp_noise": round(config.dp_noise, 6), "dp_clip": config.dp_clip,
             "dp_mode": config.dp, "dp_sampling": sampling,
-            "epsilon_guarantee": config.dp != "example", **budget, **per_hospital}
+            "epsilon_guarantee": config.dp != "example" or config.dp_batches == "poisson",
+            **budget, **per_hospital}
 
   def _round_bytes(self, metrics) -> tuple[np.ndarray, np.ndarray]:
     """Bytes up and down per seed of the rounds behind `metrics` ([S, R] counts):

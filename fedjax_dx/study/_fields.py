@@ -88,6 +88,8 @@ FIELDS: tuple[Field, ...] = (
     Field("dp_clip", float, None, "", default=1.0),
     Field("dp_noise", float, None, "", default=1.0),
     Field("dp_target_epsilon", float, None, "", compiled=False, default=0.0),
+    Field("dp_batches", str, _in("poisson", "shuffle"), "poisson or shuffle",
+          default="poisson"),
     Field("dp_budget", float, _non_negative, "an epsilon >= 0 (0: no budget)",
           compiled=False, default=0.0),
     Field("privacy_audit", bool, None, "", default=False),

@@ -660,9 +660,9 @@ def _privacy_table(pooled, config, swept) -> str:
       index=private.index)
   return ("<h2>Privacy spent</h2><p>The epsilon of each private method at "
           "its last round, from dp-accounting's accountant (an upper bound), with the "
-          "sampling it assumed. Example-level DP-SGD takes shuffled fixed-size batches "
-          "but is accounted as Poisson sampling: its epsilon is an approximation, not a "
-          "guarantee.</p><div class='wide'>" + table.to_html(escape=True) + "</div>")
+          "sampling it assumed. Example-level DP-SGD with shuffled fixed-size batches "
+          "(dp_batches = shuffle) is accounted as Poisson sampling: its epsilon is an "
+          "approximation, not a guarantee.</p><div class='wide'>" + table.to_html(escape=True) + "</div>")
 
 
 def _html(workdir, meta, summary, figures, metric) -> str:
