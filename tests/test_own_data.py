@@ -217,6 +217,7 @@ def tiny_loader(dataset_config):
 def test_a_loader_function_feeds_a_study(tmp_path):
   config = _csv_config("", loader=f"{__name__}:tiny_loader")
   config.dataset.name = "loader"
+  config.bucket_clients = True  # 3 hospitals padded to 4: the padding is no hospital
   result = study.run(config, str(tmp_path / "study"), quiet=True)
   assert list(result.table().columns) == ["a", "b", "c", "pooled"]
   config.dataset.loader = f"{__name__}:no_such_function"

@@ -48,13 +48,10 @@ def auditor_class():
 def with_canaries(train: _data.ClientData, count: int) -> _data.ClientData:
   """`train` with `count` canary clients appended, one all-zero example each (their
   training is replaced by the canary stage's crafted update)."""
-  c, n = train.labels.shape[:2]
-  total = c + count
-  pad = lambda x, fill=0: jnp.concatenate(
-      [x, jnp.full((count,) + x.shape[1:], fill, x.dtype)], axis=0)
+  c = train.num_clients
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((count,) + x.shape[1:], x.dtype)])
   mask = pad(train.mask).at[c:, 0].set(True)
   num_examples = pad(train.num_examples).at[c:].set(1)
-  del total, n
   return train.replace(features=pad(train.features), labels=pad(train.labels),
                        mask=mask, num_examples=num_examples)
 

@@ -690,7 +690,7 @@ def _check_own_data(config, data, names, methods, where: str) -> None:
     return
   source = {"csv": d.file, "parquet": d.file, "tfds": f"tfds {d.tfds_name}",
             "loader": f"loader {d.loader}"}[d.name]
-  sizes = np.asarray(data.train.num_examples)
+  sizes = np.asarray(data.train.num_examples)[:len(names)]  # not bucket padding
   for method in methods:
     batch = method_config(config, method).batch_size
     if method != "centralized" and sizes.min() < batch:
