@@ -14,8 +14,10 @@ audit detects leakage (its epsilon is infinite); large noise leaves it near 0.
 Needs jax-privacy (pip install 'fedjax_dx[audit]', Python >= 3.11).
 
 Default: Fed-Heart-Disease (4 hospitals) with an MLP (13 -> 64 -> 1: more parameters
-than canaries, so their directions are orthogonal). `:pneumonia`: PneumoniaMNIST in 10
-Dirichlet hospitals with the CNN.
+than canaries, so their directions are orthogonal). `:heart_example`: example-level
+DP-SGD (Poisson batches of 8) with 100 canary *examples* in the hospitals' rows, whose
+gradients DP-SGD crafts. `:pneumonia`: PneumoniaMNIST in 10 Dirichlet hospitals with the
+CNN.
 """
 
 from fedjax_dx.configs import heart_disease
@@ -46,7 +48,11 @@ def get_config(variant: str = "heart"):
     config.local_steps = 10
     config.rounds = 20
     config.eval_every = 20
+  elif variant == "heart_example":  # example-level DP-SGD: canary examples
+    config.dp = "example"
+    config.batch_size = 8
+    config.sweep = "dp_noise=0,0.5,1,2,4"
   elif variant != "heart":
-    raise ValueError(f"privacy_audit variants: heart (default) or pneumonia, got "
-                     f"{variant!r}")
+    raise ValueError(f"privacy_audit variants: heart (default), heart_example or "
+                     f"pneumonia, got {variant!r}")
   return config

@@ -145,12 +145,50 @@ def test_a_study_reports_both_bounds_and_hides_the_canaries(tmp_path):
   assert "canary audit, lower bound" in open(paths["report"]).read()
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(dp="example"), "config.privacy_audit = True: expected false with dp = "
-     "'example'"),
-    (dict(clients_per_round=2, sampling="uniform"),
-     "config.privacy_audit = True: expected false with fixed-size cohorts"),
-])
-def test_audits_the_study_cannot_run_are_refused(tmp_path, changes, message):
-  with pytest.raises(study.StudyError, match=message):
-    study.run(_audit_config(**changes), str(tmp_path / "x"), quiet=True)
+def test_audits_the_study_cannot_run_are_refused(tmp_path):
+  with pytest.raises(study.StudyError, match="config.privacy_audit = True: expected "
+                     "false with fixed-size cohorts"):
+    study.run(_audit_config(clients_per_round=2, sampling="uniform"),
+              str(tmp_path / "x"), quiet=True)
+
+
+def _example_audit(federation, noise):
+  """DP-SGD (Poisson batches) with 100 canary examples spread over the hospitals."""
+  model, params, _ = federation
+  data = fdx.synthetic_binary(seed=0, num_clients=CLIENTS, examples_per_client=60)
+  train, inside = _audit.with_canary_examples(data.train, CANARIES, seed=0)
+  opt = fdx.client.dp_sgd(optax.sgd(0.5), clip_norm=1.0, noise_multiplier=noise,
+                          batch_sampling="poisson", canaries=CANARIES)
+  algo = fdx.fedavg(model, opt, batch_size=8, local_steps=20)
+  state, _ = algo.run(algo.init(params, train, jax.random.PRNGKey(1)), train,
+                      num_rounds=5)
+  size = sum(x.size for x in jax.tree.leaves(params))
+  scores = _audit.canary_scores(params, state.params,
+                                agg.canary_directions(0, CANARIES, size))
+  return _audit.audit(scores, inside, delta=1e-5), train, data
+
+
+def test_example_level_canaries_leak_without_noise_and_not_with_it(federation):
+  """Canary examples (marked rows the DP-SGD gradient replaces by the clipping norm
+  against the canary's direction): the ones that are in sit in the hospitals' rows
+  (and only they); without noise the audit tells them apart, with noise 8 it cannot."""
+  leaky, train, data = _example_audit(federation, 0.0)
+  added = np.asarray(train.num_examples) - np.asarray(data.train.num_examples)
+  assert added.sum() == _audit.canary_inclusion(0, CANARIES).sum()
+  assert leaky.auroc > 0.85 and leaky.epsilon_one_run > 0.8
+  private, _, _ = _example_audit(federation, 8.0)
+  assert private.epsilon_one_run < 0.3
+
+
+def test_a_study_audits_example_level_dp(tmp_path):
+  result = study.run(_audit_config(dp="example", batch_size=4, audit_canaries=30),
+                     str(tmp_path / "example"), quiet=True)
+  metrics = result.metrics
+  final = metrics[(metrics["method"] == "fedavg") & (metrics["split"] == "test")
+                  & (metrics["round"] == 4) & (metrics["client"] == "pooled")].iloc[0]
+  assert final["audit_canaries"] == 30 and final["epsilon_lower"] >= 0
+  assert final["dp_sampling"] == "poisson batches"
+  # The canary examples never reach an evaluation: test sizes are the real ones.
+  sizes = metrics[(metrics["method"] == "fedavg") & (metrics["split"] == "train")
+                  & (metrics["client"] != "pooled")]["num_examples"]
+  assert sizes.max() <= 40

@@ -28,6 +28,10 @@ class DpSgd(NamedTuple):
   # approximation); "poisson": each example independently with probability
   # batch / n_k in every step (what the accountant assumes), sum divided by the batch
   batch_sampling: str = "shuffle"
+  # The privacy audit's canary examples (`privacy/_audit.py`): an example whose features
+  # carry the canary mark contributes `clip_norm` along its canary's direction instead
+  # of its gradient; 0 = no canaries
+  canaries: int = 0
 
   needs_noise_key = True  # local training hands each client its own noise key
 
@@ -40,6 +44,11 @@ class DpSgd(NamedTuple):
 
     losses, per_example = jax.vmap(jax.value_and_grad(example_loss),
                                    in_axes=(None, 0, 0))(state.params, batch.x, batch.y)
+    if self.canaries:
+      from fedjax_dx.privacy import _audit  # pylint: disable=g-import-not-at-top
+      per_example, is_canary = _audit.craft_example_gradients(
+          per_example, batch.x, state.params, self.canaries, self.clip_norm)
+      losses = jnp.where(is_canary, 0.0, losses)
     leaves = jax.tree.leaves(per_example)
     norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
                          for g in leaves))
@@ -69,7 +78,8 @@ BATCH_SAMPLINGS = ("shuffle", "poisson")
 
 
 def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
-           noise_multiplier: float, batch_sampling: str = "shuffle") -> DpSgd:
+           noise_multiplier: float, batch_sampling: str = "shuffle",
+           canaries: int = 0) -> DpSgd:
   """Example-level differential privacy for each hospital's local training.
 
   Every example's gradient is clipped to `clip_norm`, the clipped gradients are summed,
@@ -87,6 +97,8 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
       example of the hospital independently with probability batch / n_k in every
       step, in slots padded to a bound the count exceeds with probability < 1e-9:
       what the accountant assumes).
+    canaries: the privacy audit's canary examples (`privacy/_audit.py`,
+      `with_canary_examples`): how many directions there are; 0 for none.
 
   Returns:
     A `DpSgd` (an optax transformation with its own gradient and `epsilon`).
@@ -110,5 +122,5 @@ def dp_sgd(optimizer: optax.GradientTransformation, *, clip_norm: float,
     return inner.update(grads, state, params, **extra_args)
 
   return DpSgd(optimizer.init, update, clip_norm, noise_multiplier, optimizer,
-               batch_sampling)
+               batch_sampling, int(canaries))
 

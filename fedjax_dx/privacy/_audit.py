@@ -1,4 +1,9 @@
-"""An empirical epsilon: the one-run canary audit of client-level DP.
+"""An empirical epsilon: the one-run canary audit of client-level and example-level DP.
+
+Example level (DP-SGD): `with_canary_examples` adds the canary examples that are in to
+the hospitals' training data, each marked in its features; DP-SGD
+(`client.dp_sgd(..., canaries=count)`) gives a marked example the clipping norm along
+its canary's direction in place of its gradient. The rest is as below.
 
 `with_canaries` appends canary clients to the training data and `canary_participation`
 includes each with probability 1/2 (a seeded draw); the aggregator chain's first stage
@@ -54,6 +59,50 @@ def with_canaries(train: _data.ClientData, count: int) -> _data.ClientData:
   num_examples = pad(train.num_examples).at[c:].set(1)
   return train.replace(features=pad(train.features), labels=pad(train.labels),
                        mask=mask, num_examples=num_examples)
+
+
+CANARY_MARK = -7.7e7  # the first feature of a canary example (no real data holds it)
+
+
+def with_canary_examples(train: _data.ClientData, count: int, seed: int):
+  """`train` with the canary examples that are in (`canary_inclusion(seed, count)`)
+  appended to the hospitals' rows, canary i in hospital i mod C, and the inclusion.
+  A canary example's features are zeros but for the mark and its index; its label 0
+  (its gradient is crafted, `craft_example_gradients`)."""
+  inside = canary_inclusion(seed, count)
+  c = train.num_clients
+  features, labels = _data.unstack_clients(train)
+  for i in np.flatnonzero(inside):
+    k = i % c
+    x = np.zeros((1,) + tuple(train.feature_shape), np.float32)
+    flat = x.reshape(-1)
+    flat[0], flat[1] = CANARY_MARK, float(i)
+    features[k] = np.concatenate([features[k], x])
+    labels[k] = np.concatenate([labels[k], np.zeros((1,) + labels[k].shape[1:],
+                                                    labels[k].dtype)])
+  num_classes = int(np.max(np.concatenate([np.ravel(y) for y in labels]))) + 1
+  stacked = _data.stack_clients(features, labels, num_classes=max(num_classes, 2),
+                                name="train with canaries")
+  return stacked, inside
+
+
+def craft_example_gradients(per_example, features, params, count: int,
+                            clip_norm: float):
+  """Per-example gradients `[B, ...]` with each marked canary example's replaced by
+  `clip_norm` against its canary's direction (so training moves the model along it);
+  also the canary flags `[B]`."""
+  from fedjax_dx.agg._canary import canary_directions  # pylint: disable=g-import-not-at-top
+  flat_x = features.reshape(features.shape[0], -1)
+  is_canary = flat_x[:, 0] == CANARY_MARK
+  index = jnp.clip(flat_x[:, 1].astype(jnp.int32), 0, count - 1)
+  _, unravel = ravel_pytree(params)
+  size = ravel_pytree(params)[0].size
+  # Minus the direction: a descent step then moves the model along it (the score).
+  crafted = jax.vmap(unravel)(-clip_norm * canary_directions(0, count, size)[index])
+  mixed = jax.tree.map(
+      lambda g, c: jnp.where(is_canary.reshape((-1,) + (1,) * (g.ndim - 1)), c, g),
+      per_example, crafted)
+  return mixed, is_canary
 
 
 def canary_inclusion(seed: int, count: int) -> np.ndarray:

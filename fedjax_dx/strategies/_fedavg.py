@@ -144,7 +144,9 @@ def fedprox(model, client_optimizer, *, mu: float, systems: Systems | None = Non
     client_optimizer = _client.dp_sgd(
         optax.chain(_client.proximal(mu), client_optimizer.inner),
         clip_norm=client_optimizer.clip_norm,
-        noise_multiplier=client_optimizer.noise_multiplier)
+        noise_multiplier=client_optimizer.noise_multiplier,
+        batch_sampling=client_optimizer.batch_sampling,
+        canaries=client_optimizer.canaries)
   else:
     client_optimizer = optax.chain(_client.proximal(mu), client_optimizer)
   return fedavg(model, client_optimizer,

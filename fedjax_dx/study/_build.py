@@ -163,8 +163,9 @@ def build_model(config, num_classes: int) -> _models.Model:
                      compute_dtype=m.compute_dtype)
 
 
-def client_optimizer(config, method: str | None = None):
-  """The client optimizer of a method's config (DP-SGD around it for dp='example')."""
+def client_optimizer(config, method: str | None = None, canaries: int = 0):
+  """The client optimizer of a method's config (DP-SGD around it for dp='example',
+  crafting the gradients of `canaries` canary examples for the privacy audit)."""
   if config.optimizer == "adam":
     optimizer = optax.adam(config.learning_rate)
   else:
@@ -172,7 +173,7 @@ def client_optimizer(config, method: str | None = None):
   if method in PRIVATE and config.dp == "example":  # DP-SGD: in local training
     optimizer = client.dp_sgd(optimizer, clip_norm=config.dp_clip,
                               noise_multiplier=config.dp_noise,
-                              batch_sampling=config.dp_batches)
+                              batch_sampling=config.dp_batches, canaries=canaries)
   return optimizer
 
 
@@ -259,8 +260,14 @@ def _straggler_policy(config, method: str) -> str:
 
 def build_method(config, method: str, model,
                  canaries_from: int | None = None) -> _engine.Algorithm:
-  """The `Algorithm` of one method, from its (per-method) config (with the privacy
-  audit's canary clients from client `canaries_from` on, when given)."""
+  """The `Algorithm` of one method, from its (per-method) config; with the privacy
+  audit (`canaries_from` given), client-level DP gets canary clients from client
+  `canaries_from` on, example-level DP-SGD crafts its canary examples' gradients."""
+  example_canaries = (config.audit_canaries if canaries_from is not None
+                      and config.dp == "example" else 0)
+  if config.dp == "example":
+    canaries_from = None  # no canary clients: the canaries are examples
+  optimizer = client_optimizer(config, method, example_canaries)
   budget = dict(batch_size=config.batch_size,
                 local_steps=config.local_steps or None,
                 local_epochs=config.local_epochs or None)
@@ -276,14 +283,14 @@ def build_method(config, method: str, model,
   server_sgd = optax.sgd(config.server_learning_rate)
   if method in ("fedavg", "fedavg_ft"):
     return _fedavg.fedavg(
-        model, client_optimizer(config, method), server_optimizer=server_sgd, name=method,
+        model, optimizer, server_optimizer=server_sgd, name=method,
         fine_tune_steps=config.fine_tune_steps if method == "fedavg_ft" else 0, **common)
   if method == "fedavgm":
-    return _fedavg.fedavgm(model, client_optimizer(config, method), name=method,
+    return _fedavg.fedavgm(model, optimizer, name=method,
                            server_learning_rate=config.server_learning_rate,
                            server_momentum=config.server_momentum, **common)
   if method == "fedprox":
-    return _fedavg.fedprox(model, client_optimizer(config, method), mu=config.mu, name=method,
+    return _fedavg.fedprox(model, optimizer, mu=config.mu, name=method,
                            server_optimizer=server_sgd, **common)
   if method == "scaffold":
     guarded = config.guard or config.drop_nonfinite
@@ -294,7 +301,7 @@ def build_method(config, method: str, model,
                               form=config.scaffold_form,
                               **shape, **budget)
   if method in ("fedadam", "fedyogi", "fedadagrad"):
-    return _fedavg.fedopt(model, client_optimizer(config, method), server=method[3:],
+    return _fedavg.fedopt(model, optimizer, server=method[3:],
                           server_learning_rate=config.fedopt_learning_rate,
                           b1=config.fedopt_b1, b2=config.fedopt_b2,
                           tau=config.fedopt_tau, form=config.fedopt_form, name=method,

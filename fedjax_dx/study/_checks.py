@@ -237,10 +237,8 @@ def _check_dp_fields(config, need) -> None:
   need(config.aggregator == "mean", "aggregator", "mean with dp (clipped updates are "
        "averaged)")
   if config.privacy_audit:
-    need(config.dp in ("central", "local"), "privacy_audit",
-         "false with dp = 'example' (the audit inserts canary clients: it audits "
-         "client-level DP; canary examples for DP-SGD are not implemented)")
-    need(not config.clients_per_round or config.sampling in ("auto", "poisson"),
+    need(config.dp == "example" or not config.clients_per_round
+         or config.sampling in ("auto", "poisson"),
          "privacy_audit", "false with fixed-size cohorts (sampling = uniform): canary "
          "clients take part as Poisson-sampled clients do; use sampling = poisson")
     need(importlib.util.find_spec("jax_privacy") is not None, "privacy_audit",

@@ -142,7 +142,14 @@ class MethodRun:
     # 1/2 per seed, sampled as real clients are; the chain's first stage crafts their
     # updates. Evaluation and the membership audit see the real clients only.
     self.audit_from = None
-    if self.private and config.privacy_audit:
+    if self.private and config.privacy_audit and config.dp == "example":
+      # Canary examples that are in join the hospitals' rows (the same for every seed
+      # of this program); DP-SGD crafts their gradients.
+      self.audit_from = train.num_clients
+      train, self.example_inclusion = _audit.with_canary_examples(
+          train, config.audit_canaries, seeds[0])
+      self.train = train
+    elif self.private and config.privacy_audit:
       self.audit_from = train.num_clients
       train = self.train = _audit.with_canaries(train, config.audit_canaries)
       rate = self.sampling.rate if self.sampling.sampling == "poisson" else 1.0
@@ -512,22 +519,25 @@ class MethodRun:
               else self._evaluated_models())
     self.final_params = host(params)  # [S, ...] ([S, C, ...] local): models/ saves them
     if self.audit_from is not None:
-      self._attach_audit(rows, done, host(self.states.aggregator["canaries"]))
+      self._attach_audit(rows, done)
     if config.get("bootstrap_resamples", 0):
       self._attach_bootstrap(rows, done)
     return rows
 
-  def _attach_audit(self, rows, final_round: int, canaries) -> None:
+  def _attach_audit(self, rows, final_round: int) -> None:
     """The final pooled test row of each seed gets the canary audit's epsilon lower
     bounds (`epsilon_lower`: one run, `epsilon_lower_cp`: Clopper-Pearson) at
     `epsilon_lower_confidence`, with the scores' AUROC."""
     config = self.config
+    example = config.dp == "example"
+    size = int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(self.initial_params)))
+    directions = agg.canary_directions(0, config.audit_canaries, size)
     for s, seed in enumerate(self.seeds):
       scores = _audit.canary_scores(_seed_slice(self.initial_params, s),
-                                    _seed_slice(self.final_params, s),
-                                    canaries["directions"][s])
-      result = _audit.audit(scores, _audit.canary_inclusion(seed, config.audit_canaries),
-                            delta=config.dp_delta,
+                                    _seed_slice(self.final_params, s), directions)
+      included = (self.example_inclusion if example
+                  else _audit.canary_inclusion(seed, config.audit_canaries))
+      result = _audit.audit(scores, included, delta=config.dp_delta,
                             significance=config.audit_significance)
       for row in rows[seed]:
         if (row["round"] == final_round and row["split"] == "test"
