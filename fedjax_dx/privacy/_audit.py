@@ -97,8 +97,11 @@ def craft_example_gradients(per_example, features, params, count: int,
   index = jnp.clip(flat_x[:, 1].astype(jnp.int32), 0, count - 1)
   _, unravel = ravel_pytree(params)
   size = ravel_pytree(params)[0].size
+  # Computed once when tracing (a constant of the program), not in every step.
+  with jax.ensure_compile_time_eval():
+    directions = canary_directions(0, count, size)
   # Minus the direction: a descent step then moves the model along it (the score).
-  crafted = jax.vmap(unravel)(-clip_norm * canary_directions(0, count, size)[index])
+  crafted = jax.vmap(unravel)(-clip_norm * directions[index])
   mixed = jax.tree.map(
       lambda g, c: jnp.where(is_canary.reshape((-1,) + (1,) * (g.ndim - 1)), c, g),
       per_example, crafted)
