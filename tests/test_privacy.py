@@ -337,3 +337,19 @@ def test_poisson_dp_sgd_batches_include_each_example_at_batch_over_n():
     total += g * min(1.0, clip / np.linalg.norm(g))
   np.testing.assert_allclose(_flat(stepped.params), _flat(params) - total / batch,
                              atol=1e-6)
+
+
+def test_fedprox_keeps_dp_sgd_batch_sampling_and_canaries(monkeypatch):
+  """FedProx re-wraps DP-SGD around its proximal term: the batch sampling and the
+  audit's canaries stay what the caller asked for (they fell back to defaults)."""
+  from fedjax_dx.strategies import _fedavg  # pylint: disable=g-import-not-at-top
+  seen = {}
+  monkeypatch.setattr(_fedavg, "fedavg",
+                      lambda model, client_optimizer, **kwargs: seen.setdefault(
+                          "optimizer", client_optimizer))
+  opt = fdx.client.dp_sgd(optax.sgd(0.1), clip_norm=1.0, noise_multiplier=1.0,
+                          batch_sampling="poisson", canaries=7)
+  _fedavg.fedprox(fdx.logistic_regression(), opt, mu=0.1, batch_size=4, local_steps=2)
+  wrapped = seen["optimizer"]
+  assert isinstance(wrapped, fdx.client.DpSgd) and wrapped.inner is not opt.inner
+  assert (wrapped.batch_sampling, wrapped.canaries) == ("poisson", 7)
