@@ -64,7 +64,7 @@ def environment() -> dict[str, Any]:
   import importlib.metadata as md
   versions = {}
   for package in ("fedjax_dx", "jax", "jaxlib", "flax", "optax", "numpy", "pandas",
-                  "ml_collections", "tensorflow_datasets", "scikit-learn"):
+                  "ml_collections", "tensorflow_datasets", "scikit-learn", "flwr"):
     try:
       versions[package] = md.version(package)
     except md.PackageNotFoundError:
