@@ -14,6 +14,11 @@ Example:
   >>> fdx.evaluate(model, state.params, data.test)["pooled"]["accuracy"]
 """
 
+import time as _time
+
+_IMPORT_STARTED = _time.time()  # a deployed hospital reports its import time
+
+
 from fedjax_dx import agg
 from fedjax_dx import client
 from fedjax_dx.agg import adaptive_update_noise

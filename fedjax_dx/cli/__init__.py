@@ -4,6 +4,7 @@ r"""The `fedjax-dx` command: run a study, redraw its report, list the ready-made
   fedjax-dx run --config=path/to/my_config.py --workdir=results/mine
   fedjax-dx report --workdir=results/hd
   fedjax-dx configs
+  fedjax-dx deploy --config=test --method=fedavg --workdir=/tmp/deployed
 
 `--config` takes a config file's path or the name of a ready-made config (`fedjax-dx
 configs` lists them). In the repository, `python -m benchmarks.run` and
@@ -19,6 +20,7 @@ _COMMANDS = {
     "run": "run a study (every method x sweep point x seed) into --workdir",
     "report": "draw the figures and report.html of a finished study in --workdir",
     "configs": "list the ready-made configs (usable by name: --config=NAME)",
+    "deploy": "run a study's method deployed with Flower on this machine (loopback)",
 }
 
 
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
   elif command == "report":
     from fedjax_dx.cli import _report  # pylint: disable=g-import-not-at-top
     app.run(_report.main, argv=[program, *rest])
+  elif command == "deploy":
+    from fedjax_dx.cli import _deploy  # pylint: disable=g-import-not-at-top
+    app.run(_deploy.main, argv=[program, *rest], flags_parser=_deploy.parse_flags)
   elif command == "configs":
     for name in config_names():
       print(f"{name:<20} {os.path.join(configs_dir(), name + '.py')}")

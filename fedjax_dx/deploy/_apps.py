@@ -88,7 +88,7 @@ def _plan_of(run, data) -> tuple[_plan.Plan, int]:
   return plan, k
 
 
-def train(message, context, started: float | None = None):
+def train(message, context, import_s: float | None = None):
   """One round of this hospital: its half of the study's round on its own data."""
   from flwr.app import Message, MetricRecord, RecordDict  # pylint: disable=g-import-not-at-top
   begin = time.time()
@@ -121,9 +121,9 @@ def train(message, context, started: float | None = None):
             "prepare-s": prepared - begin, "compile-s": compiled - prepared,
             "train-s": trained - compiled, "upload-bytes": _record_bytes(update)}
   if age is not None:
-    timing["start-s"] = age  # process start and imports, before this handler
-  if started is not None:
-    timing["import-s"] = begin - started
+    timing["start-s"] = age  # process start to this handler: Python, Flower, imports
+  if import_s is not None:
+    timing["import-s"] = import_s  # JAX, Flax, optax and fedjax_dx, part of start-s
   return Message(RecordDict({"update": update, "metrics": MetricRecord(timing)}),
                  reply_to=message)
 

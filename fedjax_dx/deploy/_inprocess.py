@@ -36,4 +36,13 @@ class InProcessGrid:
 
   def send_and_receive(self, messages, *, timeout=None):
     del timeout
-    return [self.client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+    return [self._handle(m) for m in messages]
+
+  def _handle(self, message):
+    """The app's reply, or, as a SuperNode reports a ClientApp that raised, an error
+    reply naming the exception."""
+    from flwr.app import Error, Message  # pylint: disable=g-import-not-at-top
+    try:
+      return self.client_app(message, self.contexts[message.metadata.dst_node_id])
+    except Exception as e:  # pylint: disable=broad-except
+      return Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=message)
