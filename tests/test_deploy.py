@@ -21,7 +21,7 @@ else:
 
 from fedjax_dx import deploy  # noqa: E402
 from fedjax_dx import study  # noqa: E402
-from fedjax_dx.deploy import _apps, _loopback, _plan, _wire  # noqa: E402
+from fedjax_dx.deploy import _loopback, _plan, _wire  # noqa: E402
 from fedjax_dx.study import _build  # noqa: E402
 
 ROUNDS = 2

@@ -14,7 +14,6 @@ where a round's time went. Needs `pip install 'fedjax_dx[deploy]'`.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import flags
