@@ -39,6 +39,8 @@ parse_flags = _run.parse_flags
 
 def main(argv):
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # tensorflow-datasets' INFO lines
   from fedjax_dx import deploy  # pylint: disable=g-import-not-at-top
   from fedjax_dx import study  # pylint: disable=g-import-not-at-top
   try:
