@@ -164,7 +164,7 @@ def _require_namespace():
 
 
 def test_loopback_deployment_ends_on_the_simulated_model(hospitals, tmp_path):
-  """A SuperLink and three SuperNodes as separate processes on 127.0.0.1 in a
+  """A SuperLink and two SuperNodes as separate processes on 127.0.0.1 in a
   loopback-only namespace, two rounds of FedAvg with the project's secure-sum stage
   across them (each hospital sends only a masked uint32 vector; the server unmasks
   their sum): the global model equals the simulation's, and every process ended.
@@ -172,12 +172,12 @@ def test_loopback_deployment_ends_on_the_simulated_model(hospitals, tmp_path):
   run is the real transport, its processes and their cost.)"""
   _require_namespace()
   base, data, _ = hospitals
-  method, overrides, hospitals_used = "fedavg", {"secure_aggregation": True}, 3
+  method, overrides, hospitals_used = "fedavg", {"secure_aggregation": True}, 2
   config = _config(base, **overrides)
   result = deploy.run_loopback(config, method, str(tmp_path / "deployed"), seed=2,
                                rounds=ROUNDS, hospitals=hospitals_used,
                                network_namespace="on", compilation_cache=TEST_CACHE,
-                               timeout_s=600, log=lambda line: None)
+                               timeout_s=600, evaluate=False, log=lambda line: None)
   used = jax.tree.map(lambda x: x[:hospitals_used], data)
   simulated = deploy.simulate(config, method, 2, used, ROUNDS)
   expected = dict(_wire.leaf_paths(jax.tree.map(np.asarray, simulated.params)))
@@ -191,6 +191,20 @@ def test_loopback_deployment_ends_on_the_simulated_model(hospitals, tmp_path):
   num_params = sum(v.size for v in expected.values())  # a uint32 per parameter each
   assert all(row["upload_bytes"] >= hospitals_used * 4 * num_params
              for row in result.rounds)
-  assert sorted(result.evaluation) == [str(k) for k in range(hospitals_used)]
+  assert result.evaluation == {}  # (evaluation: the in-process tests and the command)
   # Every process the deployment started has ended.
   assert not _loopback._marked(str(tmp_path / "deployed" / "flwr_home"))
+
+
+def test_deploy_command_refuses_bad_input_in_one_line_before_starting_anything(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  command = os.path.join(os.path.dirname(sys.executable), "fedjax-dx")
+  run = lambda *args: subprocess.run([command, "deploy", *args], cwd=tmp_path,
+                                     capture_output=True, text=True, timeout=300)
+  wrong = run("--config=test", "--method=median", "--workdir=d")
+  assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+  assert "error: method 'median': a deployment runs one of fedavg" in wrong.stderr
+  assert not (tmp_path / "d").exists()  # refused before any file or process
+  typo = run("--config=test", "--config.round=3", "--workdir=d")
+  assert typo.returncode == 2 and "did you mean 'rounds'" in typo.stderr

@@ -185,7 +185,8 @@ def _ask(grid, messages, timeout_s: float, what: str) -> dict[int, Any]:
 
 def serve(grid, config, method: str, *, seed: int = 0, rounds: int = 0,
           hospitals: int = 0, workdir: str = "", timeout_s: float = 600.0,
-          compilation_cache: str = DEFAULT_CACHE, log: Callable[[str], Any] = print):
+          compilation_cache: str = DEFAULT_CACHE, evaluate: bool = True,
+          log: Callable[[str], Any] = print):
   """The server's side of a deployed study method: asks each connected hospital who it
   is, plans the run, then for every round sends the sampled hospitals the global model
   and the round's context, sums their replies with the project's code and applies the
@@ -202,10 +203,12 @@ def serve(grid, config, method: str, *, seed: int = 0, rounds: int = 0,
       ("" writes nothing).
     timeout_s: how long to wait for hospitals to connect and for each round's replies.
     compilation_cache: JAX's persistent compilation cache for every process ("": off).
+    evaluate: at the end, each hospital scores the global model on its test rows.
     log: where progress lines go.
 
   Returns:
-    `(state, evaluation)`: the final `ServerState` and `{hospital: test metrics}`.
+    `(state, evaluation)`: the final `ServerState` and `{hospital: test metrics}` (empty
+    without `evaluate`).
   """
   from flwr.app import ConfigRecord, Message, RecordDict  # pylint: disable=g-import-not-at-top
   started = time.time()
@@ -288,16 +291,17 @@ def serve(grid, config, method: str, *, seed: int = 0, rounds: int = 0,
     lines.append(line)
     log(f"round {r + 1}/{rounds}: train loss {line['train_loss']:.4f}, "
         f"{line['num_uploads']} uploads, {line['wall_s']:.1f} s")
-  global_record = _wire.to_record(state.params)
-  answers = _ask(grid, [Message(RecordDict({"run": run_record(rounds),
-                                            "global": global_record}),
-                                dst_node_id=n, message_type="evaluate")
-                        for n in node_of], timeout_s, "evaluating the global model")
   evaluation = {}
-  for k, n in enumerate(node_of):
-    scores = dict(answers[n].content["metrics"])
-    scores.pop("hospital", None)
-    evaluation[k] = scores
+  if evaluate:
+    global_record = _wire.to_record(state.params)
+    answers = _ask(grid, [Message(RecordDict({"run": run_record(rounds),
+                                              "global": global_record}),
+                                  dst_node_id=n, message_type="evaluate")
+                          for n in node_of], timeout_s, "evaluating the global model")
+    for k, n in enumerate(node_of):
+      scores = dict(answers[n].content["metrics"])
+      scores.pop("hospital", None)
+      evaluation[k] = scores
   if workdir:
     _write_results(workdir, plan, state, lines, evaluation, names, rounds,
                    time.time() - started)
@@ -332,4 +336,5 @@ def serve_from_context(grid, context) -> None:
         rounds=int(rc.get("rounds", 0)), hospitals=int(rc.get("hospitals", 0)),
         workdir=str(rc.get("workdir", "")), timeout_s=float(rc.get("timeout", 600)),
         compilation_cache=str(rc.get("compilation-cache", DEFAULT_CACHE)),
+        evaluate=bool(rc.get("evaluate", True)),
         log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -265,7 +265,8 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
                  hospitals: int = 0, network_namespace: str = "auto",
                  compilation_cache: str = os.path.join("~", ".cache", "fedjax_dx",
                                                        "jax_cache"),
-                 timeout_s: float = 900.0, log: Callable[[str], Any] = print
+                 timeout_s: float = 900.0, evaluate: bool = True,
+                 log: Callable[[str], Any] = print
                  ) -> LoopbackResult:
   """Runs a study's method deployed on this machine: a Flower SuperLink and one
   SuperNode per hospital, each a separate process on 127.0.0.1 (`--insecure`), each
@@ -282,6 +283,7 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
       "on" (required), "off".
     compilation_cache: JAX's persistent compilation cache of every process ("": off).
     timeout_s: the longest the run may take.
+    evaluate: at the end, each hospital scores the final model on its test rows.
     log: where progress lines go.
 
   Returns:
@@ -319,7 +321,7 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
   _write_app(app_dir, {"study-config": config_path, "method": method, "seed": int(seed),
                        "rounds": int(rounds), "hospitals": len(paths),
                        "workdir": os.path.join(workdir, "results"),
-                       "timeout": float(timeout_s),
+                       "timeout": float(timeout_s), "evaluate": bool(evaluate),
                        "compilation-cache": compilation_cache})
   flwr_home = os.path.join(workdir, "flwr_home")
   os.makedirs(flwr_home, exist_ok=True)
