@@ -166,20 +166,31 @@ def bring_loopback_up() -> None:
     fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 0x1))
 
 
-def namespace_available() -> str | None:
-  """None if `unshare -n` can make a loopback-only network namespace here, else why
-  not."""
+def namespace_command() -> tuple[list[str] | None, str | None]:
+  """`(prefix, None)`: the command prefix that runs a process in a new network
+  namespace with only loopback (`unshare -n` as root, `unshare -rn` in a user namespace
+  otherwise), or `(None, why not)`."""
   if shutil.which("unshare") is None:
-    return "the unshare command (util-linux) is not installed"
-  try:
-    out = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=30,
-                         check=False)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    return f"unshare -n failed: {e}"
-  if out.returncode != 0:
-    return ("unshare -n is not permitted here (needs root or user namespaces): "
-            + out.stderr.decode(errors="replace").strip())
-  return None
+    return None, "the unshare command (util-linux) is not installed"
+  errors = []
+  for prefix in (["unshare", "-n"], ["unshare", "-r", "-n"]):
+    try:
+      out = subprocess.run(prefix + ["true"], capture_output=True, timeout=30,
+                           check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      errors.append(f"{' '.join(prefix)}: {e}")
+      continue
+    if out.returncode == 0:
+      return prefix, None
+    errors.append(f"{' '.join(prefix)}: "
+                  + (out.stderr.decode(errors="replace").strip() or "failed"))
+  return None, ("no network namespace can be made here (needs root or unprivileged user "
+                "namespaces): " + "; ".join(errors))
+
+
+def namespace_available() -> str | None:
+  """None if a loopback-only network namespace can be made here, else why not."""
+  return namespace_command()[1]
 
 
 def _launch(spec: dict[str, Any]) -> float:
@@ -294,7 +305,8 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
                       f"{network_namespace!r}")
   if shutil.which("flower-superlink", path=os.path.dirname(sys.executable)) is None \
       and shutil.which("flower-superlink") is None:
-    raise DeployError("Flower is not installed: pip install 'fedjax_dx[deploy]'")
+    raise DeployError("Flower is not installed: pip install 'fedjax_dx[deploy]' (Flower "
+                      "1.42 needs Python >= 3.11)")
   if os.path.isdir(workdir) and os.listdir(workdir):
     raise DeployError(f"workdir {workdir!r} is not empty; choose a new directory")
   from fedjax_dx.study import _build  # pylint: disable=g-import-not-at-top
@@ -329,7 +341,8 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
           "flwr_home": flwr_home, "app_dir": app_dir, "hospital_paths": paths,
           "timeout_s": float(timeout_s)}
   os.makedirs(spec["workdir"], exist_ok=True)
-  why_not = namespace_available() if network_namespace != "off" else "off"
+  prefix, why_not = (namespace_command() if network_namespace != "off"
+                     else (None, "off"))
   if network_namespace == "on" and why_not:
     raise DeployError(f"network_namespace='on' but {why_not}")
   log(f"deploying {method} on loopback: 1 SuperLink, {len(paths)} SuperNodes"
@@ -341,8 +354,8 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
     with open(spec_path, "w") as f:
       json.dump(spec, f)
     begin = time.time()
-    inner = subprocess.run(["unshare", "-n", sys.executable, "-m",
-                            "fedjax_dx.deploy._loopback", spec_path],
+    inner = subprocess.run(prefix + [sys.executable, "-m",
+                                     "fedjax_dx.deploy._loopback", spec_path],
                            capture_output=True, text=True, check=False,
                            timeout=timeout_s + 120)
     wall_s = time.time() - begin
