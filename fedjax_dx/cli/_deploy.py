@@ -51,8 +51,9 @@ def main(argv):
   except (deploy.DeployError, study.StudyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  print("where each round's time went:")
   for row in result.rounds:
-    print(f"round {row['round']}: train loss {row['train_loss']:.4f}, "
+    print(f"  round {row['round']}: train loss {row['train_loss']:.4f}, "
           f"{row['num_uploads']} uploads, {row['wall_s']:.1f} s (a hospital's process: "
           f"start {row.get('hospital_start_s_mean', float('nan')):.1f} s, compile "
           f"{row.get('hospital_compile_s_mean', float('nan')):.2f} s, train "

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -193,9 +195,37 @@ def namespace_available() -> str | None:
   return namespace_command()[1]
 
 
-def _launch(spec: dict[str, Any]) -> float:
+class _Follow:
+  """Passes the server's progress lines ("deploy ...", "round r/R: ...") from the
+  `flwr run --stream` log to `log` as they arrive."""
+
+  def __init__(self, path: str, log: Callable[[str], Any]):
+    self.path, self.log, self.offset, self.partial = path, log, 0, ""
+
+  def __call__(self) -> None:
+    try:
+      with open(self.path, errors="replace") as f:
+        f.seek(self.offset)
+        text = f.read()
+        self.offset = f.tell()
+    except OSError:
+      return
+    lines = (self.partial + text).split("\n")
+    self.partial = lines.pop()
+    for line in lines:
+      line = line.strip()
+      if line.startswith("deploy ") or _ROUND_LINE.match(line):
+        self.log(line)
+
+
+_ROUND_LINE = re.compile(r"round \d+/\d+: ")
+
+
+def _launch(spec: dict[str, Any], log: Callable[[str], Any] = lambda line: None
+            ) -> float:
   """Starts the SuperLink and the SuperNodes, submits the run with `flwr run`, waits
-  for it, and ends every process. Returns the wall time in seconds."""
+  for it (passing the server's progress lines to `log`), and ends every process.
+  Returns the wall time in seconds."""
   workdir, logs = spec["workdir"], spec["logs"]
   os.makedirs(logs, exist_ok=True)
   flwr_home = spec["flwr_home"]
@@ -237,7 +267,9 @@ def _launch(spec: dict[str, Any]) -> float:
       started.append(runner)
       deadline = time.time() + spec["timeout_s"]
       done = os.path.join(workdir, "deployment.json")
+      follow = _Follow(run_log, log)
       while time.time() < deadline:
+        follow()
         if runner.poll() is not None or os.path.exists(done):
           break
         for p, name in zip(started[1:-1], range(len(started) - 2)):
@@ -249,6 +281,7 @@ def _launch(spec: dict[str, Any]) -> float:
       else:
         raise DeployError(f"the deployed run did not finish within {spec['timeout_s']} s;"
                           f" see {logs}")
+      follow()
       # deployment.json is written last; give the run a moment to end by itself.
       try:
         runner.wait(timeout=30)
@@ -348,20 +381,28 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
   log(f"deploying {method} on loopback: 1 SuperLink, {len(paths)} SuperNodes"
       + ("" if why_not else ", in a loopback-only network namespace"))
   if why_not:
-    wall_s = _launch(spec)
+    wall_s = _launch(spec, log)
   else:
     spec_path = os.path.join(workdir, "launch.json")
     with open(spec_path, "w") as f:
       json.dump(spec, f)
     begin = time.time()
-    inner = subprocess.run(prefix + [sys.executable, "-m",
-                                     "fedjax_dx.deploy._loopback", spec_path],
-                           capture_output=True, text=True, check=False,
-                           timeout=timeout_s + 120)
-    wall_s = time.time() - begin
-    if inner.returncode != 0:
-      raise DeployError(f"the deployment failed (status {inner.returncode}):\n"
-                        + inner.stderr[-4000:])
+    with tempfile.TemporaryFile("w+") as errors:
+      inner = subprocess.Popen(prefix + [sys.executable, "-m",
+                                         "fedjax_dx.deploy._loopback", spec_path],
+                               stdout=subprocess.PIPE, stderr=errors, text=True)
+      for line in inner.stdout:  # the server's progress, as it comes
+        log(line.rstrip("\n"))
+      try:
+        inner.wait(timeout=timeout_s + 120)
+      except subprocess.TimeoutExpired:
+        inner.kill()
+        inner.wait()
+      wall_s = time.time() - begin
+      if inner.returncode != 0:
+        errors.seek(0)
+        raise DeployError(f"the deployment failed (status {inner.returncode}):\n"
+                          + errors.read()[-4000:])
   results = spec["workdir"]
   with np.load(os.path.join(results, "global_model.npz")) as f:
     params = {k: f[k] for k in f.files}
@@ -377,7 +418,7 @@ def _main(spec_path: str) -> int:
     spec = json.load(f)
   bring_loopback_up()
   try:
-    _launch(spec)
+    _launch(spec, lambda line: print(line, flush=True))
   except DeployError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
