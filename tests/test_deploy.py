@@ -126,6 +126,8 @@ def test_bad_hospitals_and_settings_are_refused_by_name(hospitals, tmp_path):
     plan(base, "centralized")
   with pytest.raises(deploy.DeployError, match="config.aggregator = 'median'"):
     plan(_config(base, aggregator="median"))
+  with pytest.raises(deploy.DeployError, match="config.learning_rate"):
+    plan(_config(base, learning_rate=-1.0))
   with pytest.raises(deploy.DeployError, match="config.privacy_audit"):
     plan(_config(base, dp="central", privacy_audit=True))
   with pytest.raises(deploy.DeployError, match="node config data-path is empty"):

@@ -91,6 +91,12 @@ def make_plan(config, method: str, seed: int, sizes, feature_shape, num_classes:
   if method not in METHODS:
     raise DeployError(f"method {method!r}: a deployment runs one of {', '.join(METHODS)}"
                       " (the baselines and cyclic need no network)")
+  checked = copy.deepcopy(config)
+  checked.methods = method  # the study's checks, for the one method deployed
+  try:
+    study.check_config(checked)  # every field's range, named, as a study checks it
+  except study.StudyError as e:
+    raise DeployError(str(e)) from None
   config = copy.deepcopy(study.method_config(config, method))
   if config.model.name == "cox":
     raise DeployError("config.model.name = 'cox': survival models are not deployed yet; "
