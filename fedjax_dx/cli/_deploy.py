@@ -67,14 +67,9 @@ def main(argv):
   if FLAGS.compare:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from fedjax_dx.study import _build  # pylint: disable=g-import-not-at-top
     from fedjax_dx.deploy import _wire  # pylint: disable=g-import-not-at-top
-    config = FLAGS.config
-    data = _build.load_data(config).data
-    if FLAGS.hospitals:
-      data = jax.tree.map(lambda x: x[:FLAGS.hospitals], data)
-    simulated = deploy.simulate(config, FLAGS.method, FLAGS.seed, data,
-                                FLAGS.rounds or config.rounds)
+    simulated = deploy.simulate(FLAGS.config, FLAGS.method, FLAGS.seed, result.data,
+                                FLAGS.rounds or FLAGS.config.rounds)
     expected = dict(_wire.leaf_paths(jax.tree.map(np.asarray, simulated.params)))
     worst = max(float(np.max(np.abs(expected[k] - result.params[k]))) for k in expected)
     same = all(np.array_equal(expected[k], result.params[k]) for k in expected)

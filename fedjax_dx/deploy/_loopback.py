@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fedjax_dx.deploy import _apps
 from fedjax_dx.deploy import _plan
 from fedjax_dx.deploy._plan import DeployError
 
@@ -64,6 +65,7 @@ class LoopbackResult:
   evaluation: dict[str, dict[str, float]]  # hospital -> test metrics of the final model
   wall_s: float  # process start of the SuperLink to the end of the run
   logs: str  # the directory of every process's log
+  data: Any = None  # the FederatedData deployed (its hospitals; for `simulate`)
 
 
 def free_port() -> int:
@@ -307,8 +309,7 @@ def _write_app(app_dir: str, run_config: dict[str, Any]) -> None:
 
 def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: int = 0,
                  hospitals: int = 0, network_namespace: str = "auto",
-                 compilation_cache: str = os.path.join("~", ".cache", "fedjax_dx",
-                                                       "jax_cache"),
+                 compilation_cache: str = _apps.DEFAULT_CACHE,
                  timeout_s: float = 900.0, evaluate: bool = True,
                  log: Callable[[str], Any] = print
                  ) -> LoopbackResult:
@@ -410,7 +411,8 @@ def run_loopback(config, method: str, workdir: str, *, seed: int = 0, rounds: in
     rounds_rows = [json.loads(line) for line in f if line.strip()]
   with open(os.path.join(results, "deployment.json")) as f:
     evaluation = json.load(f)["evaluation"]
-  return LoopbackResult(results, params, rounds_rows, evaluation, wall_s, spec["logs"])
+  return LoopbackResult(results, params, rounds_rows, evaluation, wall_s, spec["logs"],
+                        data)
 
 
 def _main(spec_path: str) -> int:

@@ -52,10 +52,6 @@ def study_config(config) -> ml_collections.ConfigDict:
   return study.load_config(text)
 
 
-def config_json(config) -> str:
-  return study_config(config).to_json(sort_keys=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """One method of a study, as a deployment runs it (the same on every side)."""
