@@ -250,6 +250,11 @@ def test_workdir_of_another_study_is_refused_untouched(tmp_path):
   assert sorted(os.listdir(other)) == ["notes.txt"]
 
 
+# A point's results file; not the hidden temporary file of a write that SIGKILL cut short
+# (write_atomic's ".<name>.XXXX.jsonl", which pathlib's glob would also match).
+POINT_FILES = "[!.]*.jsonl"
+
+
 def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   """A sweep killed (SIGKILL) in a separate process after its first point, resumed,
   ends on exactly the results of an uninterrupted run. The uninterrupted run and the
@@ -268,18 +273,18 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   deadline = time.time() + 300
   points = resumed / "points"
   while time.time() < deadline and process.poll() is None:
-    if points.is_dir() and len(list(points.glob("*.jsonl"))) >= 1:
+    if points.is_dir() and len(list(points.glob(POINT_FILES))) >= 1:
       break
     time.sleep(0.05)
   assert process.poll() is None, "the sweep finished before it could be killed"
   process.send_signal(signal.SIGKILL)
   process.wait()
-  done_before = len(list(points.glob("*.jsonl")))
+  done_before = len(list(points.glob(POINT_FILES)))
   assert 1 <= done_before < 6
   assert not (resumed / "metrics.jsonl").exists()
 
   study.run_study(config, str(resumed), quiet=True, programs=programs)
-  assert len(list(points.glob("*.jsonl"))) == 6
+  assert len(list(points.glob(POINT_FILES))) == 6
   timing = ["wall_s", "compile_s", "batched_seeds"]
   a = pd.read_json(resumed / "metrics.jsonl", lines=True).drop(columns=timing)
   b = pd.read_json(fresh / "metrics.jsonl", lines=True).drop(columns=timing)
