@@ -38,8 +38,9 @@ flags.DEFINE_bool("quiet", False, "No progress display or log lines.")
 flags.DEFINE_bool("report", True, "Write the figures and report.html at the end.")
 flags.DEFINE_string(
     "compilation_cache", os.path.join("~", ".cache", "fedjax_dx", "jax_cache"),
-    "JAX's persistent compilation cache directory: a repeated study loads its compiled "
-    "programs instead of compiling them again ('' turns it off).")
+    "JAX's persistent compilation cache directory, with the program store in its "
+    "programs/ folder: a repeated study loads its compiled programs instead of tracing "
+    "and compiling them again ('' turns both off).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
                     "(JAX's multi-controller runtime).")
 flags.DEFINE_integer("num_processes", 1, "Multi-host: processes in the run.", lower_bound=1)

@@ -366,7 +366,7 @@ class MethodRun:
 
   def execute(self, progress) -> dict[int, list[dict]]:
     for program in self.programs.values():
-      program.compile(self.cache.options)  # waits for the worker thread
+      program.compile()  # waits for the worker thread
     # Wall time of this method's own compiles (0 when an earlier point compiled them).
     self.compile_s = sum(p.compile_s for p in self.programs.values()
                          if p not in self.cache.reported)

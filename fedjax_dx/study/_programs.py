@@ -22,19 +22,23 @@ from fedjax_dx.core import _scale
 from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _membership
 from fedjax_dx.study import _fields
+from fedjax_dx.study import _store
 from fedjax_dx.study._build import (build_method, build_model, dataset_errors,
                                     load_data, pooled_normalized)
 from fedjax_dx.study._schema import StudyError
 from fedjax_dx.study._storage import to_plain
 
 
-def enable_compilation_cache(directory: str) -> None:
+def enable_compilation_cache(directory: str, programs: bool = True) -> None:
   """Turns on JAX's persistent compilation cache in `directory` for every program
-  (even fast compiles: a study compiles many small ones)."""
+  (even fast compiles: a study compiles many small ones) and, with `programs`, the
+  program store in `directory/programs` (`_store`: a rerun of a study loads its
+  compiled programs instead of tracing, lowering and compiling them again)."""
   os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  _store.enable(os.path.join(directory, "programs") if programs else None)
 
 
 # Everything that decides a compiled program; points that agree share one compile.
@@ -42,28 +46,87 @@ _COMPILE_FIELDS = _fields.COMPILE_FIELDS
 
 
 class _LazyExecutable:
-  """A lowered program, compiled on demand or ahead on a worker thread."""
+  """A program: loaded from the program store, or lowered and compiled (and then kept
+  in the store under `store_key`); either on a worker thread ahead of its first use,
+  or on demand.
 
-  def __init__(self, lowered, keep_alive):
-    self.lowered, self.executable, self.future = lowered, None, None
+  Args:
+    lower: `() -> jax.stages.Lowered`, called on the calling thread (tracing stays
+      on the thread that set JAX's thread-local configuration).
+    keep_alive: the objects the in-process cache key names by id().
+    store_key: its program store key (None: not stored).
+    options: XLA compiler options.
+  """
+
+  def __init__(self, lower, keep_alive, store_key: str | None = None, options=None):
+    self._lower = lower
+    self.options = options
+    self.lowered, self.executable, self.future = None, None, None
     self.compile_s = 0.0
-    self._keep_alive = keep_alive  # the objects its cache key names by id()
+    self.loaded = False  # True: from the program store, neither traced nor compiled
+    self.store_key = store_key
+    self._keep_alive = keep_alive
 
-  def compile(self, options=None):
+  def lower(self) -> "_LazyExecutable":
+    if self.lowered is None and self.executable is None:
+      self.lowered = self._lower()
+    return self
+
+  def compile(self):
     if self.future is not None:
-      self.future.result()  # compiled (or compiling) on a worker thread
-    return self._compile_now(options)
+      self.future.result()  # loaded or compiled (or busy) on a worker thread
+    return self._compile_now()
 
-  def _compile_now(self, options=None):
+  def _load(self) -> None:
+    compiled = _store.load(self.store_key)
+    if compiled is not None:
+      self.executable, self.loaded = compiled, True
+
+  def _compile_now(self):
+    options = self.options
     if self.executable is None:
+      self.lower()  # a stored program that could not be loaded
       start = time.perf_counter()
-      self.executable = self.lowered.compile(options)
+      if self.store_key is None:
+        self.executable = self.lowered.compile(options)
+      else:  # compiled by XLA (not read from JAX's cache), then stored
+        self.executable, storable = _store.compile_fresh(self.lowered, options)
+        if storable:
+          _store.save(self.store_key, self.executable, _store.fingerprint(self.lowered))
       self.compile_s = time.perf_counter() - start
       self.lowered = None
     return self
 
   def __call__(self, *args):
-    return self.compile().executable(*args)
+    self.compile()
+    if not self.loaded:
+      return self.executable(*args)
+    try:
+      return self.executable(*args)
+    except (jax.errors.JaxRuntimeError, TypeError):
+      # A stored program that cannot run here (XLA could not serialize it whole, or
+      # it does not take these arguments): forget it and compile the program again.
+      _store.forget(self.store_key)
+      self.executable, self.loaded, self.store_key = None, False, None
+      return self.compile().executable(*args)
+
+
+class _StoredJit:
+  """`jax.jit(fn)` whose compiled programs (one per argument signature) come from the
+  program store when it holds them (`ProgramCache.lazy`)."""
+
+  def __init__(self, cache: "ProgramCache", identity, fn, keep_alive):
+    self.cache, self.identity, self.fn = cache, identity, fn
+    self._keep_alive = keep_alive
+    self.programs: dict[str, _LazyExecutable] = {}
+
+  def __call__(self, *args):
+    signature = json.dumps(_store.describe_arguments(args))
+    if signature not in self.programs:
+      self.programs[signature] = self.cache.lazy(
+          self.identity, lambda: jax.jit(self.fn).lower(*args), args,
+          self._keep_alive, options=None, ahead=False)
+    return self.programs[signature](*args)
 
 
 UNSET_OPTIONS = "unset"  # a ProgramCache that takes its first study's options
@@ -87,11 +150,43 @@ class ProgramCache:
     self.pool, self.reported, self.sharded = None, set(), {}
     self.pooled = {}  # dataset key -> FLamby's pooled-normalized sets (or None)
     self.bootstraps = {}  # (survival, stacked, resamples) -> the jitted bootstrap
+    # id(model or algorithm) -> (it, the key it was built by): a program's identity in
+    # the program store (objects not built here have none and are not stored)
+    self.identities: dict[int, tuple[Any, Any]] = {}
+
+  def identity(self, built) -> Any:
+    """The key `built` (a model or algorithm of this cache) was built by, or None."""
+    found = self.identities.get(id(built))
+    return found[1] if found is not None and found[0] is built else None
+
+  def lazy(self, identity, lower, args, keep_alive, options, ahead: bool = True
+           ) -> _LazyExecutable:
+    """The program `lower()` lowers for `args`: loaded from the program store when it
+    holds one for `identity` (None: never stored), the XLA `options` and these
+    arguments; else lowered now and compiled (and then stored). With `ahead`, the
+    loading or compiling runs on a worker thread (XLA releases the GIL, so it
+    overlaps the tracing of the next program)."""
+    store_key = None
+    if identity is not None and _store.directory() is not None:
+      store_key = _store.key(identity, repr(sorted((options or {}).items())),
+                             _store.describe_arguments(args))
+    task = _LazyExecutable(lower, keep_alive, store_key, options)
+    if store_key is not None and _store.holds(store_key):
+      if ahead:
+        self._submit(task, task._load)
+      else:
+        task._load()
+    else:
+      task.lower()
+      if ahead:
+        self.compile_soon(task)
+    return task
 
   def model(self, config, num_classes):
     key = (json.dumps(config.model.to_dict(), sort_keys=True), num_classes)
     if key not in self.models:
       self.models[key] = build_model(config, num_classes)
+      self.identities[id(self.models[key])] = (self.models[key], ("model",) + key)
     return self.models[key]
 
   def algorithm(self, config, method, model, canaries_from: int | None = None):
@@ -99,6 +194,9 @@ class ProgramCache:
                               sort_keys=True), model.num_classes, canaries_from)
     if key not in self.algorithms:
       self.algorithms[key] = build_method(config, method, model, canaries_from)
+      if self.identity(model) is not None:
+        self.identities[id(self.algorithms[key])] = (
+            self.algorithms[key], ("algorithm", self.identity(model)) + key)
     return self.algorithms[key]
 
   def fit_client_chunk(self, config, method, model, params, train, rng):
@@ -147,10 +245,12 @@ class ProgramCache:
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((states, train))]),
            participation.shape)
     if key not in self.runs:
-      lowered = jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))).lower(
-          states, train, participation)
-      self.runs[key] = _LazyExecutable(lowered, algorithm)
-      self.compile_soon(self.runs[key], self.options)
+      identity = self.identity(algorithm)
+      self.runs[key] = self.lazy(
+          identity and ("rounds", identity),
+          lambda: jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))).lower(
+              states, train, participation),
+          (states, train, participation), algorithm, self.options)
     return self.runs[key]
 
   def evaluator(self, model, kind: str, algorithm, models, data):
@@ -185,10 +285,14 @@ class ProgramCache:
                     for d in (train, test)),
                   _metrics.outputs(model, jax.vmap(model.apply)(personal,
                                                                 test.features))]
-      lowered = jax.jit(jax.vmap(fn, in_axes=(0, None, None))).lower(
-          models, data.train, data.test)
-      self.evaluators[key] = _LazyExecutable(lowered, (model, algorithm))
-      self.compile_soon(self.evaluators[key], self.options)
+      identity = self.identity(model)
+      if kind == "personalized":
+        identity = identity and self.identity(algorithm)
+      self.evaluators[key] = self.lazy(
+          identity and ("evaluator", kind, identity, key[3]),
+          lambda: jax.jit(jax.vmap(fn, in_axes=(0, None, None))).lower(
+              models, data.train, data.test),
+          (models, data.train, data.test), (model, algorithm), self.options)
     return self.evaluators[key]
 
   def bootstrapper(self, survival: bool, stacked: bool, num_resamples: int):
@@ -204,17 +308,21 @@ class ProgramCache:
                 jnp.arange(o.shape[0]), o)
       else:
         inner = sites
-      self.bootstraps[key] = jax.jit(jax.vmap(inner, in_axes=(0, 0, None, None)))
+      self.bootstraps[key] = _StoredJit(self, ("bootstrap",) + key,
+                                        jax.vmap(inner, in_axes=(0, 0, None, None)), None)
     return self.bootstraps[key]
 
-  def compile_soon(self, task, options=None) -> None:
+  def compile_soon(self, task) -> None:
     """Compiles `task` (a `_LazyExecutable`) on a worker thread, so XLA
     compiles (which release the GIL) overlap the tracing of the next method."""
-    import concurrent.futures
+    self._submit(task, task._compile_now)
+
+  def _submit(self, task, work, *args) -> None:
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
     if self.pool is None:
       self.pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
     if task.future is None:
-      task.future = self.pool.submit(task._compile_now, options)
+      task.future = self.pool.submit(work, *args)
 
   def close(self):
     if self.pool is not None:
@@ -224,10 +332,12 @@ class ProgramCache:
   def attack(self, model):
     """The membership-inference audit of a seeds axis of global models (jitted)."""
     if id(model) not in self.attacks:
-      self.attacks[id(model)] = (model, jax.jit(jax.vmap(
-          lambda params, start, train, test: _membership.membership_inference(
-              model, params, train, test, reference_params=start),
-          in_axes=(0, 0, None, None))))
+      identity = self.identity(model)
+      self.attacks[id(model)] = (model, _StoredJit(
+          self, identity and ("attack", identity), jax.vmap(
+              lambda params, start, train, test: _membership.membership_inference(
+                  model, params, train, test, reference_params=start),
+              in_axes=(0, 0, None, None)), model))
     return self.attacks[id(model)][1]
 
   def global_data(self, data):
