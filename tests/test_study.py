@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from configs import test as test_config
+from tests.conftest import TEST_CACHE
 import fedjax_dx as fdx
 from fedjax_dx import study
 from fedjax_dx.study import _storage
@@ -26,7 +27,9 @@ METRIC_COLUMNS = ["loss", "accuracy", "auc", "sensitivity", "specificity", "f1",
 def run(*args, wait=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   if not any(a.startswith("--compilation_cache") for a in args):
-    args = ("--compilation_cache=", *args)  # compile for real unless a test asks
+    # The suite's cache, with the program store: a rerun of the suite loads these
+    # studies' programs (the processes run unpatched code, which the store's key sees).
+    args = (f"--compilation_cache={TEST_CACHE}", *args)
   command = [sys.executable, "-m", "benchmarks.run", "--quiet", *args]
   if not wait:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -268,8 +271,10 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   programs = PROGRAMS
   study.run_study(config, str(fresh), quiet=True, programs=programs)
 
+  # Compiled for real (no stored programs): slow enough to be killed mid-way.
   process = run("--config=configs/test.py", f"--workdir={resumed}",
-                f"--config.sweep={sweep}", "--noreport", wait=False)
+                f"--config.sweep={sweep}", "--noreport", "--compilation_cache=",
+                wait=False)
   deadline = time.time() + 300
   points = resumed / "points"
   while time.time() < deadline and process.poll() is None:
