@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -103,9 +104,11 @@ class _LazyExecutable:
       return self.executable(*args)
     try:
       return self.executable(*args)
-    except (jax.errors.JaxRuntimeError, TypeError):
+    except (jax.errors.JaxRuntimeError, TypeError) as e:
       # A stored program that cannot run here (XLA could not serialize it whole, or
       # it does not take these arguments): forget it and compile the program again.
+      logging.warning("a stored program could not run (%s: %s); compiling it again",
+                      type(e).__name__, str(e).splitlines()[0][:300])
       _store.forget(self.store_key)
       self.executable, self.loaded, self.store_key = None, False, None
       return self.compile().executable(*args)
