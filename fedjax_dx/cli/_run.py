@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import sys
-import threading
 
 from absl import app
 from absl import flags
@@ -172,13 +171,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def _import_plotting() -> None:
-  try:
-    importlib.import_module("seaborn")
-  except Exception:  # pylint: disable=broad-except
-    pass  # the report imports it again and says what is wrong
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -205,10 +197,6 @@ def main(argv):
   quiet = FLAGS.quiet or not lead
   if quiet:
     logging.getLogger().setLevel(logging.WARNING)
-  if FLAGS.report and lead:
-    # seaborn (with scipy and matplotlib) takes ~3 s to import: meanwhile, while the
-    # study mostly waits on XLA (which releases the GIL).
-    threading.Thread(target=_import_plotting, daemon=True).start()
   try:
     paths = study.run_study(FLAGS.config, FLAGS.workdir, quiet=quiet)
   except study.StudyError as e:
