@@ -19,6 +19,13 @@ see is code changed at run time (a test that monkeypatches a builder), so the st
 on only where `enable_compilation_cache` turns it on (the command line's
 `--compilation_cache`, default on), never from JAX's own cache settings alone.
 
+XLA:CPU serializes an executable without its kernels when it was read from JAX's
+persistent cache or when an identical module was loaded earlier in the process (the
+copy loads, then fails: "Function ..._kernel not found"). So the store compiles its
+programs itself with JAX's cache bypassed (`compile_fresh`), does not store a module
+this process loaded, and a stored program that fails on its first call is forgotten and
+compiled again (`_programs._LazyExecutable`).
+
 Entries are written through a temporary file and a rename; one that cannot be read
 (damaged, from another jaxlib) is recompiled and replaced. Like JAX's cache, entries
 are pickles: keep the directory your own.
@@ -236,10 +243,3 @@ def save(program_key: str, compiled: jax.stages.Compiled, module: str) -> bool:
     return True
   except Exception:  # pylint: disable=broad-except
     return False
-
-
-def clear_environment_digest() -> None:
-  """Forgets the environment digest (for tests that change the environment)."""
-  global _environment
-  with _lock:
-    _environment = None
