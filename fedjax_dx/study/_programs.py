@@ -320,12 +320,13 @@ class ProgramCache:
     compiles (which release the GIL) overlap the tracing of the next method."""
     self._submit(task, task._compile_now)
 
-  def _submit(self, task, work, *args) -> None:
+  def _submit(self, task, work) -> None:
+    """Runs `work` (loading or compiling `task`) on a worker thread."""
     import concurrent.futures  # pylint: disable=g-import-not-at-top
     if self.pool is None:
       self.pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
     if task.future is None:
-      task.future = self.pool.submit(work, *args)
+      task.future = self.pool.submit(work)
 
   def close(self):
     if self.pool is not None:
