@@ -4,9 +4,8 @@ r"""Run a study: `fedjax-dx run` from the repository (see fedjax_dx/cli/_run.py)
   python -m benchmarks.run --config=configs/test.py --workdir=/tmp/t --config.rounds=8
 """
 
-from absl import app
-
+from fedjax_dx.cli._exit import run_app
 from fedjax_dx.cli._run import main, parse_flags
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_app(main, flags_parser=parse_flags)

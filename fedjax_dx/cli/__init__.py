@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> None:
   command, rest = argv[1], argv[2:]
   program = f"{os.path.basename(argv[0])} {command}"
   if command == "run":
-    from fedjax_dx.cli import _run  # pylint: disable=g-import-not-at-top
-    app.run(_run.main, argv=[program, *rest], flags_parser=_run.parse_flags)
+    from fedjax_dx.cli import _exit, _run  # pylint: disable=g-import-not-at-top
+    _exit.run_app(_run.main, argv=[program, *rest], flags_parser=_run.parse_flags)
   elif command == "report":
-    from fedjax_dx.cli import _report  # pylint: disable=g-import-not-at-top
-    app.run(_report.main, argv=[program, *rest])
+    from fedjax_dx.cli import _exit, _report  # pylint: disable=g-import-not-at-top
+    _exit.run_app(_report.main, argv=[program, *rest])
   elif command == "deploy":
     from fedjax_dx.cli import _deploy  # pylint: disable=g-import-not-at-top
     app.run(_deploy.main, argv=[program, *rest], flags_parser=_deploy.parse_flags)

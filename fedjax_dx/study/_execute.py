@@ -572,8 +572,9 @@ class MethodRun:
           per_model = values[s]
           if self.kind == "stacked":
             per_model = per_model[int(row["method"].split("_")[1])]
-          row[f"bootstrap_{metric}"] = [_clean(round(float(v), 6))
-                                        for v in per_model[:, column]]
+          # tolist(): Python floats at once (as float(v) of each), NaN -> None
+          row[f"bootstrap_{metric}"] = [None if v != v else round(v, 6)
+                                        for v in per_model[:, column].tolist()]
 
 
 def _progress_bar_class():

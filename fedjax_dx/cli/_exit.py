@@ -1,0 +1,35 @@
+"""Ending a command's process quickly."""
+
+import atexit
+import os
+import sys
+import threading
+
+
+def run_app(main, **kwargs) -> None:
+  """`absl.app.run(main, **kwargs)`, ended like `sys.exit` (the other threads joined,
+  exit handlers run, output flushed, the same exit status and message) but without
+  the interpreter's teardown of every module and compiled program one by one, about
+  0.5 s of a short study's few seconds. An exception other than `SystemExit` ends
+  the process as usual."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, **kwargs)
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  if code is None:
+    code = 0
+  elif not isinstance(code, int):  # sys.exit("message"): printed, status 1
+    print(code, file=sys.stderr)
+    code = 1
+  shutdown = getattr(threading, "_shutdown", None)  # what the interpreter does first
+  if shutdown is not None:
+    shutdown()
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code)  # pylint: disable=protected-access
