@@ -265,15 +265,20 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path):
   compiles nothing new; the killed process compiled for itself)."""
   # Points of different client counts compile separately: slow enough to kill mid-way.
   sweep = "dataset.num_clients=3,4,5"
+  # A killed point is run again whole, whatever its methods: one per kind of program
+  # (the FedAvg family, SCAFFOLD's controls, the stacked local models) is enough.
+  methods = "fedavg,scaffold,local"
   resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
   config = test_config.get_config()
   config.sweep = sweep
+  config.methods = methods
   programs = PROGRAMS
   study.run_study(config, str(fresh), quiet=True, programs=programs)
 
   # Compiled for real (no stored programs): slow enough to be killed mid-way.
   process = run("--config=configs/test.py", f"--workdir={resumed}",
-                f"--config.sweep={sweep}", "--noreport", "--compilation_cache=",
+                f"--config.sweep={sweep}", f"--config.methods={methods}", "--noreport",
+                "--compilation_cache=",
                 wait=False)
   deadline = time.time() + 300
   points = resumed / "points"
