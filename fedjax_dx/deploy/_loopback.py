@@ -27,7 +27,10 @@ from fedjax_dx.deploy import _plan
 from fedjax_dx.deploy._plan import DeployError
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+              "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+              # Flower's SuperExec looks for a new app process to start every 1 s by
+              # default; on one machine a quicker look costs nothing.
+              "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 _APP_PYPROJECT = """\
 # Written by fedjax_dx.deploy: the Flower App of one deployed study method. Its code is
