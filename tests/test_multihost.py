@@ -106,8 +106,8 @@ def test_a_two_process_study_writes_the_single_process_results(tmp_path):
   hosts = [_study(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}",
                   "--num_processes=2", f"--process_id={p}", "--local_device_count=2")
            for p in (0, 1)]
-  single = _study(tmp_path / "single")
-  for process in hosts + [single]:
+  _single_process_study(tmp_path / "single")  # here, while the two processes run
+  for process in hosts:
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
   read = lambda name: pd.read_json(tmp_path / name / "metrics.jsonl", lines=True,
