@@ -231,3 +231,24 @@ def test_a_nan_learning_rate_gives_a_nan_train_loss_not_zero():
     _, metrics = algo.run(algo.init(params, data, jax.random.PRNGKey(1)), data,
                           num_rounds=2)
     assert np.isnan(np.asarray(metrics["train_loss"])[-1]), algo.name
+
+
+@pytest.mark.parametrize("scores", ["distinct", "ties", "infinite", "nan"])
+def test_resampled_aucs_from_draw_counts_equal_binary_auc_of_each_resample(scores):
+  """The bootstrap's sort-free AUC (one sort of the original scores, draw counts per
+  resample) gives exactly `binary_auc` of every resample, padding slots included."""
+  from fedjax_dx.core import _metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(len(scores))
+  n, count = 40, 33  # 7 padding slots
+  values = {"distinct": rng.random(n), "ties": rng.integers(0, 4, n) / 4,
+            "infinite": np.where(rng.random(n) < 0.15, np.inf, rng.random(n)),
+            "nan": np.where(rng.random(n) < 0.03, np.nan, rng.random(n))}[scores]
+  s = jnp.asarray(values, jnp.float32)
+  positive = jnp.asarray(rng.random(n) < 0.4)
+  mask = jnp.arange(n) < count
+  draws = jax.random.randint(jax.random.key(0), (64, n), 0, count)
+  expected = np.array([_metrics.binary_auc(s[d], positive[d], mask) for d in draws])
+  got = np.asarray(_metrics._resampled_binary_aucs(s, positive, mask, draws))
+  np.testing.assert_array_equal(got, expected)
+  if scores == "nan":  # some resamples drew the NaN, some did not
+    assert np.isnan(got).any() and not np.isnan(got).all()

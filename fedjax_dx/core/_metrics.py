@@ -127,7 +127,8 @@ ECE_BINS = 10  # the bins of the reported `ece`
 
 
 def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
-                           losses: jax.Array) -> dict[str, jax.Array]:
+                           losses: jax.Array, auc: jax.Array | None = None
+                           ) -> dict[str, jax.Array]:
   """Loss, accuracy, balanced accuracy, AUC, sensitivity, specificity, F1, PR-AUC
   (average precision), Brier score and ECE (`ECE_BINS` equal-width bins).
 
@@ -141,6 +142,8 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
     labels: `[N]` integer labels.
     mask: `[N]` bool, real examples.
     losses: `[N]` per-example loss.
+    auc: a binary task's AUC when the caller has it (the bootstrap's exact shortcut,
+      `_resampled_binary_aucs`); None computes it.
 
   Returns:
     A dict of scalars, keys `METRIC_NAMES`.
@@ -166,7 +169,8 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
   }
   if num_classes == 2:
     metrics.update(
-        auc=binary_auc(probs[:, 1], labels == 1, mask), sensitivity=recall[1],
+        auc=binary_auc(probs[:, 1], labels == 1, mask) if auc is None else auc,
+        sensitivity=recall[1],
         specificity=specificity[1], f1=f1[1],
         pr_auc=average_precision(probs[:, 1], labels == 1, mask))
   else:
@@ -215,17 +219,59 @@ def bootstrap_metrics(key: jax.Array, outputs: jax.Array, labels: jax.Array,
   count = mask.sum()
   draws = jax.random.randint(key, (num_resamples, n_max), 0, jnp.maximum(count, 1))
 
-  def one(indices):
+  def one(indices, auc=None):
     x, y = outputs[indices], labels[indices]
     if survival:
       found = survival_metrics(x[:, 0], y, mask)
     else:
       losses = -jnp.log(jnp.clip(jnp.take_along_axis(x, y[:, None], 1)[:, 0], 1e-12))
-      found = classification_metrics(x, y, mask, losses)
+      found = classification_metrics(x, y, mask, losses, auc=auc)
     return {m: found[m] for m in BOOTSTRAP_METRICS}
 
   # Real examples sit in the first `count` slots: draw indices among them only.
+  if not survival and outputs.shape[-1] == 2 and n_max * n_max // 2 < 2**24:
+    aucs = _resampled_binary_aucs(outputs[:, 1], labels == 1, mask, draws)
+    return jax.vmap(one)(draws, aucs)
   return jax.vmap(one)(draws)
+
+
+def _resampled_binary_aucs(scores: jax.Array, positive: jax.Array, mask: jax.Array,
+                           draws: jax.Array) -> jax.Array:
+  """`binary_auc` of each resample `scores[draws[r]]` (real slots: `mask`), the same
+  numbers without sorting each resample: a resample holds the original scores, so one
+  sort of them and each resample's draw counts give every rank count.
+
+  Exact, as `binary_auc` is: both sum half-integer win counts in float32, exact in any
+  order while they stay below 2^23 (callers ensure N^2 / 2 < 2^24).
+
+  Args:
+    scores: `[N]` the original scores.
+    positive: `[N]` bool, the original classes.
+    mask: `[N]` bool, real slots of the original and of every resample.
+    draws: `[R, N]` int, the original example each resample slot holds.
+
+  Returns:
+    `[R]` AUCs (NaN without both classes or with a NaN score drawn).
+  """
+  n = scores.shape[0]
+  counts = jax.vmap(lambda d: jnp.zeros((n,), jnp.int32).at[d].add(
+      mask.astype(jnp.int32)))(draws)  # [R, N]: times each example was drawn
+  negative_counts = jnp.where(mask & ~positive, counts, 0)
+  positive_counts = jnp.where(mask & positive, counts, 0)
+  key = jnp.where(jnp.isnan(scores), jnp.inf, scores)  # an undrawn NaN weighs nothing
+  order = jnp.argsort(key)
+  sorted_key = key[order]
+  start = jnp.searchsorted(sorted_key, key, side="left", method="scan")  # tie groups
+  end = jnp.searchsorted(sorted_key, key, side="right", method="scan")
+  below_counts = jnp.concatenate([jnp.zeros_like(negative_counts[:, :1]),
+                                  jnp.cumsum(negative_counts[:, order], axis=1)], axis=1)
+  below, below_or_tied = below_counts[:, start], below_counts[:, end]
+  wins = (below + 0.5 * (below_or_tied - below)).astype(jnp.float32)
+  pairs = (positive_counts.sum(1).astype(jnp.float32)
+           * negative_counts.sum(1).astype(jnp.float32))
+  auc = _ratio((positive_counts * wins).sum(1), pairs)
+  drawn_nan = jnp.any((counts > 0) & jnp.isnan(scores)[None, :], axis=1)
+  return jnp.where(drawn_nan, jnp.nan, auc)
 
 
 def bootstrap_sites(key: jax.Array, outputs: jax.Array, labels: jax.Array,
