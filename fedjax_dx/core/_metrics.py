@@ -57,12 +57,19 @@ def binary_auc(scores: jax.Array, positive: jax.Array, mask: jax.Array) -> jax.A
   below_or_tied = jnp.searchsorted(negative_scores, scores, side="right", method="scan")
   # An infinite score would also count the masked +inf entries as ties.
   below_or_tied = jnp.minimum(below_or_tied, neg.sum())
-  wins = (below + 0.5 * (below_or_tied - below)).astype(jnp.float32)
-  num_pos, num_neg = pos.sum(), neg.sum()
-  pairs = num_pos.astype(jnp.float32) * num_neg.astype(jnp.float32)
-  auc = _ratio(jnp.where(pos, wins, 0.0).sum(), pairs)
+  auc = _mann_whitney_auc(below, below_or_tied, pos, pos.sum(), neg.sum())
   # A NaN score has no rank: the count above would be a number, even above 1.
   return jnp.where(jnp.any(mask & jnp.isnan(scores)), jnp.nan, auc)
+
+
+def _mann_whitney_auc(below, below_or_tied, positive_weight, num_pos, num_neg):
+  """AUC from rank counts (last axis: examples): each example's negatives below it
+  and below or tied, summed over the positives (`positive_weight`: 0/1, or how often
+  a resample drew it) as wins plus half the ties, over `num_pos * num_neg` pairs. The
+  sums are of half-integers in float32: exact in any order below 2^23."""
+  wins = (below + 0.5 * (below_or_tied - below)).astype(jnp.float32)
+  pairs = num_pos.astype(jnp.float32) * num_neg.astype(jnp.float32)
+  return _ratio((positive_weight * wins).sum(-1), pairs)
 
 
 def average_precision(scores: jax.Array, positive: jax.Array, mask: jax.Array
@@ -241,8 +248,8 @@ def _resampled_binary_aucs(scores: jax.Array, positive: jax.Array, mask: jax.Arr
   numbers without sorting each resample: a resample holds the original scores, so one
   sort of them and each resample's draw counts give every rank count.
 
-  Exact, as `binary_auc` is: both sum half-integer win counts in float32, exact in any
-  order while they stay below 2^23 (callers ensure N^2 / 2 < 2^24).
+  Exact, as `binary_auc` is (`_mann_whitney_auc` for both), while the win counts stay
+  below 2^23 (callers ensure N^2 / 2 < 2^24).
 
   Args:
     scores: `[N]` the original scores.
@@ -265,11 +272,8 @@ def _resampled_binary_aucs(scores: jax.Array, positive: jax.Array, mask: jax.Arr
   end = jnp.searchsorted(sorted_key, key, side="right", method="scan")
   below_counts = jnp.concatenate([jnp.zeros_like(negative_counts[:, :1]),
                                   jnp.cumsum(negative_counts[:, order], axis=1)], axis=1)
-  below, below_or_tied = below_counts[:, start], below_counts[:, end]
-  wins = (below + 0.5 * (below_or_tied - below)).astype(jnp.float32)
-  pairs = (positive_counts.sum(1).astype(jnp.float32)
-           * negative_counts.sum(1).astype(jnp.float32))
-  auc = _ratio((positive_counts * wins).sum(1), pairs)
+  auc = _mann_whitney_auc(below_counts[:, start], below_counts[:, end], positive_counts,
+                          positive_counts.sum(1), negative_counts.sum(1))
   drawn_nan = jnp.any((counts > 0) & jnp.isnan(scores)[None, :], axis=1)
   return jnp.where(drawn_nan, jnp.nan, auc)
 
