@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import fedjax_dx as fdx
+from fedjax_dx.core import _survival
 from tests import reference
 from tests.test_algorithms import assert_trees_close
 
@@ -81,6 +82,63 @@ def test_concordance_index_matches_lifelines_with_censoring_ties_and_padding(tie
       jnp.ones((2, 3)), jnp.asarray([[1.0, 1, 1], [0, 0, 0]]),
       jnp.asarray([[1.0, 2, 3], [1, 2, 3]]), jnp.ones((2, 3), bool))
   assert float(batch[0]) == 0.5 and np.isnan(float(batch[1]))
+
+
+def _pairwise_counts(scores, events, times, mask):
+  """Harrell's pairs by their definition, every pair in a Python loop: (admissible,
+  concordant, tied)."""
+  real = np.flatnonzero(mask)
+  count = concordant = tied = 0
+  for a in real:
+    for b in real:
+      if events[a] and (times[a] < times[b] or (times[a] == times[b] and not events[b])):
+        count += 1  # a, an observed event, came first
+        concordant += int(scores[a] > scores[b])
+        tied += int(scores[a] == scores[b])
+  return count, concordant, tied
+
+
+def test_concordance_index_counts_every_pair_exactly():
+  """The O(n log n) pair counts equal the pairwise definition's: tied times and scores,
+  infinite scores and times, padding anywhere, under vmap over models."""
+  rng = np.random.default_rng(7)
+  counts = jax.jit(jax.vmap(_survival._concordance_counts, in_axes=(0, None, None, None)))
+  c_index = jax.jit(jax.vmap(fdx.concordance_index, in_axes=(0, None, None, None)))
+  for trial in range(60):
+    n = 48  # one shape, one compile; the real count varies with the mask
+    scores = np.round(rng.normal(size=(3, n)), int(rng.integers(0, 3))).astype(np.float32)
+    if trial % 4 == 0:
+      scores[:, rng.integers(0, n)] = rng.choice([np.inf, -np.inf])
+    events = (rng.random(n) < rng.random()).astype(np.float32)
+    times = rng.integers(0, int(rng.integers(1, 12)), n).astype(np.float32)
+    if trial % 5 == 0:
+      times[rng.integers(0, n)] = np.inf
+    mask = rng.random(n) < (1.0 if trial % 2 else rng.random())
+    args = [jnp.asarray(x) for x in (scores, events, times, mask)]
+    got = np.stack([np.asarray(x) for x in counts(*args)], 1)
+    want = np.array([_pairwise_counts(s, events, times, mask) for s in scores])
+    np.testing.assert_array_equal(got, want, f"trial {trial}")
+    ratio = np.where(want[:, 0] > 0, (want[:, 1] + 0.5 * want[:, 2]) / np.maximum(want[:, 0], 1),
+                     np.nan)
+    np.testing.assert_allclose(np.asarray(c_index(*args)), ratio, rtol=1e-6)
+  # A NaN score of a real patient makes the index NaN; a padded one does not count.
+  scores, events = jnp.asarray([0.3, jnp.nan, 0.1]), jnp.asarray([1.0, 0.0, 1.0])
+  times = jnp.asarray([1.0, 2.0, 3.0])
+  assert np.isnan(float(fdx.concordance_index(scores, events, times, jnp.ones(3, bool))))
+  assert float(fdx.concordance_index(scores, events, times,
+                                     jnp.asarray([True, False, True]))) == 1.0
+
+
+def test_count_below_in_prefix_equals_a_loop():
+  rng = np.random.default_rng(3)
+  for n, bits in ((1, 1), (9, 4), (64, 7)):
+    values = rng.integers(0, 2**bits, n).astype(np.int32)
+    prefix = rng.integers(0, n + 1, 40).astype(np.int32)
+    bound = rng.integers(0, 2**bits, 40).astype(np.int32)
+    got = _survival._count_below_in_prefix(jnp.asarray(values), jnp.asarray(prefix),
+                                           jnp.asarray(bound), bits)
+    want = [int((values[:p] < v).sum()) for p, v in zip(prefix, bound)]
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def _survival_clients(seed=0, sizes=(9, 14, 6)):
