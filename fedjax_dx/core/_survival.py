@@ -115,9 +115,10 @@ def _count_below_in_prefix(values: jax.Array, prefix: jax.Array, bound: jax.Arra
   """
   n = values.shape[0]
   index = jnp.arange(n, dtype=jnp.int32)
-  count = jnp.zeros(bound.shape, jnp.int32)
-  lo, hi = jnp.zeros_like(prefix), prefix
-  for b in reversed(range(bits)):
+
+  def level(step, carry):  # one bit, from the highest; a loop: one body to compile
+    values, count, lo, hi = carry
+    b = bits - 1 - step
     bit = (values >> b) & 1
     zeros_before = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(1 - bit)])
     zeros = zeros_before[n]
@@ -128,4 +129,7 @@ def _count_below_in_prefix(values: jax.Array, prefix: jax.Array, bound: jax.Arra
     hi = jnp.where(one, zeros + hi - z_hi, z_hi)
     moved = jnp.where(bit == 0, zeros_before[:n], zeros + index - zeros_before[:n])
     values = jnp.zeros_like(values).at[moved].set(values, unique_indices=True)
-  return count
+    return values, count, lo, hi
+
+  start = (values, jnp.zeros(bound.shape, jnp.int32), jnp.zeros_like(prefix), prefix)
+  return jax.lax.fori_loop(0, bits, level, start)[1]
