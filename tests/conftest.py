@@ -8,6 +8,12 @@ and keep them in a persistent compilation cache, so a rerun loads what the last 
 compiled. Subprocesses (study and benchmark entry points) inherit both through the
 environment. `FEDJAX_DX_TEST_CACHE` names another cache directory; an empty value
 turns the cache off; `FEDJAX_DX_TEST_FULL_OPT=1` compiles with XLA's defaults.
+
+In-process studies use the program store in that directory too (`_program_store`), so
+a rerun loads their compiled programs instead of tracing and lowering them again;
+except in a test that monkeypatches (the store's key sees the source, not code patched
+at run time), one marked `compiles` (it asserts what gets compiled) and
+`test_program_store.py` (which drives the store itself).
 """
 
 import os
@@ -84,3 +90,19 @@ def tcga_dir():
 @pytest.fixture
 def medmnist_dir():
   return lambda subset: shared_data(subset)
+
+
+@pytest.fixture(autouse=True)
+def _program_store(request):
+  """The program store for in-process studies (see the module's docstring)."""
+  from fedjax_dx.study import _store  # pylint: disable=g-import-not-at-top
+  if (not TEST_CACHE or "monkeypatch" in request.fixturenames
+      or request.node.get_closest_marker("compiles") is not None
+      or request.module.__name__.endswith("test_program_store")):
+    yield
+    return
+  _store.enable(os.path.join(TEST_CACHE, "programs"))
+  try:
+    yield
+  finally:
+    _store.enable(None)

@@ -398,6 +398,7 @@ def test_compilation_cache_is_filled_and_changes_no_result(tmp_path):
   pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
 
 
+@pytest.mark.compiles
 def test_chunked_and_bucketed_studies_equal_the_plain_one(tmp_path):
   common = dict(methods="fedavg,scaffold,local", num_seeds=1,
                 sweep="dataset.num_clients=3,4")
