@@ -100,7 +100,7 @@ def _pairwise_counts(scores, events, times, mask):
 
 def test_concordance_index_counts_every_pair_exactly():
   """The O(n log n) pair counts equal the pairwise definition's: tied times and scores,
-  infinite scores and times, padding anywhere, under vmap over models."""
+  infinite scores and times, NaN times, padding anywhere, under vmap over models."""
   rng = np.random.default_rng(7)
   counts = jax.jit(jax.vmap(_survival._concordance_counts, in_axes=(0, None, None, None)))
   c_index = jax.jit(jax.vmap(fdx.concordance_index, in_axes=(0, None, None, None)))
@@ -113,6 +113,8 @@ def test_concordance_index_counts_every_pair_exactly():
     times = rng.integers(0, int(rng.integers(1, 12)), n).astype(np.float32)
     if trial % 5 == 0:
       times[rng.integers(0, n)] = np.inf
+    if trial % 7 == 0:
+      times[rng.integers(0, n)] = np.nan  # never in an admissible pair
     mask = rng.random(n) < (1.0 if trial % 2 else rng.random())
     args = [jnp.asarray(x) for x in (scores, events, times, mask)]
     got = np.stack([np.asarray(x) for x in counts(*args)], 1)

@@ -72,6 +72,7 @@ def _concordance_counts(scores, events, times, mask):
   """`(admissible, concordant, tied)` pair counts of `concordance_index`, int32."""
   n = scores.shape[0]
   event = events > 0
+  mask = mask & ~jnp.isnan(times)  # no pair with an unknown time is admissible
   # A patient's place in time: its time's rank, a censored patient just after the
   # events at its time. Pair (i, j) is admissible when i is an observed event and j
   # comes later; concordant when s_i > s_j, tied when s_i == s_j.
