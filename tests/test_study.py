@@ -555,6 +555,30 @@ def test_baselines_with_their_own_schedule_are_reference_lines():
   assert _report._own_schedule(steps)["local"] == "40 x 20 steps"
 
 
+def test_figure_intervals_are_seaborns_bootstrap_intervals():
+  """The report's error bars and bands (`seeded_interval`, one vectorised mean) are
+  the numbers seaborn's own `errorbar=("ci", 95), n_boot=200, seed=0` computes, resample
+  by resample: groups of 1 .. 40 values, with ties and with NaN."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from seaborn._statistics import EstimateAggregator  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
+  seaborn_ci = EstimateAggregator("mean", ("ci", 95), n_boot=_report.CI_RESAMPLES, seed=0)
+  rng = np.random.default_rng(3)
+  for n in [*range(2, 41), 97]:
+    for case in range(4):
+      values = rng.normal(size=n)
+      if case == 1:
+        values = np.round(values)  # ties
+      if case >= 2:
+        values[rng.choice(n, size=case - 1, replace=False)] = np.nan
+      with warnings.catch_warnings():  # seaborn's mean of an all-NaN resample
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = seaborn_ci(pd.DataFrame({"y": values}), "y")
+      found = _report.seeded_interval(pd.Series(values))
+      np.testing.assert_array_equal(found, [expected["ymin"], expected["ymax"]],
+                                    f"n = {n}, case {case}")
+
+
 @pytest.mark.parametrize("model,message", [
     ({"compute_dtype": "float16"},
      "config.model.compute_dtype = 'float16': expected one of float32, bfloat16"),

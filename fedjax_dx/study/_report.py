@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -49,10 +51,47 @@ def _save(fig, path, rect=None):
   return path
 
 
-# Error bars and bands: 95% bootstrap intervals over the seeds, 200 resamples (a few
-# seeds per point; seaborn's default 1000 took half the report's time) from a fixed
-# seed, so a redrawn report is the same picture.
-_CI = dict(errorbar=("ci", 95), n_boot=200, seed=0)
+CI_RESAMPLES = 200  # a few seeds per point; seaborn's default 1000 took half the time
+
+
+def seeded_interval(values) -> tuple[float, float]:
+  """The 95% bootstrap interval of the mean of `values` that seaborn draws for
+  `errorbar=("ci", 95), n_boot=CI_RESAMPLES, seed=0`, the same numbers computed with
+  one vectorised mean instead of one Python-level call per resample (seaborn's loop
+  was 40% of a report's time).
+
+  Its resamples are seaborn's: a generator seeded 0 for each group, drawing one
+  resample's indices after another (so a redrawn report is the same picture); the
+  mean skips NaN when there is one, and the interval is the 2.5 and 97.5 percentiles
+  of the resampled means.
+
+  Args:
+    values: one group's values (a point of a curve, a bar).
+
+  Returns:
+    (low, high).
+  """
+  values = np.asarray(values, dtype=float)
+  draws = _resample_indices(len(values))
+  mean = np.nanmean if np.isnan(values.sum()) else np.mean
+  with warnings.catch_warnings():  # a resample of only NaN: its mean is NaN
+    warnings.simplefilter("ignore", RuntimeWarning)
+    low, high = np.nanpercentile(mean(values[draws], axis=1), (2.5, 97.5))
+  return float(low), float(high)
+
+
+@functools.lru_cache(maxsize=64)
+def _resample_indices(n: int) -> np.ndarray:
+  """`[CI_RESAMPLES, n]`: seaborn's resamples of a group of n (the same for every
+  group of n: each starts from seed 0)."""
+  rng = np.random.default_rng(0)
+  draws = np.stack([rng.integers(0, n, n, dtype=np.intp) for _ in range(CI_RESAMPLES)])
+  draws.flags.writeable = False
+  return draws
+
+
+# Error bars and bands: 95% bootstrap intervals over the seeds.
+_CI = dict(errorbar=seeded_interval)
 
 
 def _label(metric: str) -> str:
