@@ -618,6 +618,30 @@ def test_a_program_cache_serves_only_studies_of_its_compile_options(tmp_path):
   assert not (tmp_path / "x").exists()
 
 
+def test_llvm_ir_emitters_only_where_they_keep_the_numbers():
+  """Programs of dense and Cox models, and bootstraps, compile with XLA:CPU's LLVM IR
+  emitters (measured to give the same numbers, faster); a CNN's keep XLA's default
+  (its Adam training moved with them); the fast-compile settings stay on training and
+  evaluation only."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  llvm_ir = {"xla_cpu_use_fusion_emitters": False}
+  for fast in (False, True):
+    config = test_config.get_config()
+    config.fast_compile = fast
+    cache = study.ProgramCache(_programs.compiler_options(config))
+    level = {"xla_backend_optimization_level": 0} if fast else {}
+    for name, expected in (("logistic_regression", llvm_ir), ("mlp", llvm_ir),
+                           ("cox", llvm_ir), ("cnn", llvm_ir if fast else {})):
+      config.model.name = name
+      model = cache.model(config, 2)
+      algorithm = cache.algorithm(config, "fedavg", model)
+      assert cache.options_for(model) == ({**level, **expected} or None), name
+      assert cache.options_for(algorithm) == cache.options_for(model), name
+      assert cache.options_for(model, full_optimisation=True) == (
+          llvm_ir if name != "cnn" else None), name
+    assert cache.bootstrapper(False, False, 10).options == llvm_ir
+
+
 def test_a_diverged_model_is_reported_as_diverged_and_the_study_exits_nonzero(tmp_path):
   """Learning rate 10 on an MLP: models blow up to NaN. Their metrics are NaN (never
   the majority rate), their rows carry the round they diverged at, the summary counts
