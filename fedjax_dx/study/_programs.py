@@ -157,8 +157,6 @@ class ProgramCache:
     # id(model or algorithm) -> (it, the key it was built by): a program's identity in
     # the program store (objects not built here have none and are not stored)
     self.identities: dict[int, tuple[Any, Any]] = {}
-    # id(model or algorithm) -> (it, its model's config.model.name)
-    self.families: dict[int, tuple[Any, str]] = {}
 
   def identity(self, built) -> Any:
     """The key `built` (a model or algorithm of this cache) was built by, or None."""
@@ -166,9 +164,12 @@ class ProgramCache:
     return found[1] if found is not None and found[0] is built else None
 
   def family(self, built) -> str | None:
-    """`config.model.name` of `built` (a model or algorithm of this cache), or None."""
-    found = self.families.get(id(built))
-    return found[1] if found is not None and found[0] is built else None
+    """`config.model.name` of `built` (a model or algorithm of this cache), or None:
+    read from the key it was built by."""
+    identity = self.identity(built)
+    if identity is not None and identity[0] == "algorithm":
+      identity = identity[1]
+    return None if identity is None else json.loads(identity[1])["name"]
 
   def options_for(self, built, full_optimisation: bool = False) -> dict[str, Any] | None:
     """XLA options of a program of `built` (a model or algorithm): the cache's
@@ -206,7 +207,6 @@ class ProgramCache:
     if key not in self.models:
       self.models[key] = build_model(config, num_classes)
       self.identities[id(self.models[key])] = (self.models[key], ("model",) + key)
-      self.families[id(self.models[key])] = (self.models[key], config.model.name)
     return self.models[key]
 
   def algorithm(self, config, method, model, canaries_from: int | None = None):
@@ -217,9 +217,6 @@ class ProgramCache:
       if self.identity(model) is not None:
         self.identities[id(self.algorithms[key])] = (
             self.algorithms[key], ("algorithm", self.identity(model)) + key)
-      if self.family(model) is not None:
-        self.families[id(self.algorithms[key])] = (self.algorithms[key],
-                                                   self.family(model))
     return self.algorithms[key]
 
   def fit_client_chunk(self, config, method, model, params, train, rng):
