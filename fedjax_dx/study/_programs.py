@@ -400,6 +400,7 @@ class ProgramCache:
 # a pneumoniamnist CNN's Adam training moved.
 LLVM_IR_EMITTER_FAMILIES = ("logistic_regression", "mlp", "cox")
 BOOTSTRAP = "bootstrap"
+_LLVM_IR_EMITTERS = {"xla_cpu_use_fusion_emitters": False}  # XLA:CPU only
 
 
 def emitter_options(family: str | None) -> dict[str, Any] | None:
@@ -408,17 +409,19 @@ def emitter_options(family: str | None) -> dict[str, Any] | None:
   (`LLVM_IR_EMITTER_FAMILIES`), else XLA's default (None; also on GPU)."""
   if jax.default_backend() == "cpu" and family in (*LLVM_IR_EMITTER_FAMILIES,
                                                    BOOTSTRAP):
-    return {"xla_cpu_use_fusion_emitters": False}
+    return dict(_LLVM_IR_EMITTERS)
   return None
 
 
 def compiler_options(config) -> dict[str, Any] | None:
-  """XLA options of every program of a study (`config.fast_compile`: backend
-  optimisation level 0, several times faster compiles and slower steps; worth it
-  where compile time dominates, as with logistic regression on 4 hospitals)."""
+  """XLA options of a study's training and evaluation programs before
+  `ProgramCache.options_for` adds its model family's (`config.fast_compile`: backend
+  optimisation level 0 and, on CPU, the LLVM IR emitters for every model: several
+  times faster compiles and slower steps; worth it where compile time dominates, as
+  with logistic regression on 4 hospitals)."""
   if not config.fast_compile:
     return None
   options = {"xla_backend_optimization_level": 0}
-  if jax.default_backend() == "cpu":  # XLA:CPU's fusion emitters compile slowly
-    options["xla_cpu_use_fusion_emitters"] = False
+  if jax.default_backend() == "cpu":  # XLA:CPU's MLIR fusion emitters compile slowly
+    options.update(_LLVM_IR_EMITTERS)
   return options
