@@ -507,6 +507,29 @@ def test_membership_audit_on_the_final_global_models(tmp_path):
       audited[audited["method"] == "fedavg"]["mia_auc"].mean())
 
 
+def test_audit_and_bootstrap_programs_compile_ahead_for_the_arguments_they_get(
+    tmp_path):
+  """The programs that run once training is done (the membership audit, the
+  bootstraps of global and of local models) are lowered with the methods and compiled
+  on worker threads meanwhile: each ends with one program, the one prepared ahead
+  (none compiled on demand for arguments the preparation did not foresee)."""
+  cache = study.ProgramCache()
+  frame = _study_frame(tmp_path, "ahead", programs=cache,
+                       methods="fedavg,centralized,local", num_seeds=2,
+                       bootstrap_resamples=10)
+  stored = [program for _, program in cache.attacks.values()]
+  stored += list(cache.bootstraps.values())
+  assert len(cache.attacks) == 1 and len(cache.bootstraps) == 2  # global, stacked
+  for program in stored:
+    assert len(program.programs) == 1, program.identity
+    (prepared,) = program.programs.values()
+    assert prepared.future is not None and prepared.executable is not None
+  final = frame[(frame["round"] == frame["round"].max()) & (frame["split"] == "test")]
+  assert final["bootstrap_auc"].map(len).eq(10).all()
+  assert set(final["method"]) == {"fedavg", "centralized", "local_0", "local_1",
+                                  "local_2"}
+
+
 def test_example_level_dp_compression_and_secagg_in_the_harness(tmp_path):
   import fedjax_dx as fdx
   frame = _study_frame(tmp_path, "dpsgd", methods="fedavg", num_seeds=1, dp="example",

@@ -195,6 +195,19 @@ class MethodRun:
     if self.pooled_sets is not None and self.kind != "personalized":
       self.pooled_evaluator = cache.evaluator(model, self.kind, algo,
                                               self._evaluated_models(), self.pooled_sets)
+    # The programs that run once training is done (the membership audit, the
+    # bootstrap) compile on worker threads too, meanwhile, not on this thread then.
+    if config.rounds > 0 and config.membership_audit and self.kind == "global":
+      cache.attack(model).prepare(self._evaluated_models(), self.initial_params,
+                                  data.train, data.test)
+    if config.get("bootstrap_resamples", 0):
+      num_models = (jax.tree.leaves(self._evaluated_models())[0].shape[1]
+                    if self.kind == "stacked" else 0)
+      self._bootstrapper().prepare(
+          self._bootstrap_keys(),
+          cache.test_outputs_like(model, self.initial_params, data.test.features,
+                                  num_models),
+          self.host_test.labels, self.host_test.mask)
     self.compile_s = 0.0
 
   def prediction_rows(self, seed_index: int) -> list[dict]:
@@ -548,18 +561,23 @@ class MethodRun:
                      audit_auroc=round(result.auroc, 6),
                      audit_canaries=result.num_canaries)
 
+  def _bootstrapper(self):
+    return self.cache.bootstrapper(self.host_test.labels.ndim == 3,
+                                   self.kind == "stacked",
+                                   self.config.bootstrap_resamples)
+
+  def _bootstrap_keys(self) -> jax.Array:
+    """Each seed's resampling key `[S]`."""
+    return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(BOOTSTRAP_KEY), seed)
+                      for seed in self.seeds])
+
   def _attach_bootstrap(self, rows, final_round: int) -> None:
     """Each final test row (sites and pooled) gets `bootstrap_<metric>`: the metric of
     `config.bootstrap_resamples` resamples of that test set's patients (the summary's
     `<metric>_ci_low/_ci_high` pool them over seeds)."""
     test = self.host_test
-    survival = test.labels.ndim == 3
-    program = self.cache.bootstrapper(survival, self.kind == "stacked",
-                                      self.config.bootstrap_resamples)
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(BOOTSTRAP_KEY), seed)
-                      for seed in self.seeds])
-    samples = jax.device_get(program(keys, jnp.asarray(self.test_outputs), test.labels,
-                                     test.mask))
+    samples = jax.device_get(self._bootstrapper()(
+        self._bootstrap_keys(), jnp.asarray(self.test_outputs), test.labels, test.mask))
     columns = {str(k): k for k in range(len(self.names))}
     columns["pooled"] = len(self.names)
     for s, seed in enumerate(self.seeds):

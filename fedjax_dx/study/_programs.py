@@ -125,12 +125,21 @@ class _StoredJit:
     self.programs: dict[str, _LazyExecutable] = {}
 
   def __call__(self, *args):
+    return self._program(args, ahead=False)(*args)
+
+  def prepare(self, *args) -> None:
+    """Lowers the program for arguments like `args` (shapes, dtypes, shardings) now
+    and loads or compiles it on a worker thread, so that a later call with such
+    arguments finds it ready instead of compiling it on the calling thread."""
+    self._program(args, ahead=True)
+
+  def _program(self, args, ahead: bool) -> _LazyExecutable:
     signature = json.dumps(_store.describe_arguments(args))
     if signature not in self.programs:
       self.programs[signature] = self.cache.lazy(
           self.identity, lambda: jax.jit(self.fn).lower(*args), args,
-          self._keep_alive, options=self.options, ahead=False)
-    return self.programs[signature](*args)
+          self._keep_alive, options=self.options, ahead=ahead)
+    return self.programs[signature]
 
 
 UNSET_OPTIONS = "unset"  # a ProgramCache that takes its first study's options
@@ -154,6 +163,7 @@ class ProgramCache:
     self.pool, self.reported, self.sharded = None, set(), {}
     self.pooled = {}  # dataset key -> FLamby's pooled-normalized sets (or None)
     self.bootstraps = {}  # (survival, stacked, resamples) -> the jitted bootstrap
+    self.output_shapes = {}  # model and shapes -> (model, its test outputs' shape)
     # id(model or algorithm) -> (it, the key it was built by): a program's identity in
     # the program store (objects not built here have none and are not stored)
     self.identities: dict[int, tuple[Any, Any]] = {}
@@ -314,6 +324,22 @@ class ProgramCache:
               models, data.train, data.test),
           (models, data.train, data.test), (model, algorithm), self.options_for(model))
     return self.evaluators[key]
+
+  def test_outputs_like(self, model, params, test_features, num_models: int = 0
+                        ) -> jax.Array:
+    """Zeros shaped as the evaluators' test outputs (`_metrics.outputs`) of a seeds
+    axis of models `params` (`[S, ...]`: one model per seed), `[S, C, N, K]`, or with
+    `num_models` models per seed `[S, num_models, C, N, K]`; on the default device, as
+    the bootstrap takes them (`bootstrapper`)."""
+    key = (id(model), str([(x.shape, str(x.dtype)) for x in jax.tree.leaves(
+        (params, test_features))]))
+    if key not in self.output_shapes:
+      apply_all = jax.vmap(model.apply, in_axes=(None, 0))
+      self.output_shapes[key] = (model, jax.eval_shape(jax.vmap(
+          lambda p: _metrics.outputs(model, apply_all(p, test_features))), params))
+    found = self.output_shapes[key][1]
+    shape = found.shape[:1] + ((num_models,) if num_models else ()) + found.shape[1:]
+    return jnp.asarray(np.zeros(shape, found.dtype))
 
   def bootstrapper(self, survival: bool, stacked: bool, num_resamples: int):
     """`(keys [S], outputs [S, (M,) C, N, K], labels, mask) -> {metric: [S, (M,) R,
