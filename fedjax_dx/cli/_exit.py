@@ -1,6 +1,7 @@
 """Ending a command's process quickly."""
 
 import atexit
+import gc
 import os
 import sys
 import threading
@@ -13,6 +14,10 @@ def run_app(main, **kwargs) -> None:
   0.5 s of a short study's few seconds. An exception other than `SystemExit` ends
   the process as usual."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  # The modules imported so far (jax, fedjax_dx: most of the objects a study keeps)
+  # live until the process ends: frozen, Python's cycle collector stops rescanning
+  # them at every full collection (0.3 s of a warm default study, 1 s of a cold one).
+  gc.freeze()
   try:
     app.run(main, **kwargs)
     code = 0
