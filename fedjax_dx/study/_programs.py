@@ -302,7 +302,7 @@ class ProgramCache:
       if kind == "global":
         fn = lambda params, train, test: [
             *(_metrics.evaluate(model, params, d) for d in (train, test)),
-            _metrics.outputs(model, apply_all(params, test.features))]
+            _test_outputs(model, params, test.features)]
       elif kind == "stacked":
         fn = lambda params, train, test: [
             *(_metrics.evaluate_stacked(model, params, d) for d in (train, test)),
@@ -334,9 +334,8 @@ class ProgramCache:
     key = (id(model), str([(x.shape, str(x.dtype)) for x in jax.tree.leaves(
         (params, test_features))]))
     if key not in self.output_shapes:
-      apply_all = jax.vmap(model.apply, in_axes=(None, 0))
       self.output_shapes[key] = (model, jax.eval_shape(jax.vmap(
-          lambda p: _metrics.outputs(model, apply_all(p, test_features))), params))
+          lambda p: _test_outputs(model, p, test_features)), params))
     found = self.output_shapes[key][1]
     shape = found.shape[:1] + ((num_models,) if num_models else ()) + found.shape[1:]
     return jnp.asarray(np.zeros(shape, found.dtype))
@@ -416,6 +415,13 @@ class ProgramCache:
             test=_data.pad_clients(data.test, bucket), num_classes=data.num_classes))
       self.data[key] = loaded
     return self.data[key]
+
+
+def _test_outputs(model, params, features) -> jax.Array:
+  """One model's outputs (`_metrics.outputs`) on every client's examples: `[C, N, K]`
+  (the global evaluator's, and the shape the bootstrap is prepared for)."""
+  return _metrics.outputs(model, jax.vmap(model.apply, in_axes=(None, 0))(params,
+                                                                        features))
 
 
 # Programs whose numbers XLA:CPU's LLVM IR fusion emitters reproduce bit for bit (the
