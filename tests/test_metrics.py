@@ -233,6 +233,45 @@ def test_a_nan_learning_rate_gives_a_nan_train_loss_not_zero():
     assert np.isnan(np.asarray(metrics["train_loss"])[-1]), algo.name
 
 
+def test_bootstrap_draws_are_the_same_at_every_optimisation_level_and_in_or_out_of_the_metrics_program():
+  """The bootstrap draws its resamples in a program of its own, compiled at XLA level
+  1 (`draw_options`): integer arithmetic, so the draws equal those at full
+  optimisation and at level 0 bit for bit, and the metrics of resamples drawn there
+  equal those of `bootstrap_sites` drawing them itself."""
+  from fedjax_dx.core import _metrics  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  c, n, r = 3, 37, 50
+  mask = jnp.asarray(np.arange(n)[None] < np.array([[37], [20], [1]]))
+  keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(0xB0075), s))(
+      jnp.arange(4))
+  draw = jax.jit(jax.vmap(lambda k: _metrics.bootstrap_site_draws(k, mask, r)))
+  lowered = draw.lower(keys)
+  found = [lowered.compile(options)(keys) for options in (
+      None, _programs.draw_options(), {"xla_backend_optimization_level": 0})]
+  for other in found[1:]:
+    for a, b in zip(found[0], other):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  sites, pooled = map(np.asarray, found[0])
+  assert sites.shape == (4, c, r, n) and pooled.shape == (4, r, c * n)
+  counts = np.asarray(mask.sum(1))
+  assert (sites >= 0).all() and (sites < counts[None, :, None, None]).all()
+  assert (pooled < counts.sum()).all() and len(np.unique(pooled)) == counts.sum()
+  # The metrics with the draws handed in are those with the draws made inside.
+  p1 = rng.random((c, n)).astype(np.float32)
+  outputs = jnp.asarray(np.stack([1 - p1, p1], -1))
+  labels = jnp.asarray(rng.random((c, n)) < 0.4, jnp.int32)
+  inside = jax.jit(lambda k: _metrics.bootstrap_sites(
+      k, outputs, labels, mask, survival=False, num_resamples=r))(keys[0])
+  handed = jax.jit(lambda d: _metrics.bootstrap_sites(
+      None, outputs, labels, mask, survival=False, num_resamples=r, draws=d))(
+          (found[1][0][0], found[1][1][0]))
+  assert set(inside) == set(handed) == set(_metrics.BOOTSTRAP_METRICS)
+  for metric in inside:
+    np.testing.assert_array_equal(np.asarray(inside[metric]),
+                                  np.asarray(handed[metric]), err_msg=metric)
+
+
 @pytest.mark.parametrize("scores", ["distinct", "ties", "infinite", "nan"])
 def test_resampled_aucs_from_draw_counts_equal_binary_auc_of_each_resample(scores):
   """The bootstrap's sort-free AUC (one sort of the original scores, draw counts per

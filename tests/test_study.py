@@ -510,15 +510,17 @@ def test_membership_audit_on_the_final_global_models(tmp_path):
 def test_audit_and_bootstrap_programs_compile_ahead_for_the_arguments_they_get(
     tmp_path):
   """The programs that run once training is done (the membership audit, the
-  bootstraps of global and of local models) are lowered with the methods and compiled
-  on worker threads meanwhile: each ends with one program, the one prepared ahead
-  (none compiled on demand for arguments the preparation did not foresee)."""
+  bootstraps of global and of local models: their draws and their metrics) are
+  lowered with the methods and compiled on worker threads meanwhile: each ends with
+  one program, the one prepared ahead (none compiled on demand for arguments the
+  preparation did not foresee)."""
   cache = study.ProgramCache()
   frame = _study_frame(tmp_path, "ahead", programs=cache,
                        methods="fedavg,centralized,local", num_seeds=2,
                        bootstrap_resamples=10)
   stored = [program for _, program in cache.attacks.values()]
-  stored += list(cache.bootstraps.values())
+  stored += [program for bootstrap in cache.bootstraps.values()
+             for program in (bootstrap.draws, bootstrap.metrics)]
   assert len(cache.attacks) == 1 and len(cache.bootstraps) == 2  # global, stacked
   for program in stored:
     assert len(program.programs) == 1, program.identity
@@ -662,7 +664,9 @@ def test_llvm_ir_emitters_only_where_they_keep_the_numbers():
       assert cache.options_for(algorithm) == cache.options_for(model), name
       assert cache.options_for(model, full_optimisation=True) == (
           llvm_ir if name != "cnn" else None), name
-    assert cache.bootstrapper(False, False, 10).options == llvm_ir
+    bootstrap = cache.bootstrapper(False, False, 10)
+    assert bootstrap.metrics.options == llvm_ir
+    assert bootstrap.draws.options == {"xla_backend_optimization_level": 1}
 
 
 def test_a_diverged_model_is_reported_as_diverged_and_the_study_exits_nonzero(tmp_path):

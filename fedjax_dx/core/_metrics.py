@@ -204,27 +204,43 @@ BOOTSTRAP_METRICS = ("loss", "accuracy", "balanced_accuracy", "auc", "sensitivit
                      "specificity", "f1", "pr_auc", "brier", "ece", "c_index")
 
 
-def bootstrap_metrics(key: jax.Array, outputs: jax.Array, labels: jax.Array,
-                      mask: jax.Array, *, survival: bool, num_resamples: int
-                      ) -> dict[str, jax.Array]:
+def bootstrap_draws(key: jax.Array, mask: jax.Array, num_resamples: int) -> jax.Array:
+  """Which real example each slot of each resample of one test set holds:
+  `[num_resamples, N]` indices drawn uniformly, with replacement, among the
+  `mask.sum()` real examples (they occupy the first slots).
+
+  Args:
+    key: the resampling key.
+    mask: `[N]` True on real examples.
+    num_resamples: resamples (static).
+  """
+  count = mask.sum()
+  return jax.random.randint(key, (num_resamples, mask.shape[0]), 0,
+                            jnp.maximum(count, 1))
+
+
+def bootstrap_metrics(key: jax.Array | None, outputs: jax.Array, labels: jax.Array,
+                      mask: jax.Array, *, survival: bool, num_resamples: int,
+                      draws: jax.Array | None = None) -> dict[str, jax.Array]:
   """Every metric (`BOOTSTRAP_METRICS`) of one test set resampled with
   replacement from its real examples, `num_resamples` times (vectorised; the
   percentile interval of the result is the patient-level uncertainty).
 
   Args:
-    key: the resampling key.
+    key: the resampling key (unused when `draws` is given).
     outputs: `[N, K]` what the model said of each example (`outputs`).
     labels: `[N]` labels, or `[N, 2]` (event, time).
     mask: `[N]` True on real examples (they occupy the first slots).
     survival: whether `outputs` are Cox risk scores.
     num_resamples: resamples (static).
+    draws: `bootstrap_draws(key, mask, num_resamples)`, when the caller has them.
 
   Returns:
     `{metric: [num_resamples]}`.
   """
   n_max = mask.shape[0]
-  count = mask.sum()
-  draws = jax.random.randint(key, (num_resamples, n_max), 0, jnp.maximum(count, 1))
+  if draws is None:
+    draws = bootstrap_draws(key, mask, num_resamples)
 
   def one(indices, auc=None):
     x, y = outputs[indices], labels[indices]
@@ -235,7 +251,6 @@ def bootstrap_metrics(key: jax.Array, outputs: jax.Array, labels: jax.Array,
       found = classification_metrics(x, y, mask, losses, auc=auc)
     return {m: found[m] for m in BOOTSTRAP_METRICS}
 
-  # Real examples sit in the first `count` slots: draw indices among them only.
   if not survival and outputs.shape[-1] == 2 and n_max * n_max // 2 < 2**24:
     aucs = _resampled_binary_aucs(outputs[:, 1], labels == 1, mask, draws)
     return jax.vmap(one)(draws, aucs)
@@ -278,19 +293,41 @@ def _resampled_binary_aucs(scores: jax.Array, positive: jax.Array, mask: jax.Arr
   return jnp.where(drawn_nan, jnp.nan, auc)
 
 
-def bootstrap_sites(key: jax.Array, outputs: jax.Array, labels: jax.Array,
-                    mask: jax.Array, *, survival: bool, num_resamples: int
+def bootstrap_site_draws(key: jax.Array, mask: jax.Array, num_resamples: int
+                         ) -> tuple[jax.Array, jax.Array]:
+  """`bootstrap_draws` of every site (`[C, R, N]`, site k with `fold_in(key, k)`)
+  and of the pooled test set (`[R, C * N]`, with `fold_in(key, C)`), as
+  `bootstrap_sites` resamples them.
+
+  Integer arithmetic only (the PRNG), so its own program may compile with any
+  optimisation and give the same draws.
+  """
+  c, _ = mask.shape
+  per_site = jax.vmap(lambda k, m: bootstrap_draws(jax.random.fold_in(key, k), m,
+                                                   num_resamples))(jnp.arange(c), mask)
+  pooled = bootstrap_draws(jax.random.fold_in(key, c), mask.reshape(-1), num_resamples)
+  return per_site, pooled
+
+
+def bootstrap_sites(key: jax.Array | None, outputs: jax.Array, labels: jax.Array,
+                    mask: jax.Array, *, survival: bool, num_resamples: int,
+                    draws: tuple[jax.Array, jax.Array] | None = None
                     ) -> dict[str, jax.Array]:
   """`bootstrap_metrics` of every site and of the pooled test set: `{metric: [R, C +
-  1]}`, column C the pooled set; site k resamples with `fold_in(key, k)`."""
+  1]}`, column C the pooled set; site k resamples with `fold_in(key, k)`
+  (`bootstrap_site_draws`, or its result `draws` when the caller has it)."""
   c, n = mask.shape
-  per_site = jax.vmap(lambda k, o, y, m: bootstrap_metrics(
-      jax.random.fold_in(key, k), o, y, m, survival=survival,
-      num_resamples=num_resamples))(jnp.arange(c), outputs, labels, mask)
+  if draws is None:
+    draws = bootstrap_site_draws(key, mask, num_resamples)
+  site_draws, pooled_draws = draws
+  per_site = jax.vmap(lambda d, o, y, m: bootstrap_metrics(
+      None, o, y, m, survival=survival, num_resamples=num_resamples, draws=d))(
+          site_draws, outputs, labels, mask)
   order = jnp.argsort(~mask.reshape(-1), stable=True)  # real examples first
   flat = lambda x: x.reshape((c * n,) + x.shape[2:])[order]
-  pooled = bootstrap_metrics(jax.random.fold_in(key, c), flat(outputs), flat(labels),
-                             flat(mask), survival=survival, num_resamples=num_resamples)
+  pooled = bootstrap_metrics(None, flat(outputs), flat(labels), flat(mask),
+                             survival=survival, num_resamples=num_resamples,
+                             draws=pooled_draws)
   return {m: jnp.concatenate([per_site[m].T, pooled[m][:, None]], axis=1)
           for m in BOOTSTRAP_METRICS}
 
