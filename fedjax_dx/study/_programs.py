@@ -19,6 +19,7 @@ import numpy as np
 
 from fedjax_dx.core import _data
 from fedjax_dx.core import _metrics
+from fedjax_dx.core import _prng
 from fedjax_dx.core import _scale
 from fedjax_dx.core import _sharding
 from fedjax_dx.privacy import _membership
@@ -137,7 +138,7 @@ class _StoredJit:
     signature = json.dumps(_store.describe_arguments(args))
     if signature not in self.programs:
       self.programs[signature] = self.cache.lazy(
-          self.identity, lambda: jax.jit(self.fn).lower(*args), args,
+          self.identity, lambda: _prng.lower(jax.jit(self.fn), args, self.options), args,
           self._keep_alive, options=self.options, ahead=ahead)
     return self.programs[signature]
 
@@ -305,12 +306,12 @@ class ProgramCache:
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((states, train))]),
            participation.shape)
     if key not in self.runs:
-      identity = self.identity(algorithm)
+      identity, options = self.identity(algorithm), self.options_for(algorithm)
       self.runs[key] = self.lazy(
           identity and ("rounds", identity),
-          lambda: jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))).lower(
-              states, train, participation),
-          (states, train, participation), algorithm, self.options_for(algorithm))
+          lambda: _prng.lower(jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))),
+                              (states, train, participation), options),
+          (states, train, participation), algorithm, options)
     return self.runs[key]
 
   def evaluator(self, model, kind: str, algorithm, models, data):
@@ -348,11 +349,12 @@ class ProgramCache:
       identity = self.identity(model)
       if kind == "personalized":
         identity = identity and self.identity(algorithm)
+      options = self.options_for(model)
       self.evaluators[key] = self.lazy(
           identity and ("evaluator", kind, identity, key[3]),
-          lambda: jax.jit(jax.vmap(fn, in_axes=(0, None, None))).lower(
-              models, data.train, data.test),
-          (models, data.train, data.test), (model, algorithm), self.options_for(model))
+          lambda: _prng.lower(jax.jit(jax.vmap(fn, in_axes=(0, None, None))),
+                              (models, data.train, data.test), options),
+          (models, data.train, data.test), (model, algorithm), options)
     return self.evaluators[key]
 
   def test_outputs_like(self, model, params, test_features, num_models: int = 0
