@@ -233,7 +233,7 @@ def test_a_nan_learning_rate_gives_a_nan_train_loss_not_zero():
     assert np.isnan(np.asarray(metrics["train_loss"])[-1]), algo.name
 
 
-def test_bootstrap_draws_are_the_same_at_every_optimisation_level_and_in_or_out_of_the_metrics_program():
+def test_bootstrap_draws_same_at_every_level_and_in_or_out_of_the_metrics_program():
   """The bootstrap draws its resamples in a program of its own, compiled at XLA level
   1 (`draw_options`): integer arithmetic, so the draws equal those at full
   optimisation and at level 0 bit for bit, and the metrics of resamples drawn there

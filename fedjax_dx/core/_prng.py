@@ -32,7 +32,8 @@ def _unrolled_rule():
   """JAX's straight-line lowering rule of `threefry2x32`, where this jax lowers it on
   CPU with a separate (rolled) rule; else None."""
   try:
-    from jax._src.random import threefry2x32 as module  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jax._src.random import threefry2x32 as module
   except ImportError:
     return None
   if not hasattr(module, "_threefry2x32_cpu_lowering_rule"):

@@ -138,7 +138,8 @@ class _StoredJit:
     signature = json.dumps(_store.describe_arguments(args))
     if signature not in self.programs:
       self.programs[signature] = self.cache.lazy(
-          self.identity, lambda: _prng.lower(jax.jit(self.fn), args, self.options), args,
+          self.identity, lambda: _prng.lower(jax.jit(self.fn), args, self.options),
+          args,
           self._keep_alive, options=self.options, ahead=ahead)
     return self.programs[signature]
 
@@ -161,7 +162,8 @@ class _Bootstrap:
     """`_StoredJit.prepare` of both programs for arguments like these (`outputs` may
     be a `jax.ShapeDtypeStruct`: `ProgramCache.test_outputs_like`)."""
     # Shapes, not arrays: no zeros to make and move (on the device that holds `keys`).
-    like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=keys.sharding)
+    like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                     sharding=keys.sharding)
     outputs = like(outputs.shape, outputs.dtype)
     self.draws.prepare(keys, outputs, mask)
     # The draws' shapes (`_metrics.bootstrap_site_draws` per seed and model), without
@@ -169,8 +171,8 @@ class _Bootstrap:
     lead = (keys.shape[0],) + ((outputs.shape[1],) if self.stacked else ())
     (c, n), r = mask.shape, self.num_resamples
     index = jax.dtypes.canonicalize_dtype(jnp.int_)
-    self.metrics.prepare((like(lead + (c, r, n), index), like(lead + (r, c * n), index)),
-                         outputs, labels, mask)
+    draws = (like(lead + (c, r, n), index), like(lead + (r, c * n), index))
+    self.metrics.prepare(draws, outputs, labels, mask)
 
 
 UNSET_OPTIONS = "unset"  # a ProgramCache that takes its first study's options
@@ -309,8 +311,9 @@ class ProgramCache:
       identity, options = self.identity(algorithm), self.options_for(algorithm)
       self.runs[key] = self.lazy(
           identity and ("rounds", identity),
-          lambda: _prng.lower(jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))),
-                              (states, train, participation), options),
+          lambda: _prng.lower(
+              jax.jit(jax.vmap(algorithm.run.rounds, in_axes=(0, None, 0))),
+              (states, train, participation), options),
           (states, train, participation), algorithm, options)
     return self.runs[key]
 
