@@ -623,7 +623,7 @@ def test_a_private_study_draws_privacy_against_utility(tmp_path):
   workdir = tmp_path / "private"
   _study_frame(tmp_path, "private", methods="fedavg,centralized", num_seeds=1,
                sweep="dp+dp_target_epsilon=none/0,central/8,central/64")
-  study.make_report(str(workdir))
+  drawn = study.make_report(str(workdir))
   summary = pd.read_csv(workdir / "summary.csv", dtype={"client": str})
   private = summary[summary["epsilon"].notna()]
   assert sorted(private["epsilon"].round().unique()) == [8, 64]
@@ -631,6 +631,83 @@ def test_a_private_study_draws_privacy_against_utility(tmp_path):
   assert audited["mia_class_balanced_auc_mean"].between(0, 1).all()
   assert (workdir / "privacy_utility.png").stat().st_size > 1000
   assert "privacy_utility" in (workdir / "report.html").read_text()
+  _check_drawn_in_processes(tmp_path, workdir, drawn)
+
+
+# Draws the report of sys.argv[1]'s copies in a fresh process (it can fork): two
+# figures at a time; again with the calibration figure failing in the forked child;
+# by a ReportProcess forked before (a study would run); prints the forks made.
+DRAW_IN_PROCESSES = """
+import json, os, shutil, sys, time
+from fedjax_dx.study import _report
+from fedjax_dx.study._report_process import ReportProcess
+reporter, idle = ReportProcess.start(), ReportProcess.start()
+idle.stop()  # ends without drawing
+assert reporter.draw("/nonexistent") is None  # the caller draws and raises
+reporter = ReportProcess.start()
+source, forks, parent = sys.argv[1], [], os.getpid()
+real_fork = os.fork
+def fork():
+  forks.append(1)
+  return real_fork()
+os.fork = fork
+results = shutil.ignore_patterns("*.png", "report.html")  # the results, not the report
+for copy in ("two", "child_fails", "reporter"):
+  shutil.copytree(source, copy, ignore=results)
+# The calibration figure fails in the forked child; the first process's first figure
+# waits for that, so that the child is the one to take it.
+failed = os.path.abspath("failed_in_the_child")
+def in_child_fails(draw):
+  def fails(*args):
+    if os.getpid() != parent:
+      open(failed, "w").close()
+      raise RuntimeError("only in the child")
+    return draw(*args)
+  return fails
+def first_waits(draw):
+  def waits(*args):
+    if os.getpid() == parent and not waited:
+      waited.append(1)
+      for _ in range(6000):
+        if os.path.exists(failed):
+          break
+        time.sleep(0.01)
+    return draw(*args)
+  return waits
+figures = ("_convergence", "_communication", "_comparison", "_sweeps", "_clinical",
+           "_calibration", "_fairness_view", "_labels")
+plain = {name: getattr(_report, name) for name in figures}
+_report.make_report("two", processes=2)
+waited = []
+for name in figures:
+  setattr(_report, name, first_waits(plain[name]))
+_report._calibration = first_waits(in_child_fails(plain["_calibration"]))
+_report.make_report("child_fails", processes=2)
+assert os.path.exists(failed)
+paths = reporter.draw("reporter")
+print(json.dumps({"forks": len(forks), "reporter": sorted(paths)}))
+"""
+
+
+def _check_drawn_in_processes(tmp_path, workdir, names):
+  """The report drawn two figures at a time (a figure failing in the forked child
+  drawn again by the first process), and by a `ReportProcess`, is byte for byte the
+  one drawn in one process."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", DRAW_IN_PROCESSES, str(workdir)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  drawn = json.loads(result.stdout.splitlines()[-1])
+  assert drawn["forks"] == 2  # one child per make_report(processes=2)
+  files = sorted(p.name for p in workdir.iterdir()
+                 if p.suffix == ".png" or p.name == "report.html")
+  assert "privacy_utility.png" in files and "report.html" in files
+  assert drawn["reporter"] == sorted(names)
+  for copy in ("two", "child_fails", "reporter"):
+    for name in files:
+      assert (tmp_path / copy / name).read_bytes() == (workdir / name).read_bytes(), (
+          copy, name)
 
 
 def test_a_program_cache_serves_only_studies_of_its_compile_options(tmp_path):

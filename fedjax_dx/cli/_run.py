@@ -186,6 +186,21 @@ def main(argv):
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+  # Started before JAX's backend and the study's threads (it forks): the report's
+  # libraries load beside the study, and its figures are drawn two at a time.
+  reporter = None
+  if FLAGS.report and FLAGS.num_processes == 1 and not FLAGS.coordinator_address:
+    from fedjax_dx.study._report_process import ReportProcess
+    reporter = ReportProcess.start()
+  try:
+    _study_and_report(reporter)
+  finally:
+    if reporter is not None:
+      reporter.stop()
+
+
+def _study_and_report(reporter) -> None:
+  """The study, then its report (by `reporter` where there is one)."""
   from fedjax_dx import study
   import jax
   # jax logs each backend it could not start (tpu, cuda) at INFO: not the user's concern.
@@ -206,7 +221,8 @@ def main(argv):
     return
   if FLAGS.report:
     try:
-      paths.update(study.make_report(FLAGS.workdir))
+      drawn = reporter.draw(FLAGS.workdir) if reporter is not None else None
+      paths.update(drawn or study.make_report(FLAGS.workdir))
     except study.StudyError as e:  # the results are written; a figure could not be
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

@@ -7,6 +7,9 @@ import functools
 import html
 import json
 import os
+import pickle
+import sys
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -33,6 +36,19 @@ class _Figures:
 def _plt():
   import seaborn as sns  # pylint: disable=g-import-not-at-top
   return _Figures, sns
+
+
+def prepare() -> None:
+  """Imports what drawing needs (seaborn, pandas, matplotlib's Agg canvas and PNG
+  writer) and draws one small figure, so that a report drawn later starts at once
+  (`_report_process`: done while a study runs)."""
+  import io  # pylint: disable=g-import-not-at-top
+  __import__("pandas")
+  plt, sns = _plt()
+  with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.set_title("warm-up")
+    fig.savefig(io.BytesIO(), dpi=10, format="png")
 
 
 def _path(study_or_dir, filename: str) -> str | None:
@@ -246,13 +262,21 @@ class _Study(NamedTuple):
                 hue_order=[m for m in self.order if m in set(methods)])
 
 
-def make_report(workdir: str) -> dict[str, str]:
+def make_report(workdir: str, processes: int | None = None) -> dict[str, str]:
   """Draws every figure that the results support into `workdir` (PNG) and writes
   report.html; returns {name: path}. Global matplotlib and seaborn state is left as
-  it was."""
+  it was.
+
+  Args:
+    workdir: a study's results (config.json, metrics.jsonl, summary.csv, ...).
+    processes: how many processes draw the figures (each takes the next figure
+      when it is done with one). None: two where this process can fork safely
+      (`can_fork`: Linux, one thread, no JAX backend started), else one. The
+      figures are the same either way.
+  """
   with open(os.path.join(workdir, "config.json")) as f:
     meta = json.load(f)
-  summary, figures = _draw(workdir, workdir)
+  summary, figures = _draw(workdir, workdir, processes)
   report = _html(workdir, meta, summary, figures, meta["config"].get("target_metric",
                                                                      "accuracy"))
   return {**figures, "report": report}
@@ -261,18 +285,41 @@ def make_report(workdir: str) -> dict[str, str]:
 def figures(workdir: str) -> dict[str, Any]:
   """The report's figures as matplotlib `Figure`s, {name: figure}; nothing is written
   and no global matplotlib or seaborn state changes."""
-  return _draw(workdir, None)[1]
+  return _draw(workdir, None, 1)[1]
 
 
-def _draw(workdir: str, fig_dir: str | None):
+def can_fork() -> bool:
+  """Whether this process can fork workers safely: Linux, no thread but this one
+  (a forked child gets only the forking thread: a lock another thread held would
+  stay held) and no JAX backend started (its runtime threads and devices)."""
+  if not sys.platform.startswith("linux") or threading.active_count() != 1:
+    return False
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  return not getattr(bridge, "_backends", None)
+
+
+def _draw(workdir: str, fig_dir: str | None, processes: int | None):
   """(summary, {name: path, or Figure when fig_dir is None}) of every figure the
   results support, drawn in seaborn's whitegrid style for this call only."""
   _, sns = _plt()
+  if processes is None:
+    processes = min(2, os.cpu_count() or 1) if can_fork() else 1
   with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
-    return _draw_all(workdir, fig_dir)
+    summary, tasks = _figure_tasks(workdir, fig_dir)
+    figures = {}
+    for drawn in _run_tasks(tasks, processes if fig_dir is not None else 1):
+      figures.update(drawn)
+    return summary, figures
 
 
-def _draw_all(workdir: str, fig_dir: str | None):
+# The figures that take longest first, so that parallel processes finish together.
+_SLOWEST_FIRST = ("clinical", "comparison", "privacy_utility", "fairness", "calibration",
+                  "convergence", "communication", "sweeps", "privacy_bounds", "labels")
+
+
+def _figure_tasks(workdir: str, fig_dir: str | None):
+  """(summary, [(name, () -> {figure: path or Figure})]): the report's figures in
+  report order, each drawn by a call that needs nothing from the others."""
   import pandas as pd
 
   plt, sns = _plt()
@@ -291,24 +338,89 @@ def _draw_all(workdir: str, fig_dir: str | None):
                  test,
                  test[test["client"] == "pooled"], dict(zip(order, sns.color_palette(
                      "deep", len(order)))), order, fig_dir)
-  figures = _convergence(study)
-  figures.update(_communication(study))
-  comparison, last = _comparison(study)
-  figures.update(comparison)
+  last = _final_rows(study)
   final_pooled = last[last["client"] == "pooled"]
-  figures.update(_sweeps(study, final_pooled))
-  privacy = _privacy_utility(final_pooled, metric, study.colors, plt, sns)
-  if privacy is not None:
-    figures["privacy_utility"] = _save(privacy, _path(study,
-                                                               "privacy_utility.png"))
-  bounds = _privacy_bounds(final_pooled, study.colors, plt)
-  if bounds is not None:
-    figures["privacy_bounds"] = _save(bounds, _path(study, "privacy_bounds.png"))
-  figures.update(_clinical(study, last))
-  figures.update(_calibration(study, workdir))
-  figures.update(_fairness_view(study, workdir))
-  figures.update(_labels(workdir, fig_dir))
-  return summary, figures
+
+  def privacy_utility():
+    fig = _privacy_utility(final_pooled, metric, study.colors, plt, sns)
+    return {} if fig is None else {
+        "privacy_utility": _save(fig, _path(study, "privacy_utility.png"))}
+
+  def privacy_bounds():
+    fig = _privacy_bounds(final_pooled, study.colors, plt)
+    return {} if fig is None else {
+        "privacy_bounds": _save(fig, _path(study, "privacy_bounds.png"))}
+
+  return summary, [
+      ("convergence", lambda: _convergence(study)),
+      ("communication", lambda: _communication(study)),
+      ("comparison", lambda: _comparison(study, last)),
+      ("sweeps", lambda: _sweeps(study, final_pooled)),
+      ("privacy_utility", privacy_utility),
+      ("privacy_bounds", privacy_bounds),
+      ("clinical", lambda: _clinical(study, last)),
+      ("calibration", lambda: _calibration(study, workdir)),
+      ("fairness", lambda: _fairness_view(study, workdir)),
+      ("labels", lambda: _labels(workdir, fig_dir)),
+  ]
+
+
+def _run_tasks(tasks, processes: int) -> list[dict]:
+  """Each task's result, in the order of `tasks`; with `processes` > 1, this process
+  and `processes - 1` forked ones take the tasks one at a time, slowest first, from
+  a pipe (the children send their results back pickled). A task that fails in a
+  child runs again here, so its error is raised as it would be without children."""
+  if processes <= 1 or len(tasks) < 2:
+    return [draw() for _, draw in tasks]
+  slowest_first = sorted(range(len(tasks)), key=lambda i: (
+      _SLOWEST_FIRST.index(tasks[i][0]) if tasks[i][0] in _SLOWEST_FIRST
+      else len(_SLOWEST_FIRST)))
+  queue_out, queue_in = os.pipe()
+  os.write(queue_in, bytes(slowest_first))  # < 256 tasks, far below a pipe's buffer
+  os.close(queue_in)
+  for stream in (sys.stdout, sys.stderr):  # nothing buffered twice
+    stream.flush()
+  children, done = [], {}
+  try:
+    for _ in range(processes - 1):
+      result_out, result_in = os.pipe()
+      pid = os.fork()
+      if pid == 0:  # a child: draws, sends its results, ends without cleanup
+        try:
+          os.close(result_out)
+          payload = pickle.dumps(_take_tasks(tasks, queue_out))
+          with os.fdopen(result_in, "wb") as out:
+            out.write(payload)
+        finally:
+          os._exit(0)  # pylint: disable=protected-access
+      os.close(result_in)
+      children.append((pid, result_out))
+    done = _take_tasks(tasks, queue_out)
+  finally:
+    os.close(queue_out)
+    for pid, result_out in children:
+      with os.fdopen(result_out, "rb") as result:
+        payload = result.read()
+      os.waitpid(pid, 0)
+      child_done = pickle.loads(payload) if payload else {}
+      done.update(child_done)
+  for i in sorted(set(range(len(tasks))) - set(done)):  # failed, or lost with a child
+    done[i] = tasks[i][1]()
+  return [done[i] for i in range(len(tasks))]
+
+
+def _take_tasks(tasks, queue) -> dict:
+  """Runs the tasks whose indices this process reads from `queue` (one byte each)
+  until it is empty or a task fails: {index: result} of those that ran."""
+  done = {}
+  while True:
+    taken = os.read(queue, 1)
+    if not taken:
+      return done
+    try:
+      done[taken[0]] = tasks[taken[0]][1]()
+    except Exception:  # pylint: disable=broad-except
+      return done  # run again by the first process, which raises its error
 
 
 CLINICAL_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
@@ -493,15 +605,20 @@ def _communication(study: _Study) -> dict[str, str]:
   return figures
 
 
-def _comparison(study: _Study):
-  """Federated vs centralized vs local-only per test set; also returns the final rows."""
-  plt, sns, metric, test, hue = study.plt, study.sns, study.metric, study.test, study.hue
-  # Federated vs centralized vs local-only, per hospital and pooled (final round).
+def _final_rows(study: _Study):
+  """Each method's and seed's test rows of its last evaluation, with `test_set` names."""
+  test = study.test
   last = test[test["round"] == test.groupby(["method", "seed"])["round"].transform("max")]
+  names = last.drop_duplicates("client").set_index("client")["client_name"].to_dict()
+  return last.assign(test_set=last["client"].map(names))
+
+
+def _comparison(study: _Study, last) -> dict[str, str]:
+  """Federated vs centralized vs local-only per test set (final round)."""
+  plt, sns, metric, hue = study.plt, study.sns, study.metric, study.hue
   names = (last.drop_duplicates("client").set_index("client")["client_name"].to_dict())
   client_order = (sorted((c for c in names if str(c).isdigit()), key=int)
                   + [c for c in ("pooled", "pooled_pn") if c in names])
-  last = last.assign(test_set=last["client"].map(names))
   fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(client_order) + 4), 4.2))
   sns.barplot(data=last, x="test_set", y=metric, **hue(last["method"]),
               order=[names[c] for c in client_order], **_CI, ax=ax)
@@ -509,8 +626,7 @@ def _comparison(study: _Study):
           f"final test {_label(metric)}", "Federated vs centralized vs local-only")
   if len(client_order) > 6:
     ax.tick_params(axis="x", rotation=45)
-  return {"comparison": _save(fig, _path(study, "comparison.png"))}, last
-
+  return {"comparison": _save(fig, _path(study, "comparison.png"))}
 
 
 def _sweeps(study: _Study, final_pooled) -> dict[str, str]:
