@@ -644,7 +644,7 @@ from fedjax_dx.study._report_process import ReportProcess
 reporter, idle = ReportProcess.start(), ReportProcess.start()
 idle.stop()  # ends without drawing
 assert reporter.draw("/nonexistent") is None  # the caller draws and raises
-reporter = ReportProcess.start()
+reporter, failing = ReportProcess.start(), ReportProcess.start()
 source, forks, parent = sys.argv[1], [], os.getpid()
 real_fork = os.fork
 def fork():
@@ -684,7 +684,25 @@ for name in figures:
 _report._calibration = first_waits(in_child_fails(plain["_calibration"]))
 _report.make_report("child_fails", processes=2)
 assert os.path.exists(failed)
+# Told once metrics.jsonl is written, it draws before the summaries exist.
+summaries = ("summary.csv", "fairness.csv")
+for name in summaries:
+  os.remove(os.path.join("reporter", name))
+reporter.metrics_written("reporter")
+for _ in range(12000):
+  if os.path.exists(os.path.join("reporter", "clinical.png")):
+    break
+  time.sleep(0.01)
+assert os.path.exists(os.path.join("reporter", "clinical.png"))
+assert not os.path.exists(os.path.join("reporter", "report.html"))
+for name in summaries:
+  shutil.copy(os.path.join(source, name), "reporter")
 paths = reporter.draw("reporter")
+# A study that fails after its metrics: the child ends without a report.
+shutil.copytree(source, "failed_study", ignore=results)
+failing.metrics_written("failed_study")
+failing.stop()
+assert not os.path.exists(os.path.join("failed_study", "report.html"))
 print(json.dumps({"forks": len(forks), "reporter": sorted(paths)}))
 """
 

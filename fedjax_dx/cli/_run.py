@@ -213,7 +213,9 @@ def _study_and_report(reporter) -> None:
   if quiet:
     logging.getLogger().setLevel(logging.WARNING)
   try:
-    paths = study.run_study(FLAGS.config, FLAGS.workdir, quiet=quiet)
+    paths = study.run_study(
+        FLAGS.config, FLAGS.workdir, quiet=quiet,
+        on_metrics_written=reporter.metrics_written if reporter is not None else None)
   except study.StudyError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -790,7 +790,9 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
 
 
 def run_study(config, workdir: str, *, quiet: bool = False,
-              programs: ProgramCache | None = None) -> dict[str, str]:
+              programs: ProgramCache | None = None,
+              on_metrics_written: Callable[[str], None] | None = None
+              ) -> dict[str, str]:
   """Runs (or resumes) a study into `workdir`; returns the paths written.
 
   All seeds of a (point, method) train together in one vmapped program
@@ -806,6 +808,9 @@ def run_study(config, workdir: str, *, quiet: bool = False,
       points of a later study that agree with an earlier one in every compile
       field and shape reuse its programs instead of tracing and compiling them
       again. Results are the same either way. Default: one cache per study.
+    on_metrics_written: called with `workdir` once metrics.jsonl and
+      predictions.jsonl are written, before the summaries (a report can start
+      drawing: `fedjax-dx run`'s `ReportProcess.metrics_written`).
 
   Returns:
     The paths written: metrics, summary, summary table, config.
@@ -944,7 +949,8 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     cache.close()  # its worker threads; a cache given by the caller keeps its programs
   if not lead:
     return {}
-  return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo])
+  return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo],
+                  on_metrics_written)
 
 
 def _import_soon(modules) -> None:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedjax_dx.study._schema import METRICS
+from fedjax_dx.study._schema import METRICS, StudyError
 from fedjax_dx.study._storage import write_atomic
 from fedjax_dx.study._summary import summary_swept_columns, swept_columns
 
@@ -262,7 +262,8 @@ class _Study(NamedTuple):
                 hue_order=[m for m in self.order if m in set(methods)])
 
 
-def make_report(workdir: str, processes: int | None = None) -> dict[str, str]:
+def make_report(workdir: str, processes: int | None = None,
+                results_written=None) -> dict[str, str]:
   """Draws every figure that the results support into `workdir` (PNG) and writes
   report.html; returns {name: path}. Global matplotlib and seaborn state is left as
   it was.
@@ -273,19 +274,30 @@ def make_report(workdir: str, processes: int | None = None) -> dict[str, str]:
       when it is done with one). None: two where this process can fork safely
       (`can_fork`: Linux, one thread, no JAX backend started), else one. The
       figures are the same either way.
+    results_written: None when every result file is written; else a call that
+      returns once summary.csv and fairness.csv are (True), or never will be
+      (False: nothing more is drawn, `StudyError`). The figures that read only
+      metrics.jsonl, predictions.jsonl and partition.json are drawn before it is
+      called (`ReportProcess`: while the study writes its summaries).
   """
   with open(os.path.join(workdir, "config.json")) as f:
     meta = json.load(f)
-  summary, figures = _draw(workdir, workdir, processes)
+  figures = _draw(workdir, workdir, processes, results_written)
+  summary = _read_summary(workdir)
   report = _html(workdir, meta, summary, figures, meta["config"].get("target_metric",
                                                                      "accuracy"))
   return {**figures, "report": report}
 
 
+def _read_summary(workdir: str):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  return pd.read_csv(os.path.join(workdir, "summary.csv"), dtype={"client": str})
+
+
 def figures(workdir: str) -> dict[str, Any]:
   """The report's figures as matplotlib `Figure`s, {name: figure}; nothing is written
   and no global matplotlib or seaborn state changes."""
-  return _draw(workdir, None, 1)[1]
+  return _draw(workdir, None, 1)
 
 
 def can_fork() -> bool:
@@ -298,28 +310,42 @@ def can_fork() -> bool:
   return not getattr(bridge, "_backends", None)
 
 
-def _draw(workdir: str, fig_dir: str | None, processes: int | None):
-  """(summary, {name: path, or Figure when fig_dir is None}) of every figure the
-  results support, drawn in seaborn's whitegrid style for this call only."""
+def _draw(workdir: str, fig_dir: str | None, processes: int | None,
+          results_written=None):
+  """{name: path, or Figure when fig_dir is None} of every figure the results
+  support, drawn in seaborn's whitegrid style for this call only (`make_report`'s
+  `results_written`: the figures that need the summaries are drawn after it)."""
   _, sns = _plt()
   if processes is None:
     processes = min(2, os.cpu_count() or 1) if can_fork() else 1
+  if fig_dir is None:
+    processes = 1
   with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
-    summary, tasks = _figure_tasks(workdir, fig_dir)
+    tasks = _figure_tasks(workdir, fig_dir)
+    early = [(i, task) for i, task in enumerate(tasks) if task[0] not in _READ_SUMMARIES]
+    late = [(i, task) for i, task in enumerate(tasks) if task[0] in _READ_SUMMARIES]
+    drawn = dict(zip([i for i, _ in early], _run_tasks([t for _, t in early],
+                                                       processes)))
+    if results_written is not None and not results_written():
+      raise StudyError(f"{workdir}: the study's summaries were not written; no report")
+    drawn.update(zip([i for i, _ in late], _run_tasks([t for _, t in late], processes)))
     figures = {}
-    for drawn in _run_tasks(tasks, processes if fig_dir is not None else 1):
-      figures.update(drawn)
-    return summary, figures
+    for i in range(len(tasks)):
+      figures.update(drawn[i])
+    return figures
 
 
+# The figures that read summary.csv or fairness.csv (the others read only
+# metrics.jsonl, predictions.jsonl and partition.json).
+_READ_SUMMARIES = ("fairness",)
 # The figures that take longest first, so that parallel processes finish together.
 _SLOWEST_FIRST = ("clinical", "comparison", "privacy_utility", "fairness", "calibration",
                   "convergence", "communication", "sweeps", "privacy_bounds", "labels")
 
 
 def _figure_tasks(workdir: str, fig_dir: str | None):
-  """(summary, [(name, () -> {figure: path or Figure})]): the report's figures in
-  report order, each drawn by a call that needs nothing from the others."""
+  """[(name, () -> {figure: path or Figure})]: the report's figures in report order,
+  each drawn by a call that needs nothing from the others."""
   import pandas as pd
 
   plt, sns = _plt()
@@ -330,7 +356,6 @@ def _figure_tasks(workdir: str, fig_dir: str | None):
                        dtype={"client": str})
   # The bootstrap resamples (lists) are summarized in summary.csv's intervals.
   frame = frame.drop(columns=[c for c in frame if c.startswith("bootstrap_")])
-  summary = pd.read_csv(os.path.join(workdir, "summary.csv"), dtype={"client": str})
   metric = config.get("target_metric", "accuracy")
   test = _collapse_local(frame[frame["split"] == "test"])
   order = [m for m in config["methods"].split(",") if m in set(test["method"])]
@@ -351,7 +376,7 @@ def _figure_tasks(workdir: str, fig_dir: str | None):
     return {} if fig is None else {
         "privacy_bounds": _save(fig, _path(study, "privacy_bounds.png"))}
 
-  return summary, [
+  return [
       ("convergence", lambda: _convergence(study)),
       ("communication", lambda: _communication(study)),
       ("comparison", lambda: _comparison(study, last)),

@@ -5,8 +5,10 @@ matplotlib (about 1.5 s) and drawing its figures (about 2.5 s on a 2-core machin
 `ReportProcess.start()` forks a child before the study starts any thread or JAX backend;
 the child imports the plotting libraries while the study runs (on the core the study
 leaves idle), then waits. `draw(workdir)` has it draw the report (`_report.make_report`,
-which forks once more to draw two figures at a time) and returns the paths. The report
-is the one the study's own process would draw: the same code on the same files.
+which forks once more to draw two figures at a time) and returns the paths. Told that
+metrics.jsonl is written (`metrics_written`), it draws the figures that read only that
+while the study writes its summaries. The report is the one the study's own process
+would draw: the same code on the same files.
 
 Where the child cannot be started (not Linux, a thread or a JAX backend already running,
 as in a notebook) `start` returns None, and where it fails `draw` returns None: the
@@ -32,8 +34,9 @@ class ReportProcess:
 
   def __init__(self, pid: int, commands: int, results: int):
     self._pid = pid  # the child's process id (None once it has ended)
-    self._commands = commands  # write end: the workdir, then end of file (or None)
+    self._commands = commands  # write end: the workdir's line, _WRITTEN (or None)
     self._results = results  # read end: the pickled paths, or nothing (or None)
+    self._told = False  # whether the workdir was sent
 
   @classmethod
   def start(cls) -> "ReportProcess | None":
@@ -57,17 +60,31 @@ class ReportProcess:
     os.close(result_in)
     return cls(pid, command_in, result_out)
 
+  def metrics_written(self, workdir: str) -> None:
+    """Tells the child that `workdir`'s metrics.jsonl and predictions.jsonl are
+    written: it draws the figures that read only those (and partition.json) while
+    the study writes its summaries (`run_study`'s `on_metrics_written`)."""
+    if self._pid is None or self._told:
+      return
+    self._told = True
+    try:
+      os.write(self._commands, os.fsencode(os.path.abspath(workdir)) + b"\n")
+    except OSError:  # the child is gone: `draw` returns None
+      pass
+
   def draw(self, workdir: str) -> dict[str, str] | None:
-    """The report of `workdir` drawn by the child: `make_report`'s {name: path}, or
-    None where the child could not draw it (its error is not raised here)."""
+    """The report of `workdir` (every result written) drawn by the child:
+    `make_report`'s {name: path}, or None where the child could not draw it (its
+    error is not raised here)."""
     if self._pid is None:
       return None
     try:
+      self.metrics_written(workdir)
       try:
-        os.write(self._commands, os.fsencode(os.path.abspath(workdir)))
-      except OSError:  # the child is gone
+        os.write(self._commands, _WRITTEN)
+      except OSError:
         pass
-      self._commands = _close(self._commands)
+      self._commands = _close(self._commands)  # (stop sends nothing more)
       chunks = []
       while chunk := os.read(self._results, 65536):
         chunks.append(chunk)
@@ -79,8 +96,13 @@ class ReportProcess:
       return None
 
   def stop(self) -> None:
-    """Ends the child (without a report when `draw` was not called: end of file on
-    its commands) and waits for it."""
+    """Ends the child (without a report when `draw` was not called: `_STOP`) and
+    waits for it."""
+    if self._commands is not None:
+      try:  # not end of file alone: a process forked since holds the pipe too
+        os.write(self._commands, (b"" if self._told else b"\n") + _STOP)
+      except OSError:
+        pass
     self._commands = _close(self._commands)
     self._results = _close(self._results)
     if self._pid is not None:
@@ -101,22 +123,50 @@ def _close(descriptor: int | None) -> None:
   return None
 
 
+# Lines on the child's commands after the workdir's: every result file is written
+# (draw the rest), or the study failed (draw nothing more). End of file before
+# either (the study's process ended) is a stop too.
+_WRITTEN = b"written\n"
+_STOP = b"stop\n"
+
+
 def _serve(commands: int, results: int) -> None:
-  """The child: imports the plotting libraries, reads the workdir (until end of file),
-  draws its report and writes the pickled paths to `results` (nothing on failure)."""
+  """The child: imports the plotting libraries; reads the workdir's line (metrics
+  written), draws what needs only those, reads `_WRITTEN` (every result written),
+  draws the rest and writes the pickled paths to `results` (nothing on failure, or
+  on `_STOP` or end of file instead: the study failed)."""
   from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
   try:
     _report.prepare()
   except Exception:  # pylint: disable=broad-except
     return  # the study's process draws the report and raises the error
-  chunks = []
-  while chunk := os.read(commands, 65536):
-    chunks.append(chunk)
-  if not chunks:  # stopped
+  lines = _Lines(commands)
+  workdir = lines.next()
+  if not workdir:  # stopped
     return
+
+  def results_written() -> bool:
+    return lines.next() + b"\n" == _WRITTEN
+
   try:
-    payload = pickle.dumps(_report.make_report(os.fsdecode(b"".join(chunks))))
+    paths = _report.make_report(os.fsdecode(workdir), results_written=results_written)
   except Exception:  # pylint: disable=broad-except
     return
   with os.fdopen(results, "wb") as out:
-    out.write(payload)
+    out.write(pickle.dumps(paths))
+
+
+class _Lines:
+  """The lines read from a pipe, one at a time (b"" at end of file)."""
+
+  def __init__(self, descriptor: int):
+    self._descriptor, self._buffer = descriptor, b""
+
+  def next(self) -> bytes:
+    while b"\n" not in self._buffer:
+      chunk = os.read(self._descriptor, 65536)
+      if not chunk:
+        return b""
+      self._buffer += chunk
+    line, _, self._buffer = self._buffer.partition(b"\n")
+    return line

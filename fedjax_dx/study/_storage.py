@@ -107,8 +107,11 @@ def _diff(a, b, prefix=""):
       yield f"{prefix}{k}"
 
 
-def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
-  """Assembles metrics.jsonl (canonical order) and summary.csv from the point files."""
+def finalize(workdir: str, config, ids: list[str],
+             on_metrics_written=None) -> dict[str, str]:
+  """Assembles metrics.jsonl (canonical order) and summary.csv from the point files
+  (`on_metrics_written(workdir)`, if given, is called once metrics.jsonl and
+  predictions.jsonl are written, before the summaries)."""
   import pandas as pd
 
   lines = []
@@ -137,6 +140,8 @@ def finalize(workdir: str, config, ids: list[str]) -> dict[str, str]:
             out.write(f.read())
 
   write_atomic(predictions_path, write=write_predictions)
+  if on_metrics_written is not None:
+    on_metrics_written(workdir)
   frame = pd.read_json(metrics_path, lines=True, dtype={"client": str},
                        precise_float=True)  # the numbers as written, to the last bit
   parquet_path = os.path.join(workdir, "metrics.parquet")
