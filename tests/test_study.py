@@ -641,6 +641,7 @@ DRAW_IN_PROCESSES = """
 import json, os, shutil, sys, time
 from fedjax_dx.study import _report
 from fedjax_dx.study._report_process import ReportProcess
+_report.prepare()  # once here, not in each child
 reporter, idle = ReportProcess.start(), ReportProcess.start()
 idle.stop()  # ends without drawing
 assert reporter.draw("/nonexistent") is None  # the caller draws and raises
@@ -654,18 +655,15 @@ os.fork = fork
 results = shutil.ignore_patterns("*.png", "report.html")  # the results, not the report
 for copy in ("two", "child_fails", "reporter"):
   shutil.copytree(source, copy, ignore=results)
-# The calibration figure fails in the forked child; the first process's first figure
-# waits for that, so that the child is the one to take it.
+# The first figure the forked child draws fails; the first process's first figure
+# waits for that (so the child takes one) and draws it again at the end.
 failed = os.path.abspath("failed_in_the_child")
-def in_child_fails(draw):
-  def fails(*args):
-    if os.getpid() != parent:
+def first_fails_in_the_child_or_waits(draw):
+  def drawn(*args):
+    if os.getpid() != parent and not failed_once:
+      failed_once.append(1)
       open(failed, "w").close()
       raise RuntimeError("only in the child")
-    return draw(*args)
-  return fails
-def first_waits(draw):
-  def waits(*args):
     if os.getpid() == parent and not waited:
       waited.append(1)
       for _ in range(6000):
@@ -673,15 +671,15 @@ def first_waits(draw):
           break
         time.sleep(0.01)
     return draw(*args)
-  return waits
+  return drawn
 figures = ("_convergence", "_communication", "_comparison", "_sweeps", "_clinical",
-           "_calibration", "_fairness_view", "_labels")
+           "_calibration", "_fairness_view", "_labels", "_privacy_utility",
+           "_privacy_bounds")
 plain = {name: getattr(_report, name) for name in figures}
 _report.make_report("two", processes=2)
-waited = []
+waited, failed_once = [], []
 for name in figures:
-  setattr(_report, name, first_waits(plain[name]))
-_report._calibration = first_waits(in_child_fails(plain["_calibration"]))
+  setattr(_report, name, first_fails_in_the_child_or_waits(plain[name]))
 _report.make_report("child_fails", processes=2)
 assert os.path.exists(failed)
 # Told once metrics.jsonl is written, it draws before the summaries exist.

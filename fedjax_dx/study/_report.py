@@ -436,16 +436,15 @@ def _run_tasks(tasks, processes: int) -> list[dict]:
 
 def _take_tasks(tasks, queue) -> dict:
   """Runs the tasks whose indices this process reads from `queue` (one byte each)
-  until it is empty or a task fails: {index: result} of those that ran."""
+  until it is empty: {index: result} of those that did not fail (a failed one runs
+  again in the first process, which raises its error)."""
   done = {}
-  while True:
-    taken = os.read(queue, 1)
-    if not taken:
-      return done
+  while taken := os.read(queue, 1):
     try:
       done[taken[0]] = tasks[taken[0]][1]()
     except Exception:  # pylint: disable=broad-except
-      return done  # run again by the first process, which raises its error
+      pass
+  return done
 
 
 CLINICAL_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
