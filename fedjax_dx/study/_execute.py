@@ -821,7 +821,6 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     >>> config.rounds = 40  # a new study; its 30-round programs are reused
   """
   check_config(config)
-  _import_soon(("pandas", "pyarrow.parquet"))  # for the results written at the end
   config_json = config.to_dict()
   # Multi-host: every process runs every program; process 0 alone reads and writes
   # the workdir and tells the others what is left to do.
@@ -951,25 +950,6 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     return {}
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo],
                   on_metrics_written)
-
-
-def _import_soon(modules) -> None:
-  """Imports `modules` on a thread of their own (about 0.5 s for pandas and pyarrow,
-  needed only when the results are written): it runs while this thread waits on
-  the device, the GIL released."""
-  missing = [m for m in modules if m not in sys.modules]
-  if missing:
-    import importlib  # pylint: disable=g-import-not-at-top
-    import threading  # pylint: disable=g-import-not-at-top
-
-    def load():
-      for module in missing:
-        try:
-          importlib.import_module(module)
-        except ImportError:  # raised where it is used, as without this thread
-          pass
-
-    threading.Thread(target=load, name="fedjax_dx-imports", daemon=True).start()
 
 
 def _on_lead(lead: bool, action: Callable[[], Any], size: int = 0) -> list[int]:
