@@ -115,10 +115,11 @@ class MethodRun:
       train = _data.pool_clients(data.train)
     self.train = train
     sizes = np.asarray(data.train.num_examples)
-    keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    params = cache.initial_params(model, keys[:, 0], example)
+    init_keys, state_keys = cache.seed_keys(seeds)
+    params = cache.initial_params(model, init_keys, example)
     if method in CHUNKABLE and config.client_chunk != 0:
-      config = cache.fit_client_chunk(config, method, model, params, train, keys[0, 1])
+      config = cache.fit_client_chunk(config, method, model, params, train,
+                                      state_keys[0])
     self.private = config.dp != "none" and method in PRIVATE
     self.sizes, self._epsilons = sizes, {}
     participation = self._participation(config, method, seeds, train.num_clients)
@@ -170,11 +171,11 @@ class MethodRun:
       mesh = _sharding.client_mesh()
       params = _sharding.replicate(params, mesh)
       self.states = _baselines.stack_states([
-          algo.init(_seed_slice(params, s), train, keys[s, 1])
+          algo.init(_seed_slice(params, s), train, state_keys[s])
           for s in range(len(seeds))])
     else:  # one batched init for all seeds (data not batched: init's host checks run)
       self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
-                                                                            keys[:, 1])
+                                                                            state_keys)
     one_seed = self.states.replace(positions=self.states.positions[0])  # for the checks
     for rounds_participation in participation:
       algo.run.check(one_seed, train, rounds_participation)
@@ -567,9 +568,8 @@ class MethodRun:
                                    self.config.bootstrap_resamples)
 
   def _bootstrap_keys(self) -> jax.Array:
-    """Each seed's resampling key `[S]`."""
-    return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(BOOTSTRAP_KEY), seed)
-                      for seed in self.seeds])
+    """Each seed's resampling key `[S]` (`ProgramCache.bootstrap_keys`)."""
+    return self.cache.bootstrap_keys(self.seeds, BOOTSTRAP_KEY)
 
   def _attach_bootstrap(self, rows, final_round: int) -> None:
     """Each final test row (sites and pooled) gets `bootstrap_<metric>`: the metric of

@@ -197,6 +197,7 @@ class ProgramCache:
     self.pooled = {}  # dataset key -> FLamby's pooled-normalized sets (or None)
     self.bootstraps = {}  # (survival, stacked, resamples) -> the jitted bootstrap
     self.output_shapes = {}  # model and shapes -> (model, its test outputs' shape)
+    self.keys = {}  # seeds -> their PRNG keys (`seed_keys`, `bootstrap_keys`)
     # id(model or algorithm) -> (it, the key it was built by): a program's identity in
     # the program store (objects not built here have none and are not stored)
     self.identities: dict[int, tuple[Any, Any]] = {}
@@ -288,6 +289,26 @@ class ProgramCache:
     variant = copy.deepcopy(config)
     variant.client_chunk = self.chunks[key]
     return variant
+
+  def seed_keys(self, seeds) -> tuple[jax.Array, jax.Array]:
+    """Each seed's keys for its initial model and for its training state, `([S],
+    [S])`: `jax.random.split(PRNGKey(seed))`, made once per study (every method
+    starts from them)."""
+    seeds = tuple(int(s) for s in seeds)
+    if seeds not in self.keys:
+      keys = jax.vmap(jax.random.split)(jnp.stack([jax.random.PRNGKey(s)
+                                                   for s in seeds]))
+      self.keys[seeds] = (keys[:, 0], keys[:, 1])
+    return self.keys[seeds]
+
+  def bootstrap_keys(self, seeds, key: int) -> jax.Array:
+    """Each seed's patient-bootstrap key `[S]`: `fold_in(PRNGKey(key), seed)`, made
+    once per study."""
+    found = ("bootstrap", key, tuple(int(s) for s in seeds))
+    if found not in self.keys:
+      self.keys[found] = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(key), seed)
+                                    for seed in found[2]])
+    return self.keys[found]
 
   def initial_params(self, model, keys, example):
     """Each seed's initial model `[S, ...]` (one compiled init, shared by methods)."""
