@@ -11,7 +11,9 @@ One job per module:
   _execute   `run_study`: methods x points x seeds, progress, resume, multi-host
   _storage   atomic writes, environment record, workdir resume checks, finalize
   _summary   summary tables over seeds
-  _report    the HTML report and its charts (imports matplotlib/seaborn when drawing)
+  _report    the HTML report and its charts (imports matplotlib/seaborn when drawing;
+             two figures at a time in forked processes where that is safe)
+  _report_process  the report drawn beside a study by a process forked before it
   _saved     the final models in DIR/models/, and loading one back
   _api       the notebook path: `run` -> `Study` (DataFrames, figures, report)
 
