@@ -28,6 +28,33 @@ def test_epsilon_matches_the_values_dp_accounting_publishes():
   assert fdx.privacy_epsilon(0.0, 1.0, 1, 1e-5) == float("inf")
 
 
+
+def test_a_calibration_asked_again_is_answered_from_memory(monkeypatch):
+  """A study asks for the same calibration in its checks and again at each method's
+  start: the second answer is the first, without dp-accounting's search."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.privacy import _accounting  # pylint: disable=g-import-not-at-top
+  _accounting._calibrated.cache_clear()
+  _accounting._epsilon.cache_clear()
+  searches = []
+  search = dp_accounting.calibrate_dp_mechanism
+  monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism",
+                      lambda *a, **k: searches.append(a) or search(*a, **k))
+  first = fdx.noise_for_epsilon(3.0, 1e-5, 1.0, 40)
+  assert len(searches) == 1
+  assert fdx.noise_for_epsilon(3.0, 1e-5, 1.0, 40) == first and len(searches) == 1
+  # Other arguments, or the same value of another type, are computed afresh.
+  other = fdx.noise_for_epsilon(3.0, 1e-5, 1.0, 41)
+  assert len(searches) == 2 and other != first
+  assert fdx.noise_for_epsilon(np.float64(3.0), 1e-5, 1.0, 40) == first
+  assert len(searches) == 3
+  # Remembered answers are the accountant's: the calibrated noise spends the target.
+  assert fdx.privacy_epsilon(first, 1.0, 40, 1e-5) == pytest.approx(3.0, rel=1e-3)
+  # Errors are not remembered: asked again, the same error.
+  for _ in range(2):
+    with pytest.raises(ValueError, match="is not reached"):
+      fdx.noise_for_epsilon(1e-4, 1e-5, 1.0, 10**6)
+
 @pytest.mark.parametrize("call,message", [
     (lambda: fdx.privacy_epsilon(1.0, 1.0, 10, 0.0), r"delta must lie in \(0, 1\), got 0.0"),
     (lambda: fdx.privacy_epsilon(1.0, 1.0, 10, 1.5), r"delta must lie in \(0, 1\), got 1.5"),

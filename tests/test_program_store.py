@@ -105,6 +105,54 @@ def test_a_damaged_entry_is_compiled_again_and_replaced(store):
   assert _program(_programs.ProgramCache(), ("step",), _step, params, batch).loaded
 
 
+def test_a_calibrated_noise_is_kept_and_read_back_to_the_bit(store, monkeypatch):
+  """A private study's rerun reads its DP noise calibration from the store instead of
+  searching dp-accounting's accountant again (seconds per calibration of a
+  subsampled mechanism): the same
+  number to the bit; another target misses; a damaged entry is computed again and
+  replaced; with the store off nothing is kept; an error is raised every time."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.privacy import _accounting  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _build  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study._schema import StudyError  # pylint: disable=g-import-not-at-top
+  searches = []
+  search = dp_accounting.calibrate_dp_mechanism
+  monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism",
+                      lambda *a, **k: searches.append(a) or search(*a, **k))
+  config = test_config.get_config()
+  config.dp, config.dp_target_epsilon, config.dp_delta = "central", 3.0, 1e-5
+  config.rounds, config.dp_accountant = 40, "rdp"
+  sampling = _build.DpSampling(1.0, "poisson", 0, "poisson")
+
+  def in_a_new_process():  # nothing remembered in memory
+    _accounting._calibrated.cache_clear()
+    _accounting._epsilon.cache_clear()
+    return _build.privacy_noise(config, sampling)
+
+  first = in_a_new_process()
+  assert len(searches) == 1
+  (entry,) = store.rglob("remembered/*/*.json")
+  assert in_a_new_process() == first and len(searches) == 1
+  assert first == _accounting._calibrated.__wrapped__(3.0, 1e-5, 1.0, 40, "rdp",
+                                                      "poisson", 0)
+  config.dp_target_epsilon = 4.0
+  assert in_a_new_process() != first and len(searches) == 3  # (+ the line above)
+  assert len(list(store.rglob("remembered/*/*.json"))) == 2
+  config.dp_target_epsilon = 3.0
+  entry.write_text("{damaged")
+  assert in_a_new_process() == first and len(searches) == 4
+  assert in_a_new_process() == first and len(searches) == 4  # replaced
+  _store.enable(None)
+  config.dp_target_epsilon = 5.0
+  in_a_new_process()
+  assert len(searches) == 5 and len(list(store.rglob("remembered/*/*.json"))) == 2
+  _store.enable(str(store))
+  config.dp_target_epsilon = 1e-4
+  for _ in range(2):
+    with pytest.raises(StudyError, match="is not reached"):
+      in_a_new_process()
+
+
 def test_a_study_stores_nothing_unless_the_store_is_on(tmp_path):
   config = test_config.get_config()
   config.methods, config.num_seeds, config.bootstrap_resamples = "fedavg", 1, 0

@@ -7,9 +7,10 @@ and their example-level (DP-SGD) forms.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -44,6 +45,27 @@ logging.getLogger("absl").addFilter(_SkipNonConvergedOrders())
 
 
 SAMPLINGS = ("poisson", "without_replacement")
+
+
+def _remembered(compute: Callable[..., float]) -> Callable[..., float]:
+  """`compute` (a pure function of scalar arguments: dp-accounting's arithmetic)
+  answered from memory when called again with the same arguments, of the same types,
+  in this process. A study asks for the same calibration more than once (its checks
+  before any write, then each method's start), and one calibration of a subsampled
+  mechanism takes seconds."""
+  cached = functools.lru_cache(maxsize=4096, typed=True)(compute)
+
+  @functools.wraps(compute)
+  def call(*args: Any) -> float:
+    try:
+      hash(args)
+    except TypeError:  # e.g. a 0-d array: computed, not remembered
+      return compute(*args)
+    return cached(*args)
+
+  call.cache_info = cached.cache_info  # type: ignore[attr-defined]
+  call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+  return call
 
 
 def _event(noise_multiplier: float, sampling_rate: float, steps: int,
@@ -123,6 +145,13 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
   if noise_multiplier == 0:
     return math.inf
+  return _epsilon(noise_multiplier, sampling_rate, steps, delta, accountant, sampling,
+                  population)
+
+
+@_remembered
+def _epsilon(noise_multiplier, sampling_rate, steps, delta, accountant, sampling,
+             population) -> float:
   fixed = sampling == "without_replacement" and sampling_rate < 1
   ledger = _accountant(accountant, replace_one=fixed)
   ledger.compose(_event(noise_multiplier, sampling_rate, steps, sampling, population))
@@ -185,7 +214,6 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float,
   _check_sampling(sampling, population, sampling_rate, accountant)
   if not target_epsilon > 0:
     raise ValueError(f"target epsilon must be > 0, got {target_epsilon!r}")
-  fixed = sampling == "without_replacement" and sampling_rate < 1
   best = epsilon(MAX_NOISE_MULTIPLIER, sampling_rate, steps, delta, accountant,
                  sampling=sampling, population=population)
   if best > target_epsilon:
@@ -194,7 +222,16 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sampling_rate: float,
         f"{MAX_NOISE_MULTIPLIER:g} (that gives epsilon {best:.4g} for {steps} releases at "
         f"sampling rate {sampling_rate:g}, delta {delta:g}); allow a larger epsilon, "
         "fewer rounds or a lower sampling rate")
-  import dp_accounting
+  return _calibrated(target_epsilon, delta, sampling_rate, steps, accountant, sampling,
+                     population)
+
+
+@_remembered
+def _calibrated(target_epsilon, delta, sampling_rate, steps, accountant, sampling,
+                population) -> float:
+  """`noise_for_epsilon` once its arguments are checked and the target is reachable."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  fixed = sampling == "without_replacement" and sampling_rate < 1
 
   def calibrate(name, low, high):
     return float(dp_accounting.calibrate_dp_mechanism(

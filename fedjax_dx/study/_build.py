@@ -19,6 +19,7 @@ from fedjax_dx.strategies import _baselines
 from fedjax_dx.strategies import _cyclic
 from fedjax_dx.strategies import _fedavg
 from fedjax_dx.strategies import _scaffold
+from fedjax_dx.study import _store
 from fedjax_dx.study._schema import PRIVATE, StudyError, split_list
 
 
@@ -313,20 +314,32 @@ def build_method(config, method: str, model,
   return _baselines.local_only(model, client_optimizer(config), name=method, **budget)
 
 
+# The calibrations below search dp-accounting's accountant (seconds for a subsampled
+# mechanism, per hospital for example-level DP): kept in the program store, so that a
+# rerun of a private study does not search again (`_store.remembered`).
+_ACCOUNTING = ("dp-accounting", "scipy")
+
+
 def privacy_noise(config, sampling: DpSampling) -> float:
+  args = [config.dp_target_epsilon, config.dp_delta, sampling.rate, config.rounds,
+          config.dp_accountant, sampling.sampling, sampling.population]
   try:
-    return _accounting.noise_for_epsilon(config.dp_target_epsilon, config.dp_delta,
-                                         sampling.rate, config.rounds, config.dp_accountant,
-                                         sampling=sampling.sampling,
-                                         population=sampling.population)
+    return _store.remembered(
+        "noise_for_epsilon", args, lambda: _accounting.noise_for_epsilon(
+            config.dp_target_epsilon, config.dp_delta, sampling.rate, config.rounds,
+            config.dp_accountant, sampling=sampling.sampling,
+            population=sampling.population), _ACCOUNTING)
   except ValueError as e:
     raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None
 
 
 def example_noise(config, sizes, steps) -> float:
+  args = [config.dp_target_epsilon, config.batch_size, np.asarray(sizes).tolist(),
+          np.asarray(steps).tolist(), config.dp_delta, config.dp_accountant]
   try:
-    return _accounting.example_level_noise(config.dp_target_epsilon, config.batch_size,
-                                           sizes, steps, config.dp_delta,
-                                           config.dp_accountant)
+    return _store.remembered(
+        "example_level_noise", args, lambda: _accounting.example_level_noise(
+            config.dp_target_epsilon, config.batch_size, sizes, steps, config.dp_delta,
+            config.dp_accountant), _ACCOUNTING)
   except ValueError as e:
     raise StudyError(f"config.dp_target_epsilon = {config.dp_target_epsilon}: {e}") from None

@@ -29,6 +29,11 @@ compiled again (`_programs._LazyExecutable`).
 Entries are written through a temporary file and a rename; one that cannot be read
 (damaged, from another jaxlib) is recompiled and replaced. Like JAX's cache, entries
 are pickles: keep the directory your own.
+
+The store also remembers a few numbers a study computes on the host before it compiles
+anything and that take seconds (`remembered`: DP noise calibrated to a target epsilon),
+as JSON in its remembered/ folder, keyed the same way plus the versions of the
+libraries that compute them.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import pickle
 import platform
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -243,3 +248,35 @@ def save(program_key: str, compiled: jax.stages.Compiled, module: str) -> bool:
     return True
   except Exception:  # pylint: disable=broad-except
     return False
+
+
+def remembered(name: str, args: list, compute: Callable[[], float],
+               distributions: tuple[str, ...] = ()) -> float:
+  """`compute()`, a number decided by `args` alone (JSON-able), the fedjax_dx source
+  and the versions of `distributions`: read back from the store where an earlier run
+  kept it, else computed and kept (written through a temporary file and a rename;
+  computed afresh where the store is off, the entry is damaged or cannot be written).
+  A value is kept only once `compute` returns: an error is raised each time.
+
+  Example:
+    >>> noise = remembered("noise_for_epsilon", [4.0, 1e-5, 0.1, 300],
+    ...                    lambda: noise_for_epsilon(4.0, 1e-5, 0.1, 300),
+    ...                    distributions=("dp-accounting",))
+  """
+  if directory() is None:
+    return compute()
+  entry = key("remembered", name, args, {d: _version(d) for d in distributions})
+  path = os.path.join(directory(), "remembered", entry[:2], entry + ".json")
+  try:
+    with open(path) as f:
+      return float(json.load(f)["value"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  value = compute()
+  from fedjax_dx.study._storage import write_atomic  # pylint: disable=g-import-not-at-top
+  try:
+    write_atomic(path, json.dumps({"name": name, "args": args, "value": value},
+                                  default=repr))
+  except OSError:
+    pass
+  return value
