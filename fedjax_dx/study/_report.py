@@ -280,9 +280,8 @@ def make_report(workdir: str, processes: int | None = None,
       metrics.jsonl, predictions.jsonl and partition.json are drawn before it is
       called (`ReportProcess`: while the study writes its summaries).
   """
-  with open(os.path.join(workdir, "config.json")) as f:
-    meta = json.load(f)
-  figures = _draw(workdir, workdir, processes, results_written)
+  meta = _read_meta(workdir)
+  figures = _draw(workdir, workdir, processes, results_written, meta)
   summary = _read_summary(workdir)
   report = _html(workdir, meta, summary, figures, meta["config"].get("target_metric",
                                                                      "accuracy"))
@@ -311,7 +310,7 @@ def can_fork() -> bool:
 
 
 def _draw(workdir: str, fig_dir: str | None, processes: int | None,
-          results_written=None):
+          results_written=None, meta: dict | None = None):
   """{name: path, or Figure when fig_dir is None} of every figure the results
   support, drawn in seaborn's whitegrid style for this call only (`make_report`'s
   `results_written`: the figures that need the summaries are drawn after it)."""
@@ -321,7 +320,7 @@ def _draw(workdir: str, fig_dir: str | None, processes: int | None,
   if fig_dir is None:
     processes = 1
   with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
-    tasks = _figure_tasks(workdir, fig_dir)
+    tasks = _figure_tasks(workdir, fig_dir, meta or _read_meta(workdir))
     early = [(i, task) for i, task in enumerate(tasks) if task[0] not in _READ_SUMMARIES]
     late = [(i, task) for i, task in enumerate(tasks) if task[0] in _READ_SUMMARIES]
     drawn = dict(zip([i for i, _ in early], _run_tasks([t for _, t in early],
@@ -343,14 +342,25 @@ _SLOWEST_FIRST = ("clinical", "comparison", "privacy_utility", "fairness", "cali
                   "convergence", "communication", "sweeps", "privacy_bounds", "labels")
 
 
-def _figure_tasks(workdir: str, fig_dir: str | None):
+def _read_meta(workdir: str) -> dict:
+  """The workdir's config.json (the config, versions, device)."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)
+
+
+def flush_before_fork() -> None:
+  """Flushes stdout and stderr, so that a forked child does not write what this
+  process buffered a second time."""
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+
+
+def _figure_tasks(workdir: str, fig_dir: str | None, meta: dict):
   """[(name, () -> {figure: path or Figure})]: the report's figures in report order,
   each drawn by a call that needs nothing from the others."""
   import pandas as pd
 
   plt, sns = _plt()
-  with open(os.path.join(workdir, "config.json")) as f:
-    meta = json.load(f)
   config = meta["config"]
   frame = pd.read_json(os.path.join(workdir, "metrics.jsonl"), lines=True,
                        dtype={"client": str})
@@ -403,8 +413,7 @@ def _run_tasks(tasks, processes: int) -> list[dict]:
   queue_out, queue_in = os.pipe()
   os.write(queue_in, bytes(slowest_first))  # < 256 tasks, far below a pipe's buffer
   os.close(queue_in)
-  for stream in (sys.stdout, sys.stderr):  # nothing buffered twice
-    stream.flush()
+  flush_before_fork()
   children, done = [], {}
   try:
     for _ in range(processes - 1):

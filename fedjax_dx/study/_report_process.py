@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 
 
 class ReportProcess:
@@ -46,8 +45,7 @@ class ReportProcess:
       return None
     command_out, command_in = os.pipe()
     result_out, result_in = os.pipe()
-    for stream in (sys.stdout, sys.stderr):  # nothing buffered twice
-      stream.flush()
+    _report.flush_before_fork()
     pid = os.fork()
     if pid == 0:  # the child: never returns
       try:
