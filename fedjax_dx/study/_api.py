@@ -151,7 +151,7 @@ class Study:
 
 
 def run(config, workdir: str, *, quiet: bool = False, report: bool = False,
-        programs=None) -> Study:
+        programs=None, method_threads: int = 0) -> Study:
   """Runs (or resumes) a study into `workdir` and returns it as a `Study`.
 
   Args:
@@ -161,6 +161,8 @@ def run(config, workdir: str, *, quiet: bool = False, report: bool = False,
     quiet: no progress bar and no log lines.
     report: also write the figures and report.html (`Study.report()` does it later).
     programs: a `ProgramCache` shared by several studies of one process.
+    method_threads: methods trained at once (0: one per core on CPU; 1: one after
+      another, each method's `wall_s` timed alone). The results are the same.
 
   Returns:
     The finished `Study`.
@@ -171,7 +173,8 @@ def run(config, workdir: str, *, quiet: bool = False, report: bool = False,
     >>> result = fdx.study.run(config, "/tmp/own_data")
   """
   from fedjax_dx.study import _execute  # pylint: disable=g-import-not-at-top
-  _execute.run_study(load_config(config), workdir, quiet=quiet, programs=programs)
+  _execute.run_study(load_config(config), workdir, quiet=quiet, programs=programs,
+                     method_threads=method_threads)
   result = Study(workdir)
   if report:
     result.report()

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -122,6 +123,7 @@ class MethodRun:
                                       state_keys[0])
     self.private = config.dp != "none" and method in PRIVATE
     self.sizes, self._epsilons = sizes, {}
+    self.compile_s = None  # claim_compile_time
     participation = self._participation(config, method, seeds, train.num_clients)
     self.planned_rounds, self.budget_rounds = config.rounds, None
     if self.private:
@@ -209,7 +211,6 @@ class MethodRun:
           cache.test_outputs_like(model, self.initial_params, data.test.features,
                                   num_models),
           self.host_test.labels, self.host_test.mask)
-    self.compile_s = 0.0
 
   def prediction_rows(self, seed_index: int) -> list[dict]:
     """The final models' output on every real test example of every site: method,
@@ -378,13 +379,24 @@ class MethodRun:
       each = copies * self.param_bytes
     return each * uploads.sum(1), down
 
-  def execute(self, progress) -> dict[int, list[dict]]:
+  def wait_for_programs(self) -> None:
+    """Waits until every program of this method is loaded or compiled."""
     for program in self.programs.values():
       program.compile()  # waits for the worker thread
-    # Wall time of this method's own compiles (0 when an earlier point compiled them).
+
+  def claim_compile_time(self) -> None:
+    """`compile_s`: the wall time of this method's own compiles, 0 for a program an
+    earlier method (in method order) or an earlier point claimed."""
+    self.wait_for_programs()
     self.compile_s = sum(p.compile_s for p in self.programs.values()
                          if p not in self.cache.reported)
     self.cache.reported.update(self.programs.values())
+
+  def execute(self, progress) -> dict[int, list[dict]]:
+    """Trains and evaluates every seed; returns each seed's result rows.
+    `claim_compile_time` first, unless the caller did (`_execute_runs`)."""
+    if self.compile_s is None:
+      self.claim_compile_time()
     config, method, data, seeds = self.config, self.method, self.data, self.seeds
     rows = {seed: [] for seed in seeds}
     done, wall = 0, 0.0
@@ -626,11 +638,16 @@ class Progress:
     self.bar = None
     self.next_line = 0.1
     self.start = time.perf_counter()
+    self._lock = threading.RLock()
     if self.live:
       self.bar = _progress_bar_class()(total=total_rounds, unit="round",
                                        dynamic_ncols=True, leave=True, file=sys.stderr)
 
   def advance(self, rounds: int, label: str | None = None):
+    with self._lock:  # methods may train on several threads
+      self._advance(rounds, label)
+
+  def _advance(self, rounds: int, label: str | None):
     self.done += rounds
     if label is not None and label != self.label:
       self.label = label
@@ -652,6 +669,10 @@ class Progress:
   def log(self, message: str):
     if self.quiet:
       return
+    with self._lock:
+      self._log(message)
+
+  def _log(self, message: str):
     if self.bar is not None:
       self.bar.write(message, file=sys.stderr)
     else:
@@ -791,8 +812,8 @@ def _check_data_dependent(config, cache: ProgramCache) -> None:
 
 def run_study(config, workdir: str, *, quiet: bool = False,
               programs: ProgramCache | None = None,
-              on_metrics_written: Callable[[str], None] | None = None
-              ) -> dict[str, str]:
+              on_metrics_written: Callable[[str], None] | None = None,
+              method_threads: int = 0) -> dict[str, str]:
   """Runs (or resumes) a study into `workdir`; returns the paths written.
 
   All seeds of a (point, method) train together in one vmapped program
@@ -811,6 +832,11 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     on_metrics_written: called with `workdir` once metrics.jsonl and
       predictions.jsonl are written, before the summaries (a report can start
       drawing: `fedjax-dx run`'s `ReportProcess.metrics_written`).
+    method_threads: methods of a point that train at once, each on a thread of its
+      own (XLA:CPU runs one program on one core: a 2-core machine trains two
+      methods in the time of one). 0: `auto_method_threads()`. Results are the same
+      for any value; the timing columns (`wall_s`) of methods that trained at once
+      were measured side by side (1 times each method alone).
 
   Returns:
     The paths written: metrics, summary, summary table, config.
@@ -821,6 +847,10 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     >>> config.rounds = 40  # a new study; its 30-round programs are reused
   """
   check_config(config)
+  if not isinstance(method_threads, int) or method_threads < 0:
+    raise StudyError(f"method_threads = {method_threads!r}: expected an integer >= 0 "
+                     "(0: one per core on CPU)")
+  threads = method_threads or auto_method_threads()
   config_json = config.to_dict()
   # Multi-host: every process runs every program; process 0 alone reads and writes
   # the workdir and tells the others what is left to do.
@@ -842,7 +872,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     if not resuming:
       _on_lead(lead, lambda: write_atomic(os.path.join(workdir, "config.json"), json.dumps(
           {"config": config_json, "created": datetime.datetime.now().isoformat(),
-           **environment()}, indent=2, default=str)))
+           **environment(), "method_threads": threads}, indent=2, default=str)))
     points = sweep_points(config)
     fields = list(points[0])
     seeds = [config.seed + s for s in range(config.num_seeds)]
@@ -898,15 +928,10 @@ def run_study(config, workdir: str, *, quiet: bool = False,
         # shutdown) for as long as they train, under the runtime's timeouts.
         runs = [_start_method(variant, m, data, names, cache, group, swept)
                 for m in methods]
-        for run in runs:
-          progress.advance(0, f"point {index + 1}/{len(points)} {run.method} {seeds_label}")
-          counter = [0]
-
-          def advance(done, counter=counter):
-            progress.advance(done - counter[0])
-            counter[0] = done
-
-          for seed, seed_rows in run.execute(advance).items():
+        results = _execute_runs(runs, threads, progress,
+                                f"point {index + 1}/{len(points)}", seeds_label)
+        for run, run_rows in zip(runs, results):
+          for seed, seed_rows in run_rows.items():
             rows[seed] += seed_rows
           for s, seed in enumerate(run.seeds):
             predictions[seed] += run.prediction_rows(s)
@@ -950,6 +975,73 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     return {}
   return finalize(workdir, config, [point_id(i, p, s) for i, p, s in todo],
                   on_metrics_written)
+
+
+def auto_method_threads() -> int:
+  """Methods trained at once by default: one per available core on the CPU backend
+  (XLA:CPU runs each of these small programs on one core), in a single process; else
+  1 (an accelerator runs one program at a time; several processes must run their
+  collectives in the same order)."""
+  if jax.default_backend() != "cpu" or _distributed.is_multiprocess():
+    return 1
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  return max(1, cores)
+
+
+def _execute_runs(runs: list["MethodRun"], threads: int, progress: "Progress",
+                  where: str, seeds_label: str) -> list[dict[int, list[dict]]]:
+  """Each run's `execute` result, in the order of `runs`: one after another, or up to
+  `threads` at once, each on a thread of its own. Compile times are claimed in method
+  order either way (the first method to use a shared program reports its compile), so
+  the rows are the same; the first error (in method order) is raised once every
+  started run has ended."""
+  running: list[str] = []
+  lock = threading.Lock()
+
+  def one(k: int, claimed_before: threading.Event | None,
+          claimed: threading.Event | None) -> dict[int, list[dict]]:
+    run = runs[k]
+    try:
+      run.wait_for_programs()
+      if claimed_before is not None:
+        claimed_before.wait()
+      run.claim_compile_time()
+    finally:
+      if claimed is not None:
+        claimed.set()
+    with lock:
+      running.append(run.method)
+      progress.advance(0, f"{where} {', '.join(running)} {seeds_label}")
+    counter = [0]
+
+    def advance(done):
+      progress.advance(done - counter[0])
+      counter[0] = done
+
+    try:
+      return run.execute(advance)
+    finally:
+      with lock:
+        running.remove(run.method)
+
+  threads = min(threads, len(runs))
+  if threads <= 1:
+    return [one(k, None, None) for k in range(len(runs))]
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  turns = [threading.Event() for _ in runs]
+  with concurrent.futures.ThreadPoolExecutor(threads, "method") as pool:
+    futures = [pool.submit(one, k, turns[k - 1] if k else None, turns[k])
+               for k in range(len(runs))]
+    concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    if any(f.done() and f.exception() is not None for f in futures):
+      for f in futures:
+        f.cancel()  # runs not started yet
+      for turn in turns:  # a cancelled run's successor would wait for its claim
+        turn.set()
+  return [f.result() for f in futures]
 
 
 def _on_lead(lead: bool, action: Callable[[], Any], size: int = 0) -> list[int]:
