@@ -319,6 +319,19 @@ def _final(frame, method, column="accuracy"):
   return rows[rows["round"] == rows["round"].max()].sort_values("seed")[column].tolist()
 
 
+def test_a_method_field_is_the_field_of_the_method_config():
+  from fedjax_dx.study import _checks
+  config = study.load_config("flamby_tcga")
+  config.per_method.fedavg.rounds = 7
+  for method in _checks.methods_of(config) + ["fedavg_ft"]:
+    variant = _checks.method_config(config, method)
+    for field in ("rounds", "learning_rate", "optimizer", "local_steps", "mu"):
+      assert _checks.method_field(config, method, field) == variant[field], (method, field)
+  assert _checks.method_field(config, "fedavg", "rounds") == 7
+  assert _checks.method_field(config, "centralized", "rounds") == 30
+  assert _checks.method_field(config, "fedprox", "rounds") == 5
+
+
 def test_per_method_overrides_change_only_their_method(tmp_path):
   base = _study_frame(tmp_path, "base", methods="fedavg,fedadam", num_seeds=1)
   tuned = _study_frame(tmp_path, "tuned", methods="fedavg,fedadam", num_seeds=1,

@@ -34,6 +34,13 @@ def methods_of(config) -> list[str]:
   return methods
 
 
+def method_field(config, method: str, field: str):
+  """`method_config(config, method)[field]`, without copying the config."""
+  per_method = config.per_method if "per_method" in config else {}
+  overrides = per_method[method] if method in per_method else {}
+  return overrides[field] if field in overrides else config[field]
+
+
 def method_config(config, method: str):
   """The config one method runs with: `config.per_method.<method>` applied on top."""
   overrides = config.get("per_method", {}).get(method, {})

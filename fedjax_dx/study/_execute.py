@@ -33,7 +33,8 @@ from fedjax_dx.study._build import (POOLED_CENTER_NAME, POOLED_PN, POOLED_PN_NAM
 from fedjax_dx.study._build import TABLE_DATASETS
 from fedjax_dx.study._build import example_noise
 from fedjax_dx.study._build import privacy_noise
-from fedjax_dx.study._checks import check_config, method_config, methods_of
+from fedjax_dx.study._checks import (check_config, method_config, method_field,
+                                    methods_of)
 from fedjax_dx.study._programs import UNSET_OPTIONS, ProgramCache, compiler_options
 from fedjax_dx.study._schema import (CHUNKABLE, GUARDED, METRICS, PRIVATE, SHARDED,
                                      STRATEGIES, StudyError)
@@ -878,12 +879,12 @@ def run_study(config, workdir: str, *, quiet: bool = False,
     seeds = [config.seed + s for s in range(config.num_seeds)]
     methods = methods_of(config)
 
-    def rounds_of(point) -> int:  # rounds of all methods of one (point, seed)
-      variant = apply_point(config, point)
-      return sum(method_config(variant, m).rounds for m in methods)
-
+    # Rounds of all methods of one (point, seed), per point (`method_field`: a config
+    # copy per method and seed took 0.1 - 0.2 s of a FLamby study).
+    rounds_of = [sum(method_field(apply_point(config, p), m, "rounds") for m in methods)
+                 for p in points]
     todo = [(i, p, s) for i, p in enumerate(points) for s in seeds]
-    progress = Progress(sum(rounds_of(p) for _, p, _ in todo), quiet)
+    progress = Progress(sum(rounds_of[i] for i, _, _ in todo), quiet)
     partitions = {}
     points_dir = os.path.join(workdir, "points")
     path_of = lambda i, p, s: os.path.join(points_dir, point_id(i, p, s) + ".jsonl")
@@ -910,7 +911,7 @@ def run_study(config, workdir: str, *, quiet: bool = False,
       if notes and index == 0:
         progress.log("data: " + "; ".join(notes))
       missing = [s for s in seeds if not is_done(index, point, s)]
-      progress.advance(rounds_of(point) * (len(seeds) - len(missing)),
+      progress.advance(rounds_of[index] * (len(seeds) - len(missing)),
                        f"point {index + 1}/{len(points)} (done)")
       groups = [missing] if config.batch_seeds else [[s] for s in missing]
       for group in filter(None, groups):
