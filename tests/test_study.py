@@ -96,6 +96,10 @@ def test_end_to_end_tiny_study(tmp_path):
   html = (workdir / "report.html").read_text()
   assert html.count("data:image/png;base64,") >= 7
   _check_report(html)
+  # How many methods trained at once (their wall_s was measured side by side).
+  threads = json.loads((workdir / "config.json").read_text())["method_threads"]
+  assert threads >= 1
+  assert f"<th>methods trained at once</th><td>{threads}</td>" in html
   # Written through temporary files (none left), all with a plain file's permissions.
   assert not [p.name for p in workdir.rglob(".*")]
   mode = 0o666 & ~_storage.umask()

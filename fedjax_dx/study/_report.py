@@ -908,6 +908,9 @@ def _html(workdir, meta, summary, figures, metric) -> str:
                            f"{device.get('processes', 1)} process(es)",
                  "python": meta.get("python", "?"), "host": meta.get("host", "?"),
                  "created": meta.get("created", "?"),
+                 # wall_s of methods trained side by side was measured side by side
+                 **({"methods trained at once": meta["method_threads"]}
+                    if "method_threads" in meta else {}),
                  **{k: v for k, v in meta.get("versions", {}).items()}}
   parts.append("<h2>Environment</h2><table>" + "".join(
       f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
