@@ -380,15 +380,12 @@ class MethodRun:
       each = copies * self.param_bytes
     return each * uploads.sum(1), down
 
-  def wait_for_programs(self) -> None:
-    """Waits until every program of this method is loaded or compiled."""
+  def claim_compile_time(self) -> None:
+    """Waits until every program of this method is loaded or compiled; `compile_s`:
+    the wall time of this method's own compiles, 0 for a program an earlier method
+    (in method order) or an earlier point claimed."""
     for program in self.programs.values():
       program.compile()  # waits for the worker thread
-
-  def claim_compile_time(self) -> None:
-    """`compile_s`: the wall time of this method's own compiles, 0 for a program an
-    earlier method (in method order) or an earlier point claimed."""
-    self.wait_for_programs()
     self.compile_s = sum(p.compile_s for p in self.programs.values()
                          if p not in self.cache.reported)
     self.cache.reported.update(self.programs.values())
@@ -1006,7 +1003,6 @@ def _execute_runs(runs: list["MethodRun"], threads: int, progress: "Progress",
           claimed: threading.Event | None) -> dict[int, list[dict]]:
     run = runs[k]
     try:
-      run.wait_for_programs()
       if claimed_before is not None:
         claimed_before.wait()
       run.claim_compile_time()
