@@ -65,17 +65,21 @@ def sklearn_multiclass(probs, labels, num_classes):
   }
 
 
-def ours(probs, labels, pad_to=None):
+PAD_TO = 96  # every case padded to one size: one compiled program per class count
+_classification_metrics = jax.jit(fdx.classification_metrics)
+
+
+def ours(probs, labels, pad_to=PAD_TO):
   n = len(labels)
-  pad_to = pad_to or n
+  assert n < pad_to, "each case keeps padding slots"
   probs_p = np.full((pad_to, probs.shape[1]), 1.0 / probs.shape[1], np.float32)
   probs_p[:n] = probs
   labels_p = np.zeros(pad_to, np.int32)
   labels_p[:n] = labels
   mask = np.arange(pad_to) < n
   losses = -np.log(np.clip(probs_p[np.arange(pad_to), labels_p], 1e-15, 1))
-  out = fdx.classification_metrics(jnp.asarray(probs_p), jnp.asarray(labels_p),
-                                   jnp.asarray(mask), jnp.asarray(losses, jnp.float32))
+  out = _classification_metrics(jnp.asarray(probs_p), jnp.asarray(labels_p),
+                                jnp.asarray(mask), jnp.asarray(losses, jnp.float32))
   return {k: float(v) for k, v in out.items()}
 
 
@@ -95,7 +99,7 @@ def test_binary_metrics_match_sklearn_with_ties_and_padding(seed):
   p1 = np.round(rng.uniform(size=n), 1).astype(np.float32)  # many ties
   p1 = np.clip(p1, 0.05, 0.95)
   probs = np.stack([1 - p1, p1], 1)
-  compare(ours(probs, labels, pad_to=n + 7), sklearn_binary(probs, labels))
+  compare(ours(probs, labels), sklearn_binary(probs, labels))
 
 
 @pytest.mark.parametrize("present", [0, 1])
@@ -104,7 +108,7 @@ def test_one_class_client_gives_nan_auc_not_a_crash(present):
   labels = np.full(12, present)
   p1 = rng.uniform(0.05, 0.95, 12).astype(np.float32)
   probs = np.stack([1 - p1, p1], 1)
-  got = ours(probs, labels, pad_to=20)
+  got = ours(probs, labels)
   assert np.isnan(got["auc"])
   compare(got, sklearn_binary(probs, labels))
 
@@ -119,7 +123,7 @@ def test_multiclass_macro_metrics_match_sklearn(seed):
   logits = np.round(rng.normal(size=(n, k)), 1)
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1), np.float64)
   probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
-  compare(ours(probs, labels, pad_to=n + 3), sklearn_multiclass(probs, labels, k))
+  compare(ours(probs, labels), sklearn_multiclass(probs, labels, k))
 
 
 def test_auc_is_exact_on_a_hand_computed_case():
@@ -286,8 +290,9 @@ def test_resampled_aucs_from_draw_counts_equal_binary_auc_of_each_resample(score
   positive = jnp.asarray(rng.random(n) < 0.4)
   mask = jnp.arange(n) < count
   draws = jax.random.randint(jax.random.key(0), (64, n), 0, count)
-  expected = np.array([_metrics.binary_auc(s[d], positive[d], mask) for d in draws])
-  got = np.asarray(_metrics._resampled_binary_aucs(s, positive, mask, draws))
+  auc = jax.jit(_metrics.binary_auc)  # one program for every resample
+  expected = np.array([auc(s[d], positive[d], mask) for d in draws])
+  got = np.asarray(jax.jit(_metrics._resampled_binary_aucs)(s, positive, mask, draws))
   np.testing.assert_array_equal(got, expected)
   if scores == "nan":  # some resamples drew the NaN, some did not
     assert np.isnan(got).any() and not np.isnan(got).all()

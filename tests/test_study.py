@@ -1,5 +1,6 @@
 """The harness end to end: configs/test.py in a temp dir, bad input, resume after kill -9."""
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from tests.conftest import TEST_CACHE
 import fedjax_dx as fdx
 from fedjax_dx import study
 from fedjax_dx.study import _storage
+from fedjax_dx.study import _store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_COLUMNS = ["loss", "accuracy", "auc", "sensitivity", "specificity", "f1",
@@ -462,14 +464,26 @@ def test_compilation_cache_is_filled_and_changes_no_result(tmp_path):
   pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
 
 
-@pytest.mark.compiles
+@contextlib.contextmanager
+def _program_store_off():
+  """The program store off inside (conftest turns it on for in-process studies): for a
+  study whose compile times a test asserts."""
+  kept = _store.directory()
+  _store.enable(None)
+  try:
+    yield
+  finally:
+    _store.enable(kept)
+
+
 def test_chunked_and_bucketed_studies_equal_the_plain_one(tmp_path):
   common = dict(methods="fedavg,scaffold,local", num_seeds=1,
                 sweep="dataset.num_clients=3,4")
   plain = _study_frame(tmp_path, "plain", **common)
   chunked = _study_frame(tmp_path, "chunked", client_chunk=2, **common)
-  auto = _study_frame(tmp_path, "auto", client_chunk=-1, bucket_clients=True,
-                      programs=study.ProgramCache(), **common)  # its own compile times
+  with _program_store_off():  # its own compile times, compiled here
+    auto = _study_frame(tmp_path, "auto", client_chunk=-1, bucket_clients=True,
+                        programs=study.ProgramCache(), **common)
   columns = ["method", "seed", "round", "num_clients", "client", "split", "loss",
              "accuracy", "auc", "cumulative_bytes"]
   for other in (chunked, auto):
