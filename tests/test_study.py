@@ -783,6 +783,34 @@ print(json.dumps({"forks": len(forks), "reporter": sorted(paths)}))
 """
 
 
+SEABORN_WITHOUT_SCIPY = """
+import sys
+from fedjax_dx.study import _report
+if sys.argv[1] == "scipy first":
+  import scipy.stats
+_report.import_seaborn_without_scipy()
+from seaborn import _statistics
+without = "scipy.stats" not in sys.modules and "scipy.cluster" not in sys.modules
+import scipy.stats  # importable afterwards
+print(without, _statistics._no_scipy, scipy.stats.norm.cdf(0.0))
+"""
+
+
+@pytest.mark.parametrize("order,expected", [
+    ("seaborn first", "True True 0.5"), ("scipy first", "False False 0.5")])
+def test_a_report_process_imports_seaborn_without_scipy_and_leaves_scipy_importable(
+    order, expected):
+  """The report's own processes import seaborn without scipy.stats and scipy.cluster
+  (the figures are byte for byte the same: `_check_drawn_in_processes`, whose
+  ReportProcess child draws that way); where scipy is imported already, seaborn is
+  imported as usual."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", SEABORN_WITHOUT_SCIPY, order],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == expected.split()
+
+
 def _check_drawn_in_processes(tmp_path, workdir, names):
   """The report drawn two figures at a time (a figure failing in the forked child
   drawn again by the first process), and by a `ReportProcess`, is byte for byte the

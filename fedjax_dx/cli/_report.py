@@ -25,6 +25,8 @@ def main(argv):
     print(f"error: --workdir={FLAGS.workdir!r} lacks {', '.join(needed)}; run "
           "fedjax-dx run (python -m benchmarks.run) into it first", file=sys.stderr)
     sys.exit(2)
+  from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
+  _report.import_seaborn_without_scipy()  # this command's own process
   paths = study.make_report(FLAGS.workdir)
   for name, path in paths.items():
     print(f"{name}: {path}")

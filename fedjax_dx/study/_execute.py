@@ -616,6 +616,8 @@ def _progress_bar_class():
 
 
 def _in_notebook() -> bool:
+  if "IPython" not in sys.modules:  # a notebook's kernel has imported it (importing
+    return False  # it here would cost a plain command 0.1 s)
   try:
     from IPython import get_ipython  # pylint: disable=g-import-not-at-top
   except ImportError:
