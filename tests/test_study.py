@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pandas as pd
@@ -375,6 +376,33 @@ def test_batched_seeds_equal_one_seed_at_a_time(tmp_path):
   columns = ["method", "seed", "round", "client", "split", "loss", "accuracy", "auc",
              "cumulative_bytes"]
   pd.testing.assert_frame_equal(batched[columns], single[columns], rtol=1e-5)
+
+
+def test_initial_models_of_equal_values_are_evaluated_once(tmp_path):
+  """Methods start from the same initial models: their round-0 evaluation runs once
+  per value of those models, evaluator and data (`ProgramCache.initial_evaluation`),
+  and a study's global methods share it."""
+  cache = study.ProgramCache()
+  calls = []
+  evaluator = lambda models, train, test: calls.append(1) or [models["w"].sum()]
+  train, test = object(), object()
+  first = cache.initial_evaluation(evaluator, {"w": jnp.arange(3.0)}, train, test)
+  again = cache.initial_evaluation(evaluator, {"w": jnp.arange(3.0)}, train, test)
+  assert len(calls) == 1 and again is first  # equal values, other arrays
+  cache.initial_evaluation(evaluator, {"w": jnp.arange(3.0) + 1}, train, test)
+  cache.initial_evaluation(evaluator, {"w": jnp.arange(3.0)}, train, object())
+  cache.initial_evaluation(evaluator, {"w": jnp.arange(3, dtype=jnp.int32)}, train, test)
+  assert len(calls) == 4  # other values, other data, other dtype
+  programs = study.ProgramCache()
+  frame = _study_frame(tmp_path, "shared", methods="fedavg,fedprox,centralized,local",
+                       num_seeds=2, programs=programs)
+  assert len(programs.initial_evaluations) == 2  # the global models' and local's
+  start = frame[(frame["round"] == 0) & (frame["split"] == "test")]
+  metrics = ["loss", "accuracy", "auc", "brier"]
+  by_method = {m: start[start["method"] == m][metrics].to_numpy()
+               for m in ("fedavg", "fedprox", "centralized")}
+  np.testing.assert_array_equal(by_method["fedavg"], by_method["fedprox"])
+  np.testing.assert_array_equal(by_method["fedavg"], by_method["centralized"])
 
 
 def test_methods_trained_at_once_give_the_rows_of_one_after_another(tmp_path):

@@ -433,14 +433,20 @@ class MethodRun:
     pooled_name = "pooled" if self.pooled_sets is None else POOLED_CENTER_NAME
     final_outputs = [None]  # the last evaluation's test outputs (predictions, bootstrap)
 
+    def evaluate(evaluator, round_index, train, test):
+      if round_index == 0 and not self.sharded:  # the methods' initial models: once
+        return self.cache.initial_evaluation(evaluator, self._evaluated_models(), train,
+                                             test)
+      return evaluator(self._evaluated_models(), train, test)
+
     def evaluate_now(round_index, bytes_up, bytes_down, round_losses=None):
-      *results, outputs = self.evaluator(self._evaluated_models(), data.train, data.test)
+      *results, outputs = evaluate(self.evaluator, round_index, data.train, data.test)
       results = host(results)
       final_outputs[0] = outputs  # on the device: only the final ones are fetched
       pooled_results = [None, None]
       if self.pooled_evaluator is not None:
-        pooled_results = host(self.pooled_evaluator(
-            self._evaluated_models(), self.pooled_sets.train, self.pooled_sets.test))
+        pooled_results = host(evaluate(self.pooled_evaluator, round_index,
+                                       self.pooled_sets.train, self.pooled_sets.test))
       note_divergence(results[1], round_index, round_losses)
       privacy = [self._privacy_columns(round_index, s) for s in range(len(seeds))]
       diverged_columns = lambda seed, name: (
