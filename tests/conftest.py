@@ -12,8 +12,9 @@ turns the cache off; `FEDJAX_DX_TEST_FULL_OPT=1` compiles with XLA's defaults.
 In-process studies use the program store in that directory too (`_program_store`), so
 a rerun loads their compiled programs instead of tracing and lowering them again;
 except in a test that monkeypatches (the store's key sees the source, not code patched
-at run time), one marked `compiles` (it asserts what gets compiled) and
-`test_program_store.py` (which drives the store itself).
+at run time) and `test_program_store.py` (which drives the store itself); a test that
+asserts what a study compiles turns it off around that study
+(`test_study._program_store_off`).
 """
 
 import os
@@ -97,7 +98,6 @@ def _program_store(request):
   """The program store for in-process studies (see the module's docstring)."""
   from fedjax_dx.study import _store  # pylint: disable=g-import-not-at-top
   if (not TEST_CACHE or "monkeypatch" in request.fixturenames
-      or request.node.get_closest_marker("compiles") is not None
       or request.module.__name__.endswith("test_program_store")):
     yield
     return
