@@ -232,7 +232,8 @@ def _study_and_report(reporter) -> None:
       if not drawn:  # drawn here, in this command's own process
         from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
         _report.import_seaborn_without_scipy()
-      paths.update(drawn or study.make_report(FLAGS.workdir))
+        drawn = study.make_report(FLAGS.workdir)
+      paths.update(drawn)
     except study.StudyError as e:  # the results are written; a figure could not be
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

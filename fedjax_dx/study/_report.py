@@ -50,6 +50,7 @@ def import_seaborn_without_scipy() -> None:
   process, where seaborn must stay as its user imports it. A plain import where
   seaborn or those modules are imported already; they import normally afterwards."""
   if any(name in sys.modules for name in ("seaborn",) + _SCIPY_FOR_SEABORN):
+    import seaborn  # pylint: disable=g-import-not-at-top,unused-import,redefined-outer-name
     return
   for name in _SCIPY_FOR_SEABORN:
     sys.modules[name] = None  # an ImportError for seaborn's optional imports
