@@ -710,6 +710,50 @@ def test_figure_intervals_are_seaborns_bootstrap_intervals():
                                     f"n = {n}, case {case}")
 
 
+def test_report_bars_are_seaborns_barplot_pixel_for_pixel():
+  """`_report._barplot` (one `ax.bar` per method) draws the PNG that seaborn's
+  barplot with the report's error bars draws, byte for byte: groups of one value
+  (no error bar) to six, NaN values, an all-NaN group, a method absent from a site,
+  rows outside the order, and returns each bar by (method, x)."""
+  import io  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
+  figures, sns = _report._plt()
+  rng = np.random.default_rng(5)
+  rows = []
+  for method in ("fedavg", "local", "cyclic", "unlisted"):
+    for site in ("A\n(n = 3)", "B", "C", "D"):
+      if (method, site) == ("cyclic", "C"):
+        continue  # no bar
+      size = 1 if (method, site) == ("fedavg", "B") else int(rng.integers(2, 7))
+      for _ in range(size):
+        rows.append({"method": method, "site": site, "y": rng.uniform()})
+  rows += [{"method": "local", "site": "B", "y": np.nan},
+           {"method": "fedavg", "site": "E", "y": 0.5}]  # E: not in the order
+  data = pd.DataFrame(rows)
+  data.loc[(data["method"] == "cyclic") & (data["site"] == "D"), "y"] = np.nan
+  order, methods = ["D", "A\n(n = 3)", "B", "C"], ["local", "fedavg", "cyclic"]
+  colors = dict(zip(methods, sns.color_palette("deep", 3)))
+  pngs = []
+  with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+    for draw in ("seaborn", "ours"):
+      fig, ax = figures.subplots(figsize=(6, 3))
+      if draw == "seaborn":
+        sns.barplot(data=data, x="site", y="y", hue="method", palette=colors,
+                    hue_order=methods, order=order, errorbar=_report.seeded_interval,
+                    ax=ax)
+      else:
+        bars = _report._barplot(ax, data, "site", "y", order, methods, colors)
+      fig.tight_layout()
+      out = io.BytesIO()
+      fig.savefig(out, dpi=60, format="png")
+      pngs.append(out.getvalue())
+  assert pngs[0] == pngs[1]
+  assert ("cyclic", "C") not in bars and ("cyclic", "D") not in bars  # none, all NaN
+  assert len(bars) == 3 * 4 - 2
+  local_b = data[(data["method"] == "local") & (data["site"] == "B")]["y"]
+  assert bars[("local", "B")].get_height() == pytest.approx(local_b.mean())
+
+
 @pytest.mark.parametrize("model,message", [
     ({"compute_dtype": "float16"},
      "config.model.compute_dtype = 'float16': expected one of float32, bfloat16"),

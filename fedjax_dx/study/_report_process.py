@@ -7,7 +7,9 @@ the child imports the plotting libraries while the study runs (on the core the s
 leaves idle), then waits. `draw(workdir)` has it draw the report (`_report.make_report`,
 which forks once more to draw two figures at a time) and returns the paths. Told that
 metrics.jsonl is written (`metrics_written`), it draws the figures that read only that
-while the study writes its summaries. The report is the one the study's own process
+while the study writes its summaries; the figures that read those are drawn by whichever
+drawing process is free first once `draw` has opened the gate (a pipe every drawing
+process reads one byte of: every result written, or the study failed). The report is the one the study's own process
 would draw: the same code on the same files.
 
 Where the child cannot be started (not Linux, a thread or a JAX backend already running,
@@ -31,10 +33,11 @@ class ReportProcess:
     >>> figures = figures or make_report(workdir)
   """
 
-  def __init__(self, pid: int, commands: int, results: int):
+  def __init__(self, pid: int, commands: int, results: int, gate: int):
     self._pid = pid  # the child's process id (None once it has ended)
-    self._commands = commands  # write end: the workdir's line, _WRITTEN (or None)
+    self._commands = commands  # write end: the workdir's line, _STOP (or None)
     self._results = results  # read end: the pickled paths, or nothing (or None)
+    self._gate = gate  # write end: _GATE_BYTES of _WRITTEN or _FAILED (or None)
     self._told = False  # whether the workdir was sent
 
   @classmethod
@@ -45,18 +48,21 @@ class ReportProcess:
       return None
     command_out, command_in = os.pipe()
     result_out, result_in = os.pipe()
+    gate_out, gate_in = os.pipe()
     _report.flush_before_fork()
     pid = os.fork()
     if pid == 0:  # the child: never returns
       try:
         os.close(command_in)
         os.close(result_out)
-        _serve(command_out, result_in)
+        os.close(gate_in)
+        _serve(command_out, result_in, gate_out)
       finally:
         os._exit(0)  # pylint: disable=protected-access
     os.close(command_out)
     os.close(result_in)
-    return cls(pid, command_in, result_out)
+    os.close(gate_out)
+    return cls(pid, command_in, result_out, gate_in)
 
   def metrics_written(self, workdir: str) -> None:
     """Tells the child that `workdir`'s metrics.jsonl and predictions.jsonl are
@@ -78,10 +84,7 @@ class ReportProcess:
       return None
     try:
       self.metrics_written(workdir)
-      try:
-        os.write(self._commands, _WRITTEN)
-      except OSError:
-        pass
+      self._open_gate(_WRITTEN)
       self._commands = _close(self._commands)  # (stop sends nothing more)
       chunks = []
       while chunk := os.read(self._results, 65536):
@@ -93,9 +96,20 @@ class ReportProcess:
     except (pickle.UnpicklingError, EOFError, ValueError):
       return None
 
+  def _open_gate(self, answer: bytes) -> None:
+    """Gives every drawing process its answer (`_WRITTEN` or `_FAILED`) and closes
+    the gate (not end of file alone: a process forked since holds the pipe too)."""
+    if self._gate is not None:
+      try:
+        os.write(self._gate, answer * _GATE_BYTES)
+      except OSError:
+        pass
+    self._gate = _close(self._gate)
+
   def stop(self) -> None:
-    """Ends the child (without a report when `draw` was not called: `_STOP`) and
-    waits for it."""
+    """Ends the child (without a report when `draw` was not called: `_STOP`, and
+    `_FAILED` for the figures that wait for the summaries) and waits for it."""
+    self._open_gate(_FAILED)
     if self._commands is not None:
       try:  # not end of file alone: a process forked since holds the pipe too
         os.write(self._commands, (b"" if self._told else b"\n") + _STOP)
@@ -121,18 +135,23 @@ def _close(descriptor: int | None) -> None:
   return None
 
 
-# Lines on the child's commands after the workdir's: every result file is written
-# (draw the rest), or the study failed (draw nothing more). End of file before
-# either (the study's process ended) is a stop too.
-_WRITTEN = b"written\n"
+# The child's commands: the workdir's line (metrics.jsonl written), or _STOP before it
+# (no report). End of file (the study's process ended) is a stop too.
 _STOP = b"stop\n"
+# The gate's bytes, one for each drawing process (at most 2, `_report._draw`): every
+# result file is written (draw the rest), or the study failed (draw nothing more).
+# End of file (the study's process ended) is a failure too.
+_WRITTEN = b"w"
+_FAILED = b"f"
+_GATE_BYTES = 16
 
 
-def _serve(commands: int, results: int) -> None:
+def _serve(commands: int, results: int, gate: int) -> None:
   """The child: imports the plotting libraries; reads the workdir's line (metrics
-  written), draws what needs only those, reads `_WRITTEN` (every result written),
-  draws the rest and writes the pickled paths to `results` (nothing on failure, or
-  on `_STOP` or end of file instead: the study failed)."""
+  written), draws what needs only those, reads `_WRITTEN` from the gate (every
+  result written; each drawing process reads its own byte) while drawing the rest,
+  and writes the pickled paths to `results` (nothing on failure, or on `_STOP`,
+  `_FAILED` or end of file instead: the study failed)."""
   from fedjax_dx.study import _report  # pylint: disable=g-import-not-at-top
   try:
     _report.prepare()
@@ -143,8 +162,8 @@ def _serve(commands: int, results: int) -> None:
   if not workdir:  # stopped
     return
 
-  def results_written() -> bool:
-    return lines.next() + b"\n" == _WRITTEN
+  def results_written() -> bool:  # called in each drawing process (they fork)
+    return os.read(gate, 1) == _WRITTEN
 
   try:
     paths = _report.make_report(os.fsdecode(workdir), results_written=results_written)
