@@ -203,6 +203,12 @@ def main(argv):
       reporter.stop()
 
 
+# The study's programs and data sets, kept until the process ends (without teardown,
+# `_exit.run_app`): freed as `run_study` returned, they took 0.15 s of a warm FLamby
+# study's 5 s, before its report could be drawn.
+_KEPT_UNTIL_EXIT: list = []
+
+
 def _study_and_report(reporter) -> None:
   """The study, then its report (by `reporter` where there is one)."""
   from fedjax_dx import study
@@ -217,8 +223,10 @@ def _study_and_report(reporter) -> None:
   if quiet:
     logging.getLogger().setLevel(logging.WARNING)
   try:
+    programs = study.ProgramCache()
+    _KEPT_UNTIL_EXIT.append(programs)
     paths = study.run_study(
-        FLAGS.config, FLAGS.workdir, quiet=quiet,
+        FLAGS.config, FLAGS.workdir, quiet=quiet, programs=programs,
         on_metrics_written=reporter.metrics_written if reporter is not None else None,
         method_threads=FLAGS.method_threads)
   except study.StudyError as e:
