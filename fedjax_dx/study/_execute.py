@@ -1040,6 +1040,10 @@ def _execute_runs(runs: list["MethodRun"], threads: int, progress: "Progress",
   with concurrent.futures.ThreadPoolExecutor(threads, "method") as pool:
     futures = [pool.submit(one, k, turns[k - 1] if k else None, turns[k])
                for k in range(len(runs))]
+    # The summaries (`finalize`) need pandas: imported here while the methods train
+    # (XLA runs them without the GIL), not after them (0.3 s of a warm FLamby
+    # study's 5 s, before its report could start).
+    import pandas  # pylint: disable=g-import-not-at-top,unused-import
     concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
     if any(f.done() and f.exception() is not None for f in futures):
       for f in futures:
