@@ -193,3 +193,63 @@ def test_survival_data_is_checked():
     fdx.stack_survival(xs, events, [times[0] * -1, times[1], times[2]])
   with pytest.raises(ValueError, match=r"not per example"):
     fdx.per_example_loss(fdx.cox(), jnp.zeros((2, 1)), jnp.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("kind", ["global", "stacked"])
+def test_study_evaluator_counts_c_index_apart_and_gives_the_same_numbers(kind):
+  """At `fast_compile` (backend level 0) a study evaluates a Cox model in two programs:
+  everything but the C-index at level 0, the C-index from the risk scores at level 1
+  (`_SurvivalEvaluator`). Its results equal those of the one level-0 program of
+  `evaluate` bit for bit: clients of different sizes, tied and censored times, a
+  model with a NaN score (its C-index and loss NaN), seeds and stacked models; and
+  the global and stacked evaluators of a data set share one C-index program."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+  rng = np.random.default_rng(11)
+  sizes = (17, 40, 9, 33)
+  xs = [rng.normal(size=(n, 5)).astype(np.float32) for n in sizes]
+  events = [(rng.random(n) < 0.5).astype(np.float32) for n in sizes]
+  times = [rng.integers(1, 12, size=n).astype(np.float32) for n in sizes]  # ties
+  train = fdx.stack_survival(xs, events, times)
+  test = fdx.stack_survival([x[: n // 2 + 1] for x, n in zip(xs, sizes)],
+                            [e[: n // 2 + 1] for e, n in zip(events, sizes)],
+                            [t[: n // 2 + 1] for t, n in zip(times, sizes)])
+  data = fdx.FederatedData(train=train, test=test, num_classes=2)
+  model = fdx.cox()
+  seeds, clients = 3, len(sizes)
+  models = jax.vmap(model.init, in_axes=(0, None))(
+      jax.random.split(jax.random.PRNGKey(2), seeds), jnp.zeros((1, 5)))
+  if kind == "stacked":  # a model per client, each seed's different
+    models = jax.tree.map(lambda x: x[:, None] * jnp.linspace(0.5, 2.0, clients)[
+        None, :, *([None] * (x.ndim - 1))], models)
+  kernel = np.asarray(models["Dense_0"]["kernel"]).copy()
+  kernel.reshape(-1)[3] = np.nan  # one seed's (and model's) scores NaN
+  models = {"Dense_0": {**models["Dense_0"], "kernel": jnp.asarray(kernel)}}
+  cache = _programs.ProgramCache(options)
+  found = cache.evaluator(model, kind, None, models, data)
+  assert isinstance(found, _programs._SurvivalEvaluator)
+  found = jax.device_get(found(models, data.train, data.test))
+
+  apply_all = jax.vmap(model.apply, in_axes=(None, 0))
+  if kind == "global":
+    one_program = lambda params, tr, te: [
+        *(fdx.evaluate(model, params, d) for d in (tr, te)),
+        _programs._test_outputs(model, params, te.features)]
+  else:
+    one_program = lambda params, tr, te: [
+        *(fdx.evaluate_stacked(model, params, d) for d in (tr, te)),
+        jax.vmap(apply_all, in_axes=(0, None))(params, te.features)]
+  args = (models, data.train, data.test)
+  expected = jax.device_get(jax.jit(jax.vmap(one_program, in_axes=(0, None, None))).lower(
+      *args).compile(options)(*args))
+  assert jax.tree.structure(found) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(found), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+  c_index = np.asarray(found[1]["pooled"]["c_index"])
+  assert np.isnan(c_index).sum() == 1 and np.nanmin(c_index) > 0  # seed 0's (model 0)
+  other = "stacked" if kind == "global" else "global"
+  other_models = (jax.tree.map(lambda x: x[:, 0], models) if kind == "stacked" else
+                  jax.tree.map(lambda x: jnp.stack([x] * clients, 1), models))
+  cache.evaluator(model, other, None, other_models, data)
+  assert len(cache.c_indexes) == 1
+  assert len(next(iter(cache.c_indexes.values()))[1].programs) == 1

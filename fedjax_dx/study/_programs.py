@@ -177,6 +177,40 @@ class _Bootstrap:
     self.metrics.prepare(draws, outputs, labels, mask)
 
 
+class _SurvivalEvaluator:
+  """A Cox model's evaluator as two programs: `main` evaluates everything but the
+  C-index (`_metrics.evaluate_before_c_index`) with the study's options, `c_index`
+  counts it from main's risk scores (`_metrics.c_index_of`) at backend level 1:
+  counting (comparisons, integers and one division) gives the same numbers at any
+  optimisation, and at level 0 it was half of a FLamby TCGA evaluation's time.
+  Called as the one-program evaluator is: `(models, train, test) -> [train
+  metrics, test metrics, test outputs]`, the same numbers.
+
+  `c_index` takes one seeds axis of models' scores (host arrays): stacked models
+  (`[S, M, ...]`) are counted one model index at a time, so the global and the
+  stacked evaluators of a data set share one program."""
+
+  def __init__(self, main: _LazyExecutable, c_index: _StoredJit, stacked: bool):
+    self.main = main  # (models, train, test) -> [(train metrics, scores), (test ..), outputs]
+    self.c_index = c_index  # (train scores, test scores, train, test) -> [train, test]
+    self.stacked = stacked
+
+  def __call__(self, models, train, test):
+    (train_metrics, train_scores), (test_metrics, test_scores), outputs = self.main(
+        models, train, test)
+    train_scores, test_scores = jax.device_get((train_scores, test_scores))
+    if self.stacked:  # [S, M, C, N]: model m of every seed at a time
+      found = jax.device_get([self.c_index(train_scores[:, m], test_scores[:, m], train,
+                                           test) for m in range(train_scores.shape[1])])
+      found = jax.tree.map(lambda *models: np.stack(models, axis=1), *found)
+    else:
+      found = jax.device_get(self.c_index(train_scores, test_scores, train, test))
+    for metrics, c_index in zip((train_metrics, test_metrics), found):
+      metrics["clients"]["c_index"] = c_index["clients"]
+      metrics["pooled"]["c_index"] = c_index["pooled"]
+    return [train_metrics, test_metrics, outputs]
+
+
 UNSET_OPTIONS = "unset"  # a ProgramCache that takes its first study's options
 
 
@@ -194,6 +228,7 @@ class ProgramCache:
   def __init__(self, options: dict[str, Any] | None | str = UNSET_OPTIONS):
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
+    self.c_indexes = {}  # id(model) -> (model, its C-index program: _SurvivalEvaluator)
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
     self.pool, self.reported, self.sharded = None, set(), {}
     # (id(evaluator), id(train), id(test), digest of the models) -> (evaluator, train,
@@ -359,6 +394,9 @@ class ProgramCache:
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]))
     if key not in self.evaluators:
       apply_all = jax.vmap(model.apply, in_axes=(None, 0))  # [C, N, out]
+      if self._c_index_apart(model, kind, data):
+        self.evaluators[key] = self._survival_evaluator(model, kind, models, data, key)
+        return self.evaluators[key]
       if kind == "global":
         fn = lambda params, train, test: [
             *(_metrics.evaluate(model, params, d) for d in (train, test)),
@@ -385,6 +423,52 @@ class ProgramCache:
                               (models, data.train, data.test), options),
           (models, data.train, data.test), (model, algorithm), options)
     return self.evaluators[key]
+
+  def _c_index_apart(self, model, kind: str, data) -> bool:
+    """Whether a Cox model's evaluator computes its C-index in a program of its own
+    (`_SurvivalEvaluator`): on CPU at backend optimisation level 0
+    (`config.fast_compile`), for global and stacked models, in one process."""
+    return (model.output == "cox" and kind in ("global", "stacked")
+            and (self.options or {}).get("xla_backend_optimization_level") == 0
+            and jax.default_backend() == "cpu"
+            and data.train.features.is_fully_addressable)
+
+  def _survival_evaluator(self, model, kind: str, models, data, key
+                          ) -> "_SurvivalEvaluator":
+    """The evaluator of `evaluator` for a Cox model (`_c_index_apart`): the C-index
+    by `_SurvivalEvaluator.c_index`, one program for the global and the stacked
+    models of a data set (one seeds axis of models per call), compiled at backend
+    level 1: the same counts as at any level, 6 times faster than at level 0."""
+    if kind == "global":
+      fn = lambda params, train, test: [
+          *(_metrics.evaluate_before_c_index(model, params, d) for d in (train, test)),
+          _test_outputs(model, params, test.features)]
+    else:
+      fn = lambda params, train, test: [
+          *(_metrics.evaluate_stacked_before_c_index(model, params, d)
+            for d in (train, test)),
+          _metrics.outputs(model, jax.vmap(jax.vmap(model.apply, in_axes=(None, 0)),
+                                           in_axes=(0, None))(params, test.features))]
+    identity = self.identity(model)
+    options = self.options_for(model)
+    main = self.lazy(
+        identity and ("evaluator_before_c_index", kind, identity, key[3]),
+        lambda: _prng.lower(jax.jit(jax.vmap(fn, in_axes=(0, None, None))),
+                            (models, data.train, data.test), options),
+        (models, data.train, data.test), (model,), options)
+    if id(model) not in self.c_indexes:
+      self.c_indexes[id(model)] = (model, _StoredJit(
+          self, identity and ("c_index", identity),
+          jax.vmap(lambda train_scores, test_scores, train, test: [
+              _metrics.c_index_of(train_scores, train),
+              _metrics.c_index_of(test_scores, test)], in_axes=(0, 0, None, None)),
+          None, {**(draw_options() or {}), **(emitter_options(BOOTSTRAP) or {})}))
+    c_index = self.c_indexes[id(model)][1]
+    seeds = jax.tree.leaves(models)[0].shape[0]
+    like = lambda split: jax.ShapeDtypeStruct(  # host arrays: `_SurvivalEvaluator`
+        (seeds,) + split.mask.shape, jax.dtypes.canonicalize_dtype(jnp.float32))
+    c_index.prepare(like(data.train), like(data.test), data.train, data.test)
+    return _SurvivalEvaluator(main, c_index, stacked=kind == "stacked")
 
   def initial_evaluation(self, evaluator, models, train, test):
     """`evaluator(models, train, test)` of a method's models before training, once per
