@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import sys
+import textwrap
 import threading
 import warnings
 from typing import Any, NamedTuple
@@ -133,6 +134,12 @@ def _resample_indices(n: int) -> np.ndarray:
 
 # Error bars and bands: 95% bootstrap intervals over the seeds.
 _CI = dict(errorbar=seeded_interval)
+
+
+def _tick_label(name) -> str:
+  """A test set's name on a categorical axis, on lines of at most 16 characters
+  ("pooled (center z-scores)" no longer runs into its neighbour's name)."""
+  return textwrap.fill(str(name), 16, break_long_words=False)
 
 
 def _barplot(ax, data, x: str, y: str, order, hue_order, palette) -> dict:
@@ -575,7 +582,7 @@ def _clinical(study: _Study, last) -> dict[str, str]:
   names = dict(zip(sites["client"], sites["client_name"]))
   order = (sorted((c for c in names if str(c).isdigit()), key=int)
            + [c for c in ("pooled",) if c in names])
-  label = {c: f"{names[c]}\n(n = {int(sizes[c])})" for c in order}
+  label = {c: f"{_tick_label(names[c])}\n(n = {int(sizes[c])})" for c in order}
   client_of = {site: c for c, site in label.items()}
   data = last[last["client"].isin(order)].assign(site=lambda d: d["client"].map(label))
   fig, axes = plt.subplots(2, 2, figsize=(max(9, 1.3 * len(order) + 5), 7), sharex=True)
@@ -757,7 +764,8 @@ def _comparison(study: _Study, last) -> dict[str, str]:
   client_order = (sorted((c for c in names if str(c).isdigit()), key=int)
                   + [c for c in ("pooled", "pooled_pn") if c in names])
   fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(client_order) + 4), 4.2))
-  _barplot(ax, last, "test_set", metric, [names[c] for c in client_order],
+  _barplot(ax, last.assign(test_set=last["test_set"].map(_tick_label)), "test_set",
+           metric, [_tick_label(names[c]) for c in client_order],
            hue(last["method"])["hue_order"], study.colors)
   _finish(ax, "test set (local = each hospital's own model; pooled: mean of them)",
           f"final test {_label(metric)}", "Federated vs centralized vs local-only")
