@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn import metrics as skm
 
 import fedjax_dx as fdx
 
@@ -24,6 +23,7 @@ def numpy_ece(probs, labels, bins=10):
 
 
 def sklearn_binary(probs, labels):
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   pred = (probs[:, 1] > probs[:, 0]).astype(int)
   both = len(np.unique(labels)) == 2
   return {
@@ -41,6 +41,7 @@ def sklearn_binary(probs, labels):
 
 
 def sklearn_multiclass(probs, labels, num_classes):
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   pred = probs.argmax(1)
   classes = list(range(num_classes))
   recall = skm.recall_score(labels, pred, labels=classes, average=None, zero_division=np.nan)

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scipy import stats
 
 import fedjax_dx as fdx
 from fedjax_dx import agg
@@ -60,6 +59,7 @@ def test_encoding_round_trips_signed_weighted_sums():
 
 
 def test_a_masked_update_is_independent_of_the_update():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   bits, size, rounds = 16, 16, 1500
   ids = jnp.arange(3)
   extremes = {"zeros": np.zeros(size), "max": np.full(size, 2**bits - 1)}

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scipy import stats
 
 import fedjax_dx as fdx
 from fedjax_dx import agg
@@ -195,6 +194,7 @@ def _random_deltas(seed, num_clients=9):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_median_and_trimmed_mean_equal_numpy(seed):
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   tree, weights, part = _random_deltas(seed)
   median = fdx.coordinate_median(jax.tree.map(jnp.asarray, tree), weights)
   for name in tree:

@@ -4,7 +4,6 @@ sequential reference."""
 
 import jax
 import jax.numpy as jnp
-from lifelines import utils as lifelines_utils  # test-only oracle (test extras)
 import numpy as np
 import optax
 import pytest
@@ -66,6 +65,7 @@ def test_cox_loss_is_breslow_and_flambys_when_times_are_distinct():
 
 @pytest.mark.parametrize("tied_times", [False, True])
 def test_concordance_index_matches_lifelines_with_censoring_ties_and_padding(tied_times):
+  from lifelines import utils as lifelines_utils  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1 + tied_times)
   concordance_index = jax.jit(fdx.concordance_index)  # one shape: one program
   for n in (5, 40, 120):
@@ -160,6 +160,7 @@ def _survival_clients(seed=0, sizes=(9, 14, 6)):
 def test_fedavg_on_survival_clients_equals_the_sequential_loop_and_learns():
   """FedAvg of a Cox model (batch Cox loss in local SGD) equals the sequential
   reference, and its C-index on the training clients rises above one half."""
+  from lifelines import utils as lifelines_utils  # pylint: disable=g-import-not-at-top
   xs, events, times = _survival_clients()
   data = fdx.stack_survival(xs, events, times)
   assert data.labels.shape == (3, 14, 2)
