@@ -394,16 +394,19 @@ class ProgramCache:
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]))
     if key not in self.evaluators:
       apply_all = jax.vmap(model.apply, in_axes=(None, 0))  # [C, N, out]
-      if self._c_index_apart(model, kind, data):
-        self.evaluators[key] = self._survival_evaluator(model, kind, models, data, key)
-        return self.evaluators[key]
+      # A Cox model's C-index may come from a program of its own (`_c_index_apart`):
+      # this one then returns each split's metrics without it, with the risk scores.
+      apart = self._c_index_apart(model, kind, data)
+      evaluate = _metrics.evaluate_before_c_index if apart else _metrics.evaluate
+      evaluate_stacked = (_metrics.evaluate_stacked_before_c_index if apart
+                          else _metrics.evaluate_stacked)
       if kind == "global":
         fn = lambda params, train, test: [
-            *(_metrics.evaluate(model, params, d) for d in (train, test)),
+            *(evaluate(model, params, d) for d in (train, test)),
             _test_outputs(model, params, test.features)]
       elif kind == "stacked":
         fn = lambda params, train, test: [
-            *(_metrics.evaluate_stacked(model, params, d) for d in (train, test)),
+            *(evaluate_stacked(model, params, d) for d in (train, test)),
             _metrics.outputs(model, jax.vmap(apply_all, in_axes=(0, None))(
                 params, test.features))]
       else:
@@ -417,11 +420,15 @@ class ProgramCache:
       if kind == "personalized":
         identity = identity and self.identity(algorithm)
       options = self.options_for(model)
-      self.evaluators[key] = self.lazy(
-          identity and ("evaluator", kind, identity, key[3]),
+      program = self.lazy(
+          identity and ("evaluator_before_c_index" if apart else "evaluator", kind,
+                        identity, key[3]),
           lambda: _prng.lower(jax.jit(jax.vmap(fn, in_axes=(0, None, None))),
                               (models, data.train, data.test), options),
           (models, data.train, data.test), (model, algorithm), options)
+      self.evaluators[key] = (_SurvivalEvaluator(
+          program, self._c_index(model, models, data), stacked=kind == "stacked")
+                              if apart else program)
     return self.evaluators[key]
 
   def _c_index_apart(self, model, kind: str, data) -> bool:
@@ -433,32 +440,14 @@ class ProgramCache:
             and jax.default_backend() == "cpu"
             and data.train.features.is_fully_addressable)
 
-  def _survival_evaluator(self, model, kind: str, models, data, key
-                          ) -> "_SurvivalEvaluator":
-    """The evaluator of `evaluator` for a Cox model (`_c_index_apart`): the C-index
-    by `_SurvivalEvaluator.c_index`, one program for the global and the stacked
-    models of a data set (one seeds axis of models per call), compiled at backend
-    level 1: the same counts as at any level, 6 times faster than at level 0."""
-    if kind == "global":
-      fn = lambda params, train, test: [
-          *(_metrics.evaluate_before_c_index(model, params, d) for d in (train, test)),
-          _test_outputs(model, params, test.features)]
-    else:
-      fn = lambda params, train, test: [
-          *(_metrics.evaluate_stacked_before_c_index(model, params, d)
-            for d in (train, test)),
-          _metrics.outputs(model, jax.vmap(jax.vmap(model.apply, in_axes=(None, 0)),
-                                           in_axes=(0, None))(params, test.features))]
-    identity = self.identity(model)
-    options = self.options_for(model)
-    main = self.lazy(
-        identity and ("evaluator_before_c_index", kind, identity, key[3]),
-        lambda: _prng.lower(jax.jit(jax.vmap(fn, in_axes=(0, None, None))),
-                            (models, data.train, data.test), options),
-        (models, data.train, data.test), (model,), options)
+  def _c_index(self, model, models, data) -> _StoredJit:
+    """`_SurvivalEvaluator`'s C-index program of `model`: one for its global and
+    stacked evaluators (one seeds axis of models per call), compiled at backend
+    level 1 (the same counts as at any level, 6 times faster than at level 0), and
+    prepared for `data`'s shapes."""
     if id(model) not in self.c_indexes:
       self.c_indexes[id(model)] = (model, _StoredJit(
-          self, identity and ("c_index", identity),
+          self, self.identity(model) and ("c_index", self.identity(model)),
           jax.vmap(lambda train_scores, test_scores, train, test: [
               _metrics.c_index_of(train_scores, train),
               _metrics.c_index_of(test_scores, test)], in_axes=(0, 0, None, None)),
@@ -468,7 +457,7 @@ class ProgramCache:
     like = lambda split: jax.ShapeDtypeStruct(  # host arrays: `_SurvivalEvaluator`
         (seeds,) + split.mask.shape, jax.dtypes.canonicalize_dtype(jnp.float32))
     c_index.prepare(like(data.train), like(data.test), data.train, data.test)
-    return _SurvivalEvaluator(main, c_index, stacked=kind == "stacked")
+    return c_index
 
   def initial_evaluation(self, evaluator, models, train, test):
     """`evaluator(models, train, test)` of a method's models before training, once per
