@@ -228,7 +228,7 @@ class ProgramCache:
   def __init__(self, options: dict[str, Any] | None | str = UNSET_OPTIONS):
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
-    self.c_indexes = {}  # id(model) -> (model, its C-index program: _SurvivalEvaluator)
+    self.c_indexes = {}  # id(model) -> (model, its `_SurvivalEvaluator` C-index program)
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
     self.pool, self.reported, self.sharded = None, set(), {}
     # (id(evaluator), id(train), id(test), digest of the models) -> (evaluator, train,
