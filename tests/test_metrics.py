@@ -297,3 +297,36 @@ def test_resampled_aucs_from_draw_counts_equal_binary_auc_of_each_resample(score
   np.testing.assert_array_equal(got, expected)
   if scores == "nan":  # some resamples drew the NaN, some did not
     assert np.isnan(got).any() and not np.isnan(got).all()
+
+
+@pytest.mark.parametrize("scores", ["distinct", "ties", "infinite", "signed zeros",
+                                    "nan"])
+def test_resampled_average_precisions_from_draw_counts_equal_each_resamples(scores):
+  """The bootstrap's sort-free average precision (one sort of the original scores,
+  draw counts per resample) gives exactly `average_precision` of every resample:
+  ties within and across the draws, infinite scores of both signs, +0 and -0, a NaN
+  drawn or not, padding slots, and a resample without a positive."""
+  from fedjax_dx.core import _metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7 + len(scores))
+  n, count = 40, 33  # 7 padding slots
+  values = {"distinct": rng.random(n), "ties": rng.integers(0, 4, n) / 4,
+            "infinite": np.select([rng.random(n) < 0.15, rng.random(n) < 0.1],
+                                  [np.inf, -np.inf], rng.random(n)),
+            "signed zeros": np.where(rng.random(n) < 0.5, 0.0, -0.0),
+            "nan": np.where(rng.random(n) < 0.03, np.nan, rng.random(n))}[scores]
+  s = jnp.asarray(values, jnp.float32)
+  positive = jnp.asarray(rng.random(n) < 0.3)
+  mask = jnp.arange(n) < count
+  draws = jax.random.randint(jax.random.key(1), (64, n), 0, count)
+  no_positive = jnp.flatnonzero(~positive[:count], size=1)[0]
+  draws = draws.at[0].set(no_positive)  # resample 0: one negative, drawn every time
+  ap = jax.jit(_metrics.average_precision)  # one program for every resample
+  expected = np.array([ap(s[d], positive[d], mask) for d in draws])
+  got = np.asarray(jax.jit(_metrics._resampled_average_precisions)(s, positive, mask,
+                                                                    draws))
+  np.testing.assert_array_equal(got, expected)
+  assert np.isnan(got[0])  # no positive drawn
+  if scores == "nan":  # some resamples drew the NaN, some did not
+    assert np.isnan(got[1:]).any() and not np.isnan(got[1:]).all()
+  else:
+    assert not np.isnan(got[1:]).any()

@@ -134,8 +134,8 @@ ECE_BINS = 10  # the bins of the reported `ece`
 
 
 def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
-                           losses: jax.Array, auc: jax.Array | None = None
-                           ) -> dict[str, jax.Array]:
+                           losses: jax.Array, auc: jax.Array | None = None,
+                           pr_auc: jax.Array | None = None) -> dict[str, jax.Array]:
   """Loss, accuracy, balanced accuracy, AUC, sensitivity, specificity, F1, PR-AUC
   (average precision), Brier score and ECE (`ECE_BINS` equal-width bins).
 
@@ -151,6 +151,7 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
     losses: `[N]` per-example loss.
     auc: a binary task's AUC when the caller has it (the bootstrap's exact shortcut,
       `_resampled_binary_aucs`); None computes it.
+    pr_auc: the same of its average precision (`_resampled_average_precisions`).
 
   Returns:
     A dict of scalars, keys `METRIC_NAMES`.
@@ -179,7 +180,8 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, mask: jax.Array,
         auc=binary_auc(probs[:, 1], labels == 1, mask) if auc is None else auc,
         sensitivity=recall[1],
         specificity=specificity[1], f1=f1[1],
-        pr_auc=average_precision(probs[:, 1], labels == 1, mask))
+        pr_auc=(average_precision(probs[:, 1], labels == 1, mask) if pr_auc is None
+                else pr_auc))
   else:
     aucs = jax.vmap(lambda c: binary_auc(probs[:, c], labels == c, mask))(
         jnp.arange(num_classes))
@@ -242,18 +244,19 @@ def bootstrap_metrics(key: jax.Array | None, outputs: jax.Array, labels: jax.Arr
   if draws is None:
     draws = bootstrap_draws(key, mask, num_resamples)
 
-  def one(indices, auc=None):
+  def one(indices, auc=None, pr_auc=None):
     x, y = outputs[indices], labels[indices]
     if survival:
       found = survival_metrics(x[:, 0], y, mask)
     else:
       losses = -jnp.log(jnp.clip(jnp.take_along_axis(x, y[:, None], 1)[:, 0], 1e-12))
-      found = classification_metrics(x, y, mask, losses, auc=auc)
+      found = classification_metrics(x, y, mask, losses, auc=auc, pr_auc=pr_auc)
     return {m: found[m] for m in BOOTSTRAP_METRICS}
 
   if not survival and outputs.shape[-1] == 2 and n_max * n_max // 2 < 2**24:
     aucs = _resampled_binary_aucs(outputs[:, 1], labels == 1, mask, draws)
-    return jax.vmap(one)(draws, aucs)
+    pr_aucs = _resampled_average_precisions(outputs[:, 1], labels == 1, mask, draws)
+    return jax.vmap(one)(draws, aucs, pr_aucs)
   return jax.vmap(one)(draws)
 
 
@@ -291,6 +294,62 @@ def _resampled_binary_aucs(scores: jax.Array, positive: jax.Array, mask: jax.Arr
                           positive_counts.sum(1), negative_counts.sum(1))
   drawn_nan = jnp.any((counts > 0) & jnp.isnan(scores)[None, :], axis=1)
   return jnp.where(drawn_nan, jnp.nan, auc)
+
+
+def _draw_counts(mask: jax.Array, draws: jax.Array) -> jax.Array:
+  """`[R, N]`: how often each example was drawn into each resample's real slots."""
+  n = mask.shape[0]
+  return jax.vmap(lambda d: jnp.zeros((n,), jnp.int32).at[d].add(
+      mask.astype(jnp.int32)))(draws)
+
+
+def _resampled_average_precisions(scores: jax.Array, positive: jax.Array,
+                                  mask: jax.Array, draws: jax.Array) -> jax.Array:
+  """`average_precision` of each resample `scores[draws[r]]` (real slots: `mask`), the
+  same numbers without sorting each resample (as `_resampled_binary_aucs`): one sort
+  of the original scores, and each resample's draw counts give its true and false
+  positives at every threshold.
+
+  Each threshold's term `(R_n - R_{n-1}) P_n` is computed from the same integer
+  counts as `average_precision` computes them on the resample, and put in the slot
+  where that function has it (the resample's last example of the threshold, in its
+  sorted order), so the sum over the slots is the same sum.
+
+  Args:
+    scores: `[N]` the original scores.
+    positive: `[N]` bool, the original classes.
+    mask: `[N]` bool, real slots of the original and of every resample.
+    draws: `[R, N]` int, the original example each resample slot holds.
+
+  Returns:
+    `[R]` average precisions (NaN without a positive drawn, or with a NaN score
+    drawn).
+  """
+  n = scores.shape[0]
+  order = jnp.argsort(jnp.where(mask, -scores, jnp.inf), stable=True)
+  s, y = scores[order], (positive & mask)[order]
+  counts = _draw_counts(mask, draws)[:, order]  # [R, N] in the sorted order (padding: 0)
+  index = jnp.arange(n)
+  # Ties: a threshold is a group of equal scores (padding is never drawn).
+  starts = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+  first = jax.lax.cummax(jnp.where(starts, index, 0))
+  last = jnp.concatenate([jax.lax.cummin(jnp.where(starts, index, n), reverse=True)[1:],
+                          jnp.full((1,), n)]) - 1
+  drawn = jnp.cumsum(counts, axis=1)  # [R, N]: examples drawn up to here
+  tp = jnp.cumsum(jnp.where(y, counts, 0), axis=1)
+  tp_before = jnp.where(first > 0, tp[:, jnp.maximum(first - 1, 0)], 0)
+  # An example ends its threshold in the resample when it is the group's last drawn.
+  is_last = (counts > 0) & (drawn == drawn[:, last])
+  tp_f, fp_f = tp.astype(jnp.float32), (drawn - tp).astype(jnp.float32)
+  precision = tp_f / jnp.maximum(tp_f + fp_f, 1.0)
+  terms = (tp_f - tp_before.astype(jnp.float32)) * precision
+  slot = jnp.where(is_last, drawn - 1, n)  # the resample's sorted slot (n: none)
+  per_slot = jax.vmap(lambda t, i: jnp.zeros((n,), jnp.float32).at[i].set(
+      t, mode="drop"))(terms, slot)
+  num_pos = tp[:, -1].astype(jnp.float32)
+  ap = _ratio(per_slot.sum(-1), num_pos)
+  drawn_nan = jnp.any((counts > 0) & jnp.isnan(s)[None, :], axis=1)
+  return jnp.where(drawn_nan, jnp.nan, ap)
 
 
 def bootstrap_site_draws(key: jax.Array, mask: jax.Array, num_resamples: int
