@@ -31,6 +31,7 @@ def get_config():
   config.model.name = "cnn"
   config.model.channels = "8,16"
   config.model.dense = 32
+  config.fast_compile_metrics = False  # thousands of images: metrics at full speed
   # DP-SGD wants plain SGD (Adam rescales the noise per coordinate: at lr 0.001 it kept
   # every private run at the majority class); centralized training is not private and
   # trains with Adam (SGD with momentum diverged on the pooled data).

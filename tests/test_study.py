@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -168,7 +169,8 @@ def test_the_field_table_declares_every_method_field_with_the_default_config_val
   default = heart_disease.get_config()
   assert _fields.DEFAULTS == {name: default[name] for name in _fields.DEFAULTS}
   study_level = {"name", "methods", "dataset", "seed", "num_seeds", "batch_seeds",
-                 "bucket_clients", "membership_audit", "fast_compile", "per_method",
+                 "bucket_clients", "membership_audit", "fast_compile",
+                 "fast_compile_metrics", "per_method",
                  "sweep", "target_metric", "target_value", "method_notes",
                  "bootstrap_resamples"}
   table = {f.name for f in _fields.FIELDS}
@@ -376,6 +378,90 @@ def test_batched_seeds_equal_one_seed_at_a_time(tmp_path):
   columns = ["method", "seed", "round", "client", "split", "loss", "accuracy", "auc",
              "cumulative_bytes"]
   pd.testing.assert_frame_equal(batched[columns], single[columns], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["global", "stacked", "personalized"])
+def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind):
+  """With `config.fast_compile_metrics` at full optimisation a study evaluates a
+  classification model in two programs: class probabilities and per-example losses
+  at the study's options, the metrics from them at backend level 0
+  (`_MetricsApartEvaluator`). Its results are those of the one program of `evaluate`
+  at the study's options, counts exactly and float sums to 2 ulps (XLA adds in
+  another order at level 0): 3 classes, clients of different sizes, a model with
+  NaN outputs (its metrics NaN), seeds, stacked models and fine-tuned personal
+  models; and the metrics program is one per models axis, whatever the model."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  options = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": False}
+  rng = np.random.default_rng(5)
+  sizes = (17, 30, 9)
+  xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 3, size=n).astype(np.int32) for n in sizes]
+  train = fdx.stack_clients(xs, ys, num_classes=3)
+  test = fdx.stack_clients([x[: n // 2 + 1] for x, n in zip(xs, sizes)],
+                           [y[: n // 2 + 1] for y, n in zip(ys, sizes)], num_classes=3)
+  data = fdx.FederatedData(train=train, test=test, num_classes=3)
+  cache = _programs.ProgramCache(options)
+  config = test_config.get_config()
+  config.model.name, config.model.hidden = "mlp", "6"
+  model = cache.model(config, 3)
+  seeds, clients = 3, len(sizes)
+  models = jax.vmap(model.init, in_axes=(0, None))(
+      jax.random.split(jax.random.PRNGKey(2), seeds), jnp.zeros((1, 4)))
+  leaf = np.asarray(models["Dense_0"]["kernel"]).copy()
+  leaf.reshape(-1)[5] = np.nan  # seed 0's outputs NaN
+  models["Dense_0"]["kernel"] = jnp.asarray(leaf)
+  algorithm = None
+  if kind == "stacked":  # a model per client, each seed's different
+    models = jax.tree.map(lambda x: x[:, None] * jnp.linspace(0.5, 2.0, clients)[
+        None, :, *([None] * (x.ndim - 1))], models)
+  elif kind == "personalized":
+    config.fine_tune_steps = 3
+    algorithm = cache.algorithm(config, "fedavg_ft", model)
+    models = jax.vmap(lambda p, k: algorithm.init(p, train, k))(
+        models, jax.random.split(jax.random.PRNGKey(3), seeds))
+  assert not isinstance(cache.evaluator(model, kind, algorithm, models, data),
+                        _programs._MetricsApartEvaluator)  # without fast_metrics
+  found = cache.evaluator(model, kind, algorithm, models, data, fast_metrics=True)
+  assert isinstance(found, _programs._MetricsApartEvaluator)
+  found = jax.device_get(found(models, data.train, data.test))
+
+  apply_all = jax.vmap(model.apply, in_axes=(None, 0))
+  if kind == "global":
+    one_program = lambda params, tr, te: [
+        *(fdx.evaluate(model, params, d) for d in (tr, te)),
+        _programs._test_outputs(model, params, te.features)]
+  elif kind == "stacked":
+    one_program = lambda params, tr, te: [
+        *(fdx.evaluate_stacked(model, params, d) for d in (tr, te)),
+        fdx.probabilities(model, jax.vmap(apply_all, in_axes=(0, None))(
+            params, te.features))]
+  else:
+    def one_program(state, tr, te):
+      personal = algorithm.personalize(state, tr)
+      return [*(fdx.evaluate_personalized(model, personal, d) for d in (tr, te)),
+              fdx.probabilities(model, jax.vmap(model.apply)(personal, te.features))]
+  args = (models, data.train, data.test)
+  expected = jax.device_get(jax.jit(jax.vmap(one_program, in_axes=(0, None, None))).lower(
+      *args).compile(options)(*args))
+  assert jax.tree.structure(found) == jax.tree.structure(expected)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(found),
+                               jax.tree.leaves(expected)):
+    name = jax.tree_util.keystr(path)
+    if "accuracy']" in name and "balanced" not in name or "num_examples" in name:
+      np.testing.assert_array_equal(got, want, err_msg=name)  # counts
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+    real = ~np.isnan(want)
+    np.testing.assert_array_max_ulp(got[real], want[real], maxulp=2)
+  auc = np.asarray(found[1]["pooled"]["auc"])
+  assert np.isnan(auc[0]).all() and not np.isnan(auc[1:]).any()  # seed 0's NaN
+  if kind == "global":  # another model of the same shapes: the same metrics program
+    config.model.hidden = "5"
+    other = cache.model(config, 3)
+    cache.evaluator(other, kind, None, jax.vmap(other.init, in_axes=(0, None))(
+        jax.random.split(jax.random.PRNGKey(4), seeds), jnp.zeros((1, 4))), data,
+                    fast_metrics=True)
+    assert len(cache.metric_counters) == 1
+    assert len(next(iter(cache.metric_counters.values())).programs) == 1
 
 
 def test_initial_models_of_equal_values_are_evaluated_once(tmp_path):

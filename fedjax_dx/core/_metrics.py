@@ -540,9 +540,27 @@ def _evaluate_logits(model, logits, data: ClientData, c_index: bool = True
     pooled = survival_metrics(scores.reshape(-1), data.labels.reshape(c * n, 2),
                               data.mask.reshape(-1), c_index=c_index)
     return {"clients": per_client, "pooled": pooled}
+  return metrics_of_outputs(*classification_outputs(model, logits, data.labels), data)
+
+
+def classification_outputs(model: _models.Model, logits: jax.Array, labels: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+  """A classification model's class probabilities `[C, N, K]` and per-example losses
+  `[C, N]` from its logits `[C, N, out]` on every client's examples: the model's
+  arithmetic of an evaluation (`metrics_of_outputs` counts the metrics from them)."""
+  c, n = labels.shape[:2]
   probs = _models.probabilities(model, logits)
   losses = _models.per_example_loss(
-      model, logits.reshape((c * n, -1)), data.labels.reshape(-1)).reshape(c, n)
+      model, logits.reshape((c * n, -1)), labels.reshape(-1)).reshape(c, n)
+  return probs, losses
+
+
+def metrics_of_outputs(probs: jax.Array, losses: jax.Array, data: ClientData
+                       ) -> dict[str, Any]:
+  """`evaluate`'s result from `classification_outputs`: `classification_metrics` of
+  every client and of the pooled data, `{"clients": {metric: [C]}, "pooled": {metric:
+  []}}` (labels and mask from `data`)."""
+  c, n = data.labels.shape[:2]
   per_client = jax.vmap(classification_metrics)(probs, data.labels, data.mask, losses)
   pooled = classification_metrics(
       probs.reshape((c * n, -1)), data.labels.reshape(-1), data.mask.reshape(-1),

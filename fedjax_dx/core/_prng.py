@@ -44,7 +44,8 @@ def _unrolled_rule():
 UNROLLED_RULE = _unrolled_rule()
 
 
-def _below_full_optimisation(options: dict[str, Any] | None) -> bool:
+def below_full_optimisation(options: dict[str, Any] | None) -> bool:
+  """Whether XLA `options` (else `XLA_FLAGS`) set backend optimisation level 0 or 1."""
   level = (options or {}).get("xla_backend_optimization_level")
   if level is not None:
     return int(level) < 2
@@ -58,7 +59,7 @@ def lowering_parameters(options: dict[str, Any] | None):
   at full optimisation, JAX's unrolled Threefry (`UNROLLED_RULE`); else None (JAX's
   defaults)."""
   if (UNROLLED_RULE is None or jax.default_backend() != "cpu"
-      or _below_full_optimisation(options)):
+      or below_full_optimisation(options)):
     return None
   return mlir.LoweringParameters(
       override_lowering_rules=((threefry2x32_p, UNROLLED_RULE),))

@@ -193,12 +193,14 @@ class MethodRun:
     self.programs = {c: cache.program(algo, self.states, train,
                                       jax.device_put(self.participation[:, :c]))
                      for c in sorted(chunks) if c}
+    fast_metrics = bool(config.get("fast_compile_metrics", False))
     self.evaluator = cache.evaluator(model, self.kind, algo, self._evaluated_models(),
-                                     data)
+                                     data, fast_metrics)
     self.pooled_evaluator = None  # per-client models have no pooled-set model
     if self.pooled_sets is not None and self.kind != "personalized":
       self.pooled_evaluator = cache.evaluator(model, self.kind, algo,
-                                              self._evaluated_models(), self.pooled_sets)
+                                              self._evaluated_models(), self.pooled_sets,
+                                              fast_metrics)
     # The programs that run once training is done (the membership audit, the
     # bootstrap) compile on worker threads too, meanwhile, not on this thread then.
     if config.rounds > 0 and config.membership_audit and self.kind == "global":
@@ -581,7 +583,8 @@ class MethodRun:
   def _bootstrapper(self):
     return self.cache.bootstrapper(self.host_test.labels.ndim == 3,
                                    self.kind == "stacked",
-                                   self.config.bootstrap_resamples)
+                                   self.config.bootstrap_resamples,
+                                   bool(self.config.get("fast_compile_metrics", False)))
 
   def _bootstrap_keys(self) -> jax.Array:
     """Each seed's resampling key `[S]` (`ProgramCache.bootstrap_keys`)."""
