@@ -460,8 +460,42 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
     cache.evaluator(other, kind, None, jax.vmap(other.init, in_axes=(0, None))(
         jax.random.split(jax.random.PRNGKey(4), seeds), jnp.zeros((1, 4))), data,
                     fast_metrics=True)
-    assert len(cache.metric_counters) == 1
-    assert len(next(iter(cache.metric_counters.values())).programs) == 1
+    assert len(cache.counters) == 1
+    assert len(next(iter(cache.counters.values())).programs) == 1
+
+
+def test_stacked_models_bootstrap_one_at_a_time_as_the_stacked_program_does():
+  """`config.fast_compile_metrics`: stacked models' bootstrap (`local`) runs the one-
+  model programs once per model (`_OneModelAtATimeBootstrap`), model m resampling
+  with `fold_in(key, m)`: the resamples of the stacked program (every count-based
+  metric equal) and its float sums to 2 ulps; two sites, one with one class."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  seeds, models, clients, n, resamples = 2, 3, 2, 12, 16
+  p = rng.random((seeds, models, clients, n)).astype(np.float32)
+  outputs = jnp.asarray(np.stack([1 - p, p], -1))
+  labels = jnp.asarray(np.where(np.arange(clients)[:, None] == 1, 0,
+                                rng.integers(0, 2, (clients, n))).astype(np.int32))
+  mask = jnp.arange(n)[None, :] < jnp.asarray([[n], [9]])
+  cache = _programs.ProgramCache()
+  keys = cache.bootstrap_keys(range(seeds), 7)
+  one_at_a_time = cache.bootstrapper(False, True, resamples, fast=True)
+  assert isinstance(one_at_a_time, _programs._OneModelAtATimeBootstrap)
+  found = one_at_a_time(keys, outputs, labels, mask)
+  expected = jax.device_get(cache.bootstrapper(False, True, resamples)(
+      keys, outputs, labels, mask))
+  assert set(found) == set(expected)
+  for metric in found:
+    assert found[metric].shape == (seeds, models, resamples, clients + 1), metric
+    np.testing.assert_array_equal(np.isnan(found[metric]), np.isnan(expected[metric]))
+    if metric in ("accuracy", "balanced_accuracy", "auc", "sensitivity",
+                  "specificity", "f1"):
+      np.testing.assert_array_equal(found[metric], expected[metric], err_msg=metric)
+    real = ~np.isnan(expected[metric])
+    np.testing.assert_array_max_ulp(found[metric][real], expected[metric][real],
+                                    maxulp=2)
+  assert np.isnan(found["auc"][..., 1]).all()  # the one-class site
+  assert len(cache.bootstraps) == 2  # the one-model programs and the stacked ones
 
 
 def test_initial_models_of_equal_values_are_evaluated_once(tmp_path):
@@ -713,7 +747,9 @@ def test_audit_and_bootstrap_programs_compile_ahead_for_the_arguments_they_get(
   stored = [program for _, program in cache.attacks.values()]
   stored += [program for bootstrap in cache.bootstraps.values()
              for program in (bootstrap.draws, bootstrap.metrics)]
-  assert len(cache.attacks) == 1 and len(cache.bootstraps) == 2  # global, stacked
+  # global models'; local's (stacked) models go through it one at a time
+  # (`config.fast_compile_metrics`: `_OneModelAtATimeBootstrap`)
+  assert len(cache.attacks) == 1 and len(cache.bootstraps) == 1
   for program in stored:
     assert len(program.programs) == 1, program.identity
     (prepared,) = program.programs.values()

@@ -178,6 +178,33 @@ class _Bootstrap:
     self.metrics.prepare(draws, outputs, labels, mask)
 
 
+class _OneModelAtATimeBootstrap:
+  """The bootstrap of stacked models (`[S, M, ...]` outputs) by the one-model
+  programs (`one`, a `_Bootstrap` of `[S, ...]` outputs), model m of every seed at a
+  time: model m resamples with `fold_in(key, m)`, as the stacked program does (the
+  same draws). `config.fast_compile_metrics`: one bootstrap program to trace and
+  compile instead of two."""
+
+  def __init__(self, one: _Bootstrap):
+    self.one = one
+
+  def __call__(self, keys, outputs, labels, mask):
+    outputs = jax.device_get(outputs)  # sliced on the host: no slicing program
+    found = jax.device_get([
+        self.one(_fold_in_each(keys, m), jnp.asarray(outputs[:, m]), labels, mask)
+        for m in range(outputs.shape[1])])
+    return jax.tree.map(lambda *models: np.stack(models, axis=1), *found)
+
+  def prepare(self, keys, outputs, labels, mask) -> None:
+    """`_Bootstrap.prepare` of the one-model programs for outputs like one model's."""
+    self.one.prepare(keys, jax.ShapeDtypeStruct(outputs.shape[:1] + outputs.shape[2:],
+                                                outputs.dtype), labels, mask)
+
+
+# `fold_in(keys[s], m)` of every seed's key (`_OneModelAtATimeBootstrap`)
+_fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+
 class _SurvivalEvaluator:
   """A Cox model's evaluator as two programs: `main` evaluates everything but the
   C-index (`_metrics.evaluate_before_c_index`) with the study's options, `c_index`
@@ -258,7 +285,7 @@ class ProgramCache:
     self.options = options  # XLA compiler options of every program
     self.algorithms, self.evaluators, self.data, self.models = {}, {}, {}, {}
     self.c_indexes = {}  # id(model) -> (model, its `_SurvivalEvaluator` C-index program)
-    self.metric_counters = {}  # stacked -> `_MetricsApartEvaluator`'s metrics program
+    self.counters = {}  # stacked -> `_MetricsApartEvaluator`'s metrics program
     self.runs, self.params, self.chunks, self.attacks = {}, {}, {}, {}
     self.pool, self.reported, self.sharded = None, set(), {}
     # (id(evaluator), id(train), id(test), digest of the models) -> (evaluator, train,
@@ -517,17 +544,20 @@ class ProgramCache:
     """The metrics of a seeds axis (and, `stacked`, a models axis) of each split's
     `_metrics.classification_outputs`: `(train outputs, test outputs, train, test) ->
     [train metrics, test metrics]` (`_metrics.metrics_of_outputs`), compiled with
-    `metrics_options` (one program per shapes, whatever the model)."""
-    if stacked not in self.metric_counters:
+    `metrics_options` (one program per shapes, whatever the model). Stacked models
+    have a program of their own: counted by the one-model program, one model at a
+    time, the default study's local models' float sums (loss, Brier, PR-AUC) moved
+    in the last bit, as XLA adds in another order for another shape."""
+    if stacked not in self.counters:
       both = lambda train_outputs, test_outputs, train, test: [
           _metrics.metrics_of_outputs(*train_outputs, train),
           _metrics.metrics_of_outputs(*test_outputs, test)]
       if stacked:
         both = jax.vmap(both, in_axes=(0, 0, None, None))
-      self.metric_counters[stacked] = _StoredJit(
+      self.counters[stacked] = _StoredJit(
           self, ("evaluator_metrics", stacked),
           jax.vmap(both, in_axes=(0, 0, None, None)), None, metrics_options())
-    return self.metric_counters[stacked]
+    return self.counters[stacked]
 
   def _c_index_apart(self, model, kind: str, data) -> bool:
     """Whether a Cox model's evaluator computes its C-index in a program of its own
@@ -597,8 +627,13 @@ class ProgramCache:
                    fast: bool = False) -> "_Bootstrap":
     """`(keys [S], outputs [S, (M,) C, N, K], labels, mask) -> {metric: [S, (M,) R,
     C + 1]}`: `_metrics.bootstrap_sites` of every seed's (and model's) outputs; with
-    `fast` (`config.fast_compile_metrics`), compiled with `bootstrap_options`."""
+    `fast` (`config.fast_compile_metrics`), compiled with `bootstrap_options`, and
+    stacked classification models by the one-model programs
+    (`_OneModelAtATimeBootstrap`)."""
     key = (survival, stacked, num_resamples, fast)
+    if stacked and fast and not survival:
+      return _OneModelAtATimeBootstrap(self.bootstrapper(survival, False, num_resamples,
+                                                         fast))
     if key not in self.bootstraps:
       def draws(k, o, mask):  # outputs `o` only for the number of models
         if stacked:  # model m resamples with fold_in(key, m)
