@@ -278,9 +278,7 @@ def _resampled_binary_aucs(scores: jax.Array, positive: jax.Array, mask: jax.Arr
   Returns:
     `[R]` AUCs (NaN without both classes or with a NaN score drawn).
   """
-  n = scores.shape[0]
-  counts = jax.vmap(lambda d: jnp.zeros((n,), jnp.int32).at[d].add(
-      mask.astype(jnp.int32)))(draws)  # [R, N]: times each example was drawn
+  counts = _draw_counts(mask, draws)  # [R, N]: times each example was drawn
   negative_counts = jnp.where(mask & ~positive, counts, 0)
   positive_counts = jnp.where(mask & positive, counts, 0)
   key = jnp.where(jnp.isnan(scores), jnp.inf, scores)  # an undrawn NaN weighs nothing
