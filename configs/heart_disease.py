@@ -167,7 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.fast_compile = False  # XLA backend optimisation level 0: faster compiles,
   # slower steps (for small models, where compile time dominates)
   # The metrics counted from a classification model's outputs (the evaluations'
-  # metrics, the bootstrap) compiled at XLA backend level 0 / 1, training and the
+  # metrics, the bootstrap, the membership audit's scores) compiled at XLA backend
+  # level 0 / 1, training and the
   # model's outputs as above, and local models' bootstrap by the global models'
   # program, one model at a time: a cold run of this study 24 -> 15 s with the same
   # numbers (measured); elsewhere a float sum (loss, Brier, ECE, PR-AUC) may differ

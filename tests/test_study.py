@@ -464,6 +464,53 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
     assert len(next(iter(cache.counters.values())).programs) == 1
 
 
+def test_study_membership_audit_apart_gives_the_one_programs_scores(monkeypatch):
+  """With `config.fast_compile_metrics` at full optimisation the membership audit is
+  two programs (`_AttackApart`): per-example losses at full optimisation, the
+  attack's scores from them at level 0. Its AUCs and true-positive rates (counts and
+  ratios of counts) equal those of the one program, for 3 seeds of a 3-class model
+  with its starting models, one seed's outputs NaN (its scores NaN)."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  options = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": False}
+  rng = np.random.default_rng(8)
+  sizes = (21, 34, 12)
+  xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 3, size=n).astype(np.int32) for n in sizes]
+  train = fdx.stack_clients([x[: n // 2 + 3] for x, n in zip(xs, sizes)],
+                            [y[: n // 2 + 3] for y, n in zip(ys, sizes)], num_classes=3)
+  test = fdx.stack_clients([x[n // 2 + 3:] for x, n in zip(xs, sizes)],
+                           [y[n // 2 + 3:] for y, n in zip(ys, sizes)], num_classes=3)
+  cache = _programs.ProgramCache(options)
+  # The audit's full optimisation is XLA's default level, which the suite's XLA_FLAGS
+  # lower to 0: level 3 here, as in a study.
+  options_for = _programs.ProgramCache.options_for
+  monkeypatch.setattr(
+      _programs.ProgramCache, "options_for",
+      lambda self, built, full_optimisation=False: (
+          {**(options_for(self, built, True) or {}), **options} if full_optimisation
+          else options_for(self, built)))
+  config = test_config.get_config()
+  config.model.name, config.model.hidden = "mlp", "6"
+  model = cache.model(config, 3)
+  init = lambda seed: jax.vmap(model.init, in_axes=(0, None))(
+      jax.random.split(jax.random.PRNGKey(seed), 3), jnp.zeros((1, 4)))
+  starts, models = init(1), jax.tree.map(lambda x: 3.0 * x, init(2))
+  leaf = np.asarray(models["Dense_0"]["kernel"]).copy()
+  leaf.reshape(-1)[2] = np.nan  # seed 0's outputs NaN
+  models["Dense_0"]["kernel"] = jnp.asarray(leaf)
+  apart = cache.attack(model, fast_metrics=True)
+  assert isinstance(apart, _programs._AttackApart)
+  one_program = cache.attack(model)
+  assert not isinstance(one_program, _programs._AttackApart)
+  apart.prepare(models, starts, train, test)
+  found = jax.device_get(apart(models, starts, train, test))
+  expected = jax.device_get(one_program(models, starts, train, test))
+  assert set(found) == set(expected) and "calibrated_auc" in found
+  for score in found:
+    np.testing.assert_array_equal(found[score], expected[score], err_msg=score)
+  assert np.isnan(found["auc"][0]) and not np.isnan(found["auc"][1:]).any()
+
+
 def test_stacked_models_bootstrap_one_at_a_time_as_the_stacked_program_does():
   """`config.fast_compile_metrics`: stacked models' bootstrap (`local`) runs the one-
   model programs once per model (`_OneModelAtATimeBootstrap`), model m resampling

@@ -77,6 +77,16 @@ def membership_inference(model, params, members, non_members,
     `{"auc": [], "tpr_at_1pct_fpr": [], "class_balanced_auc": []}`, plus
     `calibrated_auc` and `calibrated_tpr_at_1pct_fpr` with `reference_params`.
   """
+  return attack_from_losses(
+      attack_losses(model, params, members, non_members, reference_params),
+      members, non_members, model.num_classes)
+
+
+def attack_losses(model, params, members, non_members, reference_params=None):
+  """`membership_inference`'s per-example losses (the model's arithmetic):
+  `(member losses [M], non-member losses [O])` of `params` and, with
+  `reference_params`, the same of the reference model (else None); members' and
+  non-members' clients pooled."""
   from fedjax_dx.core import _models
 
   def losses(p, data):
@@ -84,17 +94,27 @@ def membership_inference(model, params, members, non_members,
     return _models.per_example_loss(model, model.apply(p, features),
                                     data.labels.reshape(-1))
 
+  found = (losses(params, members), losses(params, non_members))
+  reference = None
+  if reference_params is not None:
+    reference = (losses(reference_params, members), losses(reference_params,
+                                                           non_members))
+  return found, reference
+
+
+def attack_from_losses(losses, members, non_members, num_classes: int
+                       ) -> dict[str, jax.Array]:
+  """`membership_inference`'s result from `attack_losses` (labels and masks from
+  `members` and `non_members`)."""
+  (member_loss, other_loss), reference = losses
   member_mask, other_mask = members.mask.reshape(-1), non_members.mask.reshape(-1)
-  member_loss, other_loss = losses(params, members), losses(params, non_members)
   auc, tpr = _attack_scores(-member_loss, member_mask, -other_loss, other_mask)
   result = {"auc": auc, "tpr_at_1pct_fpr": tpr, "class_balanced_auc":
             _class_balanced_auc(-member_loss, members.labels.reshape(-1), member_mask,
                                 -other_loss, non_members.labels.reshape(-1),
-                                other_mask, model.num_classes)}
-  if reference_params is not None:
-    auc, tpr = _attack_scores(losses(reference_params, members) - member_loss,
-                              member_mask,
-                              losses(reference_params, non_members) - other_loss,
-                              other_mask)
+                                other_mask, num_classes)}
+  if reference is not None:
+    auc, tpr = _attack_scores(reference[0] - member_loss, member_mask,
+                              reference[1] - other_loss, other_mask)
     result.update(calibrated_auc=auc, calibrated_tpr_at_1pct_fpr=tpr)
   return result

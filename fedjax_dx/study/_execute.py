@@ -204,8 +204,8 @@ class MethodRun:
     # The programs that run once training is done (the membership audit, the
     # bootstrap) compile on worker threads too, meanwhile, not on this thread then.
     if config.rounds > 0 and config.membership_audit and self.kind == "global":
-      cache.attack(model).prepare(self._evaluated_models(), self.initial_params,
-                                  data.train, data.test)
+      cache.attack(model, fast_metrics).prepare(
+          self._evaluated_models(), self.initial_params, data.train, data.test)
     if config.get("bootstrap_resamples", 0):
       num_models = (jax.tree.leaves(self._evaluated_models())[0].shape[1]
                     if self.kind == "stacked" else 0)
@@ -537,7 +537,8 @@ class MethodRun:
         failed_rounds += np.asarray(metrics["secagg_failed"]).reshape(len(seeds), -1).sum(1)
       done += chunk
       if final and config.membership_audit and self.kind == "global":
-        attack = host(self.cache.attack(self.model)(
+        attack = host(self.cache.attack(
+            self.model, bool(config.get("fast_compile_metrics", False)))(
             self._evaluated_models(), self.initial_params, data.train, data.test))
       round_losses = (metrics.get("client_train_loss") if self.kind == "stacked"
                       else metrics.get("train_loss"))

@@ -205,6 +205,26 @@ class _OneModelAtATimeBootstrap:
 _fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
 
+class _AttackApart:
+  """The membership audit as two programs (`ProgramCache.attack` with
+  `config.fast_compile_metrics`): `losses` computes the per-example losses of the
+  models and of their starting models (`_membership.attack_losses`) at full
+  optimisation, `scores` the attack's AUCs and true-positive rates from them
+  (`_membership.attack_from_losses`) at level 0. Called and prepared as the
+  one-program audit is: `(models, starts, train, test) -> {score: [S]}`."""
+
+  def __init__(self, losses: _StoredJit, scores: _StoredJit):
+    self.losses, self.scores = losses, scores
+
+  def __call__(self, models, starts, train, test):
+    return self.scores(self.losses(models, starts, train, test), train, test)
+
+  def prepare(self, models, starts, train, test) -> None:
+    self.losses.prepare(models, starts, train, test)
+    like = jax.eval_shape(self.losses.fn, models, starts, train, test)
+    self.scores.prepare(like, train, test)
+
+
 class _SurvivalEvaluator:
   """A Cox model's evaluator as two programs: `main` evaluates everything but the
   C-index (`_metrics.evaluate_before_c_index`) with the study's options, `c_index`
@@ -496,14 +516,14 @@ class ProgramCache:
                               if apart else program)
     return self.evaluators[key]
 
-  def _metrics_apart(self, model, data) -> bool:
+  def _metrics_apart(self, model, data=None) -> bool:
     """Whether `config.fast_compile_metrics` splits a model's evaluators
     (`_MetricsApartEvaluator`): a classification model's, on CPU, where the study's
     programs compile at full optimisation (at `fast_compile` one program at level 0
     is all there is to gain), in one process."""
     return (model.output != "cox" and jax.default_backend() == "cpu"
             and not _prng.below_full_optimisation(self.options)
-            and data.train.features.is_fully_addressable)
+            and (data is None or data.train.features.is_fully_addressable))
 
   def _metrics_apart_evaluator(self, model, kind: str, algorithm, models, data
                                ) -> _MetricsApartEvaluator:
@@ -672,17 +692,34 @@ class ProgramCache:
       self.pool.shutdown()
       self.pool = None
 
-  def attack(self, model):
-    """The membership-inference audit of a seeds axis of global models (jitted)."""
-    if id(model) not in self.attacks:
+  def attack(self, model, fast_metrics: bool = False):
+    """The membership-inference audit of a seeds axis of global models (jitted), at
+    full optimisation whatever `fast_compile`. With `fast_metrics`
+    (`config.fast_compile_metrics`), where `_metrics_apart` holds for the model, in two
+    programs (`_AttackApart`): the per-example losses at full optimisation, the
+    attack's scores from them at level 0 (`metrics_options`)."""
+    key = (id(model), bool(fast_metrics))
+    if key not in self.attacks:
       identity = self.identity(model)
-      self.attacks[id(model)] = (model, _StoredJit(
-          self, identity and ("attack", identity), jax.vmap(
-              lambda params, start, train, test: _membership.membership_inference(
-                  model, params, train, test, reference_params=start),
-              in_axes=(0, 0, None, None)), model,
-          self.options_for(model, full_optimisation=True)))
-    return self.attacks[id(model)][1]
+      options = self.options_for(model, full_optimisation=True)
+      if fast_metrics and self._metrics_apart(model, None):
+        attack = _AttackApart(
+            _StoredJit(self, identity and ("attack_losses", identity), jax.vmap(
+                lambda params, start, train, test: _membership.attack_losses(
+                    model, params, train, test, reference_params=start),
+                in_axes=(0, 0, None, None)), model, options),
+            _StoredJit(self, ("attack_scores", model.num_classes), jax.vmap(
+                lambda losses, train, test: _membership.attack_from_losses(
+                    losses, train, test, model.num_classes),
+                in_axes=(0, None, None)), None, metrics_options()))
+      else:
+        attack = _StoredJit(
+            self, identity and ("attack", identity), jax.vmap(
+                lambda params, start, train, test: _membership.membership_inference(
+                    model, params, train, test, reference_params=start),
+                in_axes=(0, 0, None, None)), model, options)
+      self.attacks[key] = (model, attack)
+    return self.attacks[key][1]
 
   def global_data(self, data):
     """`data` as global arrays over every device of every process (multi-host)."""
