@@ -193,7 +193,7 @@ class MethodRun:
     self.programs = {c: cache.program(algo, self.states, train,
                                       jax.device_put(self.participation[:, :c]))
                      for c in sorted(chunks) if c}
-    fast_metrics = bool(config.get("fast_compile_metrics", False))
+    self.fast_metrics = fast_metrics = bool(config.get("fast_compile_metrics", False))
     self.evaluator = cache.evaluator(model, self.kind, algo, self._evaluated_models(),
                                      data, fast_metrics)
     self.pooled_evaluator = None  # per-client models have no pooled-set model
@@ -204,7 +204,7 @@ class MethodRun:
     # The programs that run once training is done (the membership audit, the
     # bootstrap) compile on worker threads too, meanwhile, not on this thread then.
     if config.rounds > 0 and config.membership_audit and self.kind == "global":
-      cache.attack(model, fast_metrics).prepare(
+      cache.attack(model, self._fast_attack()).prepare(
           self._evaluated_models(), self.initial_params, data.train, data.test)
     if config.get("bootstrap_resamples", 0):
       num_models = (jax.tree.leaves(self._evaluated_models())[0].shape[1]
@@ -537,8 +537,7 @@ class MethodRun:
         failed_rounds += np.asarray(metrics["secagg_failed"]).reshape(len(seeds), -1).sum(1)
       done += chunk
       if final and config.membership_audit and self.kind == "global":
-        attack = host(self.cache.attack(
-            self.model, bool(config.get("fast_compile_metrics", False)))(
+        attack = host(self.cache.attack(self.model, self._fast_attack())(
             self._evaluated_models(), self.initial_params, data.train, data.test))
       round_losses = (metrics.get("client_train_loss") if self.kind == "stacked"
                       else metrics.get("train_loss"))
@@ -581,11 +580,15 @@ class MethodRun:
                      audit_auroc=round(result.auroc, 6),
                      audit_canaries=result.num_canaries)
 
+  def _fast_attack(self) -> bool:
+    """`config.fast_compile_metrics` for the membership audit: not on global arrays
+    (several processes), as the evaluators' split is not (`ProgramCache.evaluator`)."""
+    return self.fast_metrics and not self.sharded
+
   def _bootstrapper(self):
     return self.cache.bootstrapper(self.host_test.labels.ndim == 3,
                                    self.kind == "stacked",
-                                   self.config.bootstrap_resamples,
-                                   bool(self.config.get("fast_compile_metrics", False)))
+                                   self.config.bootstrap_resamples, self.fast_metrics)
 
   def _bootstrap_keys(self) -> jax.Array:
     """Each seed's resampling key `[S]` (`ProgramCache.bootstrap_keys`)."""

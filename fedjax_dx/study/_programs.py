@@ -501,9 +501,7 @@ class ProgramCache:
                     for d in (train, test)),
                   _metrics.outputs(model, jax.vmap(model.apply)(personal,
                                                                 test.features))]
-      identity = self.identity(model)
-      if kind == "personalized":
-        identity = identity and self.identity(algorithm)
+      identity = self._evaluator_identity(model, kind, algorithm)
       options = self.options_for(model)
       program = self.lazy(
           identity and ("evaluator_before_c_index" if apart else "evaluator", kind,
@@ -516,11 +514,21 @@ class ProgramCache:
                               if apart else program)
     return self.evaluators[key]
 
+  def _evaluator_identity(self, model, kind: str, algorithm):
+    """An evaluator's identity in the program store: its model's, and for kind
+    "personalized" its algorithm's too (fine-tuning is part of it); None if either has
+    none."""
+    identity = self.identity(model)
+    if kind == "personalized":
+      identity = identity and self.identity(algorithm)
+    return identity
+
   def _metrics_apart(self, model, data=None) -> bool:
     """Whether `config.fast_compile_metrics` splits a model's evaluators
-    (`_MetricsApartEvaluator`): a classification model's, on CPU, where the study's
-    programs compile at full optimisation (at `fast_compile` one program at level 0
-    is all there is to gain), in one process."""
+    (`_MetricsApartEvaluator`) and audit (`_AttackApart`): a classification model's,
+    on CPU, where the study's programs compile at full optimisation (at
+    `fast_compile` one program at level 0 is all there is to gain), on `data` held by
+    this process (the audit's caller checks that)."""
     return (model.output != "cox" and jax.default_backend() == "cpu"
             and not _prng.below_full_optimisation(self.options)
             and (data is None or data.train.features.is_fully_addressable))
@@ -548,9 +556,7 @@ class ProgramCache:
                 for d in (train, test)]
     fn = jax.vmap(fn, in_axes=(0, None, None))
     args = (models, data.train, data.test)
-    identity = self.identity(model)
-    if kind == "personalized":
-      identity = identity and self.identity(algorithm)
+    identity = self._evaluator_identity(model, kind, algorithm)
     options = self.options_for(model)
     outputs = self.lazy(identity and ("evaluator_outputs", kind, identity),
                         lambda: _prng.lower(jax.jit(fn), args, options), args,
@@ -779,9 +785,10 @@ def emitter_options(family: str | None) -> dict[str, Any] | None:
 
 
 def metrics_options() -> dict[str, Any] | None:
-  """XLA options of `_MetricsApartEvaluator`'s metrics program: backend optimisation
-  level 0 with the LLVM IR emitters on CPU (the default study's evaluator metrics:
-  1.5 CPU-s of compile instead of 4.8, each call 9 ms instead of 3)."""
+  """XLA options of `_MetricsApartEvaluator`'s metrics program and `_AttackApart`'s
+  scores: backend optimisation level 0 with the LLVM IR emitters on CPU (the default
+  study's evaluator metrics: 1.5 CPU-s of compile instead of 4.8, each call 9 ms
+  instead of 3)."""
   if jax.default_backend() == "cpu":
     return {"xla_backend_optimization_level": 0, **_LLVM_IR_EMITTERS}
   return None
