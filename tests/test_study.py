@@ -464,6 +464,55 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
     assert len(next(iter(cache.counters.values())).programs) == 1
 
 
+@pytest.mark.parametrize("level", [0, 3])
+@pytest.mark.parametrize("kind", ["global", "stacked"])
+def test_pooled_set_evaluator_gives_the_whole_evaluators_pooled_metrics(kind, level):
+  """FLamby's pooled-normalized sets are scored by an evaluator of their pooled
+  metrics alone (`pooled_only`: no per-client metrics, no outputs, which their rows do
+  not read): the same numbers, bit for bit, as the pooled part of the whole
+  evaluator, at backend level 0 (`fast_compile`, FLamby's) and at full optimisation:
+  clients of different sizes, 3 classes, a seed whose model outputs NaN, and a binary
+  model on the one-client sets the study gives it."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  options = {"xla_backend_optimization_level": level,
+             "xla_cpu_use_fusion_emitters": False}
+  rng = np.random.default_rng(11)
+  seeds = 3
+  config = test_config.get_config()
+  config.model.name, config.model.hidden = "mlp", "6"
+  for num_classes, sizes in ((3, (17, 30, 9)), (2, (41,))):
+    xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
+    ys = [rng.integers(0, num_classes, size=n).astype(np.int32) for n in sizes]
+    train = fdx.stack_clients(xs, ys, num_classes=num_classes)
+    test = fdx.stack_clients([x[: n // 2 + 1] for x, n in zip(xs, sizes)],
+                             [y[: n // 2 + 1] for y, n in zip(ys, sizes)],
+                             num_classes=num_classes)
+    data = fdx.FederatedData(train=train, test=test, num_classes=num_classes)
+    cache = _programs.ProgramCache(options)
+    model = cache.model(config, num_classes)
+    models = jax.vmap(model.init, in_axes=(0, None))(
+        jax.random.split(jax.random.PRNGKey(2), seeds), jnp.zeros((1, 4)))
+    leaf = np.asarray(models["Dense_0"]["kernel"]).copy()
+    leaf.reshape(-1)[5] = np.nan  # seed 0's outputs NaN
+    models["Dense_0"]["kernel"] = jnp.asarray(leaf)
+    if kind == "stacked":
+      models = jax.tree.map(lambda x: x[:, None] * jnp.linspace(0.5, 2.0, 4)[
+          None, :, *([None] * (x.ndim - 1))], models)
+    whole = jax.device_get(cache.evaluator(model, kind, None, models, data)(
+        models, data.train, data.test))
+    pooled = cache.evaluator(model, kind, None, models, data, pooled_only=True)
+    assert pooled is not cache.evaluator(model, kind, None, models, data)
+    pooled = jax.device_get(pooled(models, data.train, data.test))
+    assert len(pooled) == 2 and all(set(split) == {"pooled"} for split in pooled)
+    for split in range(2):
+      assert set(pooled[split]["pooled"]) == set(whole[split]["pooled"])
+      for name, got in pooled[split]["pooled"].items():
+        np.testing.assert_array_equal(got, whole[split]["pooled"][name],
+                                      err_msg=f"{num_classes} classes {split} {name}")
+    assert np.isnan(pooled[1]["pooled"]["auc"][0]).all()
+    assert not np.isnan(pooled[1]["pooled"]["auc"][1:]).any()
+
+
 def test_study_membership_audit_apart_gives_the_one_programs_scores(monkeypatch):
   """With `config.fast_compile_metrics` at full optimisation the membership audit is
   two programs (`_AttackApart`): per-example losses at full optimisation, the

@@ -541,6 +541,19 @@ def _evaluate_logits(model, logits, data: ClientData, c_index: bool = True
   return metrics_of_outputs(*classification_outputs(model, logits, data.labels), data)
 
 
+def evaluate_pooled(model: _models.Model, params: Any, data: ClientData
+                    ) -> dict[str, Any]:
+  """`evaluate`'s pooled part alone, `{"pooled": {metric: []}}`, of a classification
+  model: the same arithmetic on every client's examples as one set (the study's
+  FLamby pooled sets, one client each, report nothing per client)."""
+  c, n = data.labels.shape[:2]
+  logits = jax.vmap(model.apply, in_axes=(None, 0))(params, data.features)
+  probs, losses = classification_outputs(model, logits, data.labels)
+  return {"pooled": classification_metrics(
+      probs.reshape((c * n, -1)), data.labels.reshape(-1), data.mask.reshape(-1),
+      losses.reshape(-1))}
+
+
 def classification_outputs(model: _models.Model, logits: jax.Array, labels: jax.Array
                            ) -> tuple[jax.Array, jax.Array]:
   """A classification model's class probabilities `[C, N, K]` and per-example losses

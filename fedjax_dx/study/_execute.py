@@ -200,7 +200,7 @@ class MethodRun:
     if self.pooled_sets is not None and self.kind != "personalized":
       self.pooled_evaluator = cache.evaluator(model, self.kind, algo,
                                               self._evaluated_models(), self.pooled_sets,
-                                              fast_metrics)
+                                              fast_metrics, pooled_only=True)
     # The programs that run once training is done (the membership audit, the
     # bootstrap) compile on worker threads too, meanwhile, not on this thread then.
     if config.rounds > 0 and config.membership_audit and self.kind == "global":

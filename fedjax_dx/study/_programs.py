@@ -456,11 +456,17 @@ class ProgramCache:
     return self.runs[key]
 
   def evaluator(self, model, kind: str, algorithm, models, data,
-                fast_metrics: bool = False):
+                fast_metrics: bool = False, pooled_only: bool = False):
     """Evaluates a seeds axis of models on the train and test splits in one call:
     `[train metrics, test metrics, test outputs]`, the outputs per test example
     (`_metrics.outputs`: class probabilities, or a Cox model's risk score) for the
     predictions file.
+
+    `pooled_only` (FLamby's pooled-normalized sets, one client each, of which a row
+    reports the pooled metrics alone): a global or stacked classification model's
+    evaluator returns `[train metrics, test metrics]` with only their "pooled" part
+    (`_metrics.evaluate_pooled`), half the program. Not with `fast_metrics`' split
+    (its pooled sets keep the whole evaluator).
 
     kind "global" and "stacked" take the (stacked) parameters only, so every method
     with the same model and seed count shares one compiled evaluator; "personalized"
@@ -469,14 +475,18 @@ class ProgramCache:
     a classification model's metrics may be counted in a program of their own
     (`_MetricsApartEvaluator`).
     """
+    apart = fast_metrics and self._metrics_apart(model, data)
+    pooled_only = (pooled_only and not apart and model.output != "cox"
+                   and kind in ("global", "stacked"))
     key = (id(model), kind, id(algorithm) if kind == "personalized" else None,
            data.train.features.is_fully_addressable, str(jax.tree.structure(models)),
            str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]),
-           fast_metrics)
-    if (key not in self.evaluators and fast_metrics
-        and self._metrics_apart(model, data)):
+           fast_metrics, pooled_only)
+    if key not in self.evaluators and apart:
       self.evaluators[key] = self._metrics_apart_evaluator(model, kind, algorithm,
                                                            models, data)
+    if key not in self.evaluators and pooled_only:
+      self.evaluators[key] = self._pooled_evaluator(model, kind, models, data)
     if key not in self.evaluators:
       apply_all = jax.vmap(model.apply, in_axes=(None, 0))  # [C, N, out]
       # A Cox model's C-index may come from a program of its own (`_c_index_apart`):
@@ -513,6 +523,24 @@ class ProgramCache:
           program, self._c_index(model, models, data), stacked=kind == "stacked")
                               if apart else program)
     return self.evaluators[key]
+
+  def _pooled_evaluator(self, model, kind: str, models, data) -> _LazyExecutable:
+    """`evaluator`'s `pooled_only` program: `[train metrics, test metrics]`, each
+    `{"pooled": {metric: [S]}}` (stacked: `[S, M]`)."""
+    if kind == "global":
+      fn = lambda params, train, test: [_metrics.evaluate_pooled(model, params, d)
+                                        for d in (train, test)]
+    else:
+      fn = lambda params, train, test: [jax.vmap(
+          lambda p: _metrics.evaluate_pooled(model, p, d))(params)
+                                        for d in (train, test)]
+    identity = self.identity(model)
+    options = self.options_for(model)
+    args = (models, data.train, data.test)
+    return self.lazy(identity and ("evaluator_pooled", kind, identity),
+                     lambda: _prng.lower(jax.jit(jax.vmap(fn, in_axes=(0, None, None))),
+                                         args, options),
+                     args, (model,), options)
 
   def _evaluator_identity(self, model, kind: str, algorithm):
     """An evaluator's identity in the program store: its model's, and for kind
