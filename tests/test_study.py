@@ -513,6 +513,63 @@ def test_pooled_set_evaluator_gives_the_whole_evaluators_pooled_metrics(kind, le
     assert not np.isnan(pooled[1]["pooled"]["auc"][1:]).any()
 
 
+@pytest.mark.parametrize("method", [*study.STRATEGIES, "local", "centralized",
+                                    "private_fedavg", "audited_fedavg"])
+def test_strategy_inits_fill_on_host_as_their_compiled_program_does(method):
+  """A study makes each method's initial state of every seed (`initial_states`) with
+  NumPy where its init only passes values through and broadcasts fill values (every
+  built-in strategy's): the same tree, dtypes and values as the compiled init. An
+  init with arithmetic (the privacy audit's canary directions) compiles as before."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  cache = _programs.ProgramCache()
+  config = test_config.get_config()
+  name = method
+  if method == "private_fedavg":
+    name, config.dp, config.dp_noise, config.dp_clip = "fedavg", "client", 0.5, 1.0
+  if method == "audited_fedavg":
+    name, config.dp, config.dp_noise, config.dp_clip = "fedavg", "client", 0.5, 1.0
+    config.privacy_audit, config.audit_canaries = True, 4
+  data = cache.dataset(config).data
+  train = fdx.pool_clients(data.train) if name == "centralized" else data.train
+  audit_from = None
+  if method == "audited_fedavg":
+    from fedjax_dx.privacy import _audit  # pylint: disable=g-import-not-at-top
+    audit_from = train.num_clients
+    train = _audit.with_canaries(train, config.audit_canaries)
+  model = cache.model(config, data.num_classes)
+  algorithm = cache.algorithm(config, name, model, audit_from)
+  init_keys, state_keys = cache.seed_keys([0, 7, 3])
+  params = cache.initial_params(model, init_keys, data.train.features[0, :1])
+  found = cache.initial_states(algorithm, params, train, state_keys)
+  fn = jax.jit(jax.vmap(lambda p, k: algorithm.init(p, train, k)))
+  traced = fn.trace(params, state_keys)
+  on_host = _programs._fill_on_host(traced.jaxpr, (params, state_keys))
+  assert (on_host is None) == (method == "audited_fedavg")
+  assert _programs._moves_only(traced.jaxpr.jaxpr) == (method != "audited_fedavg")
+  expected = fn(params, state_keys)
+  assert jax.tree.structure(found) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(found), jax.tree.leaves(expected)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_study_keys_are_the_eager_keys():
+  """The seeds' model and state keys and the bootstrap's keys, each made in one
+  program (`_integer_program`), are the keys JAX's eager calls give."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  cache = _programs.ProgramCache()
+  seeds = [42, 0, 2**31 - 1, 7]
+  init_keys, state_keys = cache.seed_keys(seeds)
+  for s, seed in enumerate(seeds):
+    want = jax.random.split(jax.random.PRNGKey(seed))
+    np.testing.assert_array_equal(init_keys[s], want[0])
+    np.testing.assert_array_equal(state_keys[s], want[1])
+  found = cache.bootstrap_keys(seeds, 1234)
+  for s, seed in enumerate(seeds):
+    np.testing.assert_array_equal(
+        found[s], jax.random.fold_in(jax.random.PRNGKey(1234), seed))
+
+
 def test_study_membership_audit_apart_gives_the_one_programs_scores(monkeypatch):
   """With `config.fast_compile_metrics` at full optimisation the membership audit is
   two programs (`_AttackApart`): per-example losses at full optimisation, the

@@ -177,14 +177,16 @@ class MethodRun:
           algo.init(_seed_slice(params, s), train, state_keys[s])
           for s in range(len(seeds))])
     else:  # one batched init for all seeds (data not batched: init's host checks run)
-      self.states = jax.jit(jax.vmap(lambda p, k: algo.init(p, train, k)))(params,
-                                                                            state_keys)
-    one_seed = self.states.replace(positions=self.states.positions[0])  # for the checks
+      self.states = cache.initial_states(algo, params, train, state_keys)
+    positions = self.states.positions  # [S, C]: the checks see one seed's shape
+    one_seed = self.states.replace(positions=jax.ShapeDtypeStruct(positions.shape[1:],
+                                                                  positions.dtype))
     for rounds_participation in participation:
       algo.run.check(one_seed, train, rounds_participation)
     self.participation = participation  # [S, R, C]
     self.initial_params = params  # [S, ...]: the calibrated attack's reference models
-    self.param_bytes = _tree_bytes(jax.tree.map(lambda x: x[0], params))
+    self.param_bytes = _tree_bytes(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params))
     self.num_params = int(sum(np.prod(x.shape[1:]) for x in jax.tree.leaves(params)))
     self.data_bytes = int(sizes.sum()) * (
         int(np.prod(data.train.feature_shape)) * 4 + 4)  # float32 features + int32 label
