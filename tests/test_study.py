@@ -1428,6 +1428,15 @@ def test_fairness_names_the_worst_and_best_site_and_weights_by_test_patients():
   assert auc["spread"] == pytest.approx(0.3) and auc["sites"] == 3
   assert auc["weighted_mean"] == pytest.approx((80 + 35 + 5) / 160)
   assert (loss["worst_site"], loss["worst"]) == ("Switzerland", 0.9)  # higher is worse
+  tied = summary.assign(method="local", auc_mean=[0.6, 0.9, 0.6, 0.7],
+                        loss_mean=[0.5, float("nan"), 0.5, 0.5])
+  table = _summary.fairness(pd.concat([summary, tied], ignore_index=True))
+  auc, loss = (table[(table["method"] == "local") & (table["metric"] == m)].iloc[0]
+               for m in ("auc", "loss"))
+  assert (auc["worst_site"], auc["best_site"]) == ("Cleveland", "Hungary")  # the first
+  assert (loss["worst_site"], loss["best_site"], loss["sites"]) == (
+      "Cleveland", "Cleveland", 2)
+  assert loss["weighted_mean"] == pytest.approx(0.5) and loss["spread"] == 0
 
 
 def test_bootstrap_intervals_resample_each_sites_patients_and_pool_the_seeds(tmp_path):
@@ -1460,6 +1469,7 @@ def test_bootstrap_intervals_resample_each_sites_patients_and_pool_the_seeds(tmp
   pooled = summary[summary["client"] == "pooled"].iloc[0]
   samples = np.concatenate(final[final["client"] == "pooled"]["bootstrap_auc"].tolist())
   assert pooled["auc_ci_low"] == pytest.approx(np.percentile(samples, 2.5))
+  assert pooled["auc_ci_high"] == pytest.approx(np.percentile(samples, 97.5))
   assert pooled["auc_ci_low"] <= pooled["auc_mean"] <= pooled["auc_ci_high"]
   table = (tmp_path / "boot" / "summary_table.md").read_text()
   assert "[95% interval over the site's test patients (bootstrap) and the seeds]" in table

@@ -126,16 +126,19 @@ def summarize(frame, config):
   for m in METRICS:
     summary.loc[summary["diverged_seeds"] > 0, [f"{m}_mean", f"{m}_std"]] = float("nan")
   # 95% interval over test patients (bootstrap) and training seeds, pooled.
+  def interval(lists) -> tuple[float, float]:  # both ends from one pooled array
+    values = np.array([v for one in lists if isinstance(one, list) for v in one
+                       if v is not None], dtype=float)
+    if not values.size:
+      return float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
   for column in [c for c in final.columns if c.startswith("bootstrap_")]:
     metric = column[len("bootstrap_"):]
-
-    def interval(lists, q):
-      values = np.array([v for one in lists if isinstance(one, list) for v in one
-                         if v is not None], dtype=float)
-      return float(np.percentile(values, q)) if values.size else float("nan")
-
-    summary[f"{metric}_ci_low"] = grouped[column].agg(lambda x: interval(x, 2.5))
-    summary[f"{metric}_ci_high"] = grouped[column].agg(lambda x: interval(x, 97.5))
+    ends = grouped[column].agg(interval)
+    summary[f"{metric}_ci_low"] = ends.map(lambda e: e[0])
+    summary[f"{metric}_ci_high"] = ends.map(lambda e: e[1])
     summary.loc[summary["diverged_seeds"] > 0,
                 [f"{metric}_ci_low", f"{metric}_ci_high"]] = float("nan")
   summary["rounds"] = grouped["round"].max()
@@ -184,19 +187,21 @@ def fairness(summary):
   rows = []
   for key, group in sites.groupby(["method", *swept], dropna=False, sort=False):
     key = key if isinstance(key, tuple) else (key,)
-    for metric in METRICS:
-      values = group[f"{metric}_mean"]
-      defined = values.notna()
-      if not defined.any():
+    names = group["client_name"].to_numpy()
+    all_sizes = group["num_examples_mean"].to_numpy(dtype=np.float64)
+    for metric in METRICS:  # NumPy, not pandas, per metric: 90 of them in FLamby's
+      values = group[f"{metric}_mean"].to_numpy(dtype=np.float64)
+      real = np.flatnonzero(~np.isnan(values))
+      if not real.size:
         continue
       lower = metric in LOWER_IS_BETTER
-      worst = values[defined].idxmax() if lower else values[defined].idxmin()
-      best = values[defined].idxmin() if lower else values[defined].idxmax()
-      sizes = group.loc[defined, "num_examples_mean"]
+      defined, sizes = values[real], all_sizes[real]
+      worst = real[defined.argmax() if lower else defined.argmin()]  # first, as idxmax
+      best = real[defined.argmin() if lower else defined.argmax()]
       rows.append({**dict(zip(["method", *swept], key)), "metric": metric,
-                   "worst_site": group.at[worst, "client_name"],
-                   "worst": values[worst], "best_site": group.at[best, "client_name"],
-                   "best": values[best], "spread": values.max() - values.min(),
-                   "weighted_mean": float((values[defined] * sizes).sum() / sizes.sum()),
-                   "sites": int(defined.sum())})
+                   "worst_site": names[worst], "worst": values[worst],
+                   "best_site": names[best], "best": values[best],
+                   "spread": defined.max() - defined.min(),
+                   "weighted_mean": float((defined * sizes).sum() / sizes.sum()),
+                   "sites": int(real.size)})
   return pd.DataFrame(rows)
