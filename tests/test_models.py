@@ -112,3 +112,20 @@ def test_unknown_compute_dtype_is_named():
   with pytest.raises(ValueError, match=r"compute_dtype must be one of \('float32', "
                      r"'bfloat16'\), got 'float16'"):
     fdx.cnn(compute_dtype="float16")
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("logistic_regression", (13,)), ("mlp", (13,)), ("cox", (39,)),
+    ("cnn", (28, 28, 1)), ("cnn_bfloat16", (28, 28, 3))])
+def test_a_models_initial_parameters_depend_on_the_examples_shape_only(name, shape):
+  """A study initialises its models from a zero example of the data's shape
+  (`MethodRun`, `ProgramCache.initial_params`, which is keyed by that shape): every
+  model family's parameters from it equal those from a real example, bit for bit."""
+  model = {"logistic_regression": lambda: _models.logistic_regression(2),
+           "mlp": lambda: _models.mlp([8, 4], 3), "cox": lambda: _models.cox([6]),
+           "cnn": lambda: fdx.cnn(2, (4, 8), 16),
+           "cnn_bfloat16": lambda: fdx.cnn(5, (4,), 8, compute_dtype="bfloat16")}[name]()
+  real = np.random.default_rng(4).normal(size=(1, *shape)).astype(np.float32) * 3 + 1
+  keys = jax.random.split(RNG, 3)
+  init = jax.jit(jax.vmap(model.init, in_axes=(0, None)))
+  assert_trees_equal(init(keys, np.zeros_like(real)), init(keys, real))

@@ -274,9 +274,10 @@ def pool_clients(data: ClientData) -> ClientData:
   pooled_x = np.concatenate([features[k] for k in keep])
   pooled_y = np.concatenate([labels[k] for k in keep])
   n = len(pooled_y)
-  return ClientData(
+  return ClientData(  # host arrays put on the device: nothing to compile
       features=jax.device_put(pooled_x[None]), labels=jax.device_put(pooled_y[None]),
-      mask=jnp.ones((1, n), bool), num_examples=jnp.asarray([n], jnp.int32))
+      mask=jax.device_put(np.ones((1, n), bool)),
+      num_examples=jax.device_put(np.asarray([n], np.int32)))
 
 
 def _local_rows(x) -> tuple[np.ndarray, np.ndarray]:

@@ -99,7 +99,9 @@ class MethodRun:
     # and cyclic run on each process's own copy (the same result everywhere).
     self.sharded = _distributed.is_multiprocess() and method in SHARDED
     self.host_test = data.test  # this process's copy (labels for the predictions)
-    example = data.train.features[0, :1]
+    # The models' init reads an example's shape only (`initial_params` is keyed so):
+    # a host array, not a slice of the device's (an eager compile on this thread).
+    example = np.zeros((1, *data.train.features.shape[2:]), data.train.features.dtype)
     if self.sharded:
       data = cache.global_data(data)
     self.data, self.names = data, names
@@ -260,7 +262,10 @@ class MethodRun:
     if self.kind == "personalized":
       return self.states
     if self.method == "centralized":  # the pooled model: its LocalState's only "client"
-      return jax.tree.map(lambda x: x[:, 0], self.states.params)
+      # Through the host: a device slice compiles op by op on this thread, where it
+      # waits for the worker threads' compiles.
+      return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[:, 0]),
+                          self.states.params)
     return self.states.params
 
   def _epsilon_after(self, config, method, rounds: int, participation) -> float:
