@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import jax
-import jax.extend.core  # pylint: disable=unused-import (jaxpr types: `_moves_only`)
+import jax.extend.core  # pylint: disable=unused-import (`_fill_on_host` reads jaxprs)
 import jax.numpy as jnp
 import numpy as np
 
@@ -438,17 +438,14 @@ class ProgramCache:
       built-in strategy's: zeros, the server optimizer's fill, the keys) is computed
       with NumPy (`_fill_on_host`), no compile: a compile on this thread waits for the
       worker threads' (the default study's 6 inits: 2.1 s on this thread compiled at
-      XLA's defaults, 1.3 s at `draw_options`, 0.05 s with NumPy);
-    - one that otherwise only moves values (`_moves_only`) compiles with
-      `draw_options` (the same values at any XLA optimisation);
-    - another (the privacy audit's canary directions) with XLA's defaults."""
+      XLA's defaults, 0.05 s with NumPy);
+    - another (the privacy audit's canary directions) compiles at XLA's defaults."""
     traced = jax.jit(jax.vmap(lambda p, k: algorithm.init(p, train, k))).trace(params,
                                                                                  keys)
     on_host = _fill_on_host(traced.jaxpr, (params, keys))
     if on_host is not None:
       return jax.tree.unflatten(jax.tree.structure(traced.out_info), on_host)
-    options = draw_options() if _moves_only(traced.jaxpr.jaxpr) else None
-    return traced.lower().compile(options)(params, keys)
+    return traced.lower().compile()(params, keys)
 
   def initial_params(self, model, keys, example):
     """Each seed's initial model `[S, ...]` (one compiled init, shared by methods)."""
@@ -805,33 +802,6 @@ class ProgramCache:
             test=_data.pad_clients(data.test, bucket), num_classes=data.num_classes))
       self.data[key] = loaded
     return self.data[key]
-
-
-# Primitives that give the same values at any XLA optimisation whatever their dtype:
-# they move, fill or convert values (a float conversion rounds as IEEE says), with no
-# arithmetic XLA could reorder or fuse differently.
-_MOVES = frozenset({
-    "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "concatenate", "copy",
-    "copy_p", "slice", "dynamic_slice", "dynamic_update_slice", "transpose", "pad",
-    "rev", "select_n", "iota", "convert_element_type", "gather", "scatter"})
-
-
-def _moves_only(jaxpr) -> bool:
-  """Whether every equation of `jaxpr` (and of the jaxprs in its equations) either
-  has no floating-point output or only moves values (`_MOVES`)."""
-  for eqn in jaxpr.eqns:
-    sub = [p.jaxpr if isinstance(p, jax.extend.core.ClosedJaxpr) else p
-           for p in eqn.params.values()
-           if isinstance(p, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr))]
-    if sub:
-      if not all(_moves_only(j) for j in sub):
-        return False
-      continue
-    floating = any(jnp.issubdtype(getattr(v.aval, "dtype", jnp.int32), jnp.inexact)
-                   for v in eqn.outvars)
-    if floating and eqn.primitive.name not in _MOVES:
-      return False
-  return True
 
 
 def _fill_on_host(closed_jaxpr, args) -> list[jax.Array] | None:
