@@ -169,11 +169,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The metrics counted from a classification model's outputs (the evaluations'
   # metrics, the bootstrap, the membership audit's scores) compiled at XLA backend
   # level 0 / 1, training and the model's outputs as above, and local models'
-  # bootstrap by the global models' program, one model at a time: a cold run of this
-  # study 23 -> 14-16 s with the same numbers (measured); elsewhere a float sum (loss,
-  # Brier, ECE, PR-AUC) may differ from full optimisation's in its last bit. For small
-  # data sets: metrics of thousands of examples run slower at level 0 than they take
-  # to compile.
+  # evaluation and bootstrap by the global models' programs, one model at a time: a
+  # cold run of this study 23 -> 14-16 s (measured); a float sum (loss, Brier, ECE,
+  # PR-AUC) may differ from full optimisation's, or a local model's from a stacked
+  # program's, in its last bits. For small data sets: metrics of thousands of
+  # examples run slower at level 0 than they take to compile.
   config.fast_compile_metrics = True
 
   # Per-method overrides of the fields above, e.g.

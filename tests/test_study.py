@@ -388,8 +388,9 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
   (`_MetricsApartEvaluator`). Its results are those of the one program of `evaluate`
   at the study's options, counts exactly and float sums to 2 ulps (XLA adds in
   another order at level 0): 3 classes, clients of different sizes, a model with
-  NaN outputs (its metrics NaN), seeds, stacked models and fine-tuned personal
-  models; and the metrics program is one per models axis, whatever the model."""
+  NaN outputs (its metrics NaN), seeds, stacked models (by the global evaluator, one
+  model at a time) and fine-tuned personal models; and the metrics program is one,
+  whatever the model."""
   from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
   options = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": False}
   rng = np.random.default_rng(5)
@@ -422,7 +423,11 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
   assert not isinstance(cache.evaluator(model, kind, algorithm, models, data),
                         _programs._MetricsApartEvaluator)  # without fast_metrics
   found = cache.evaluator(model, kind, algorithm, models, data, fast_metrics=True)
-  assert isinstance(found, _programs._MetricsApartEvaluator)
+  if kind == "stacked":  # the global evaluator, one model of each seed at a time
+    assert isinstance(found, _programs._OneModelAtATimeEvaluator)
+    assert isinstance(found.one, _programs._MetricsApartEvaluator)
+  else:
+    assert isinstance(found, _programs._MetricsApartEvaluator)
   found = jax.device_get(found(models, data.train, data.test))
 
   apply_all = jax.vmap(model.apply, in_axes=(None, 0))
@@ -460,8 +465,87 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
     cache.evaluator(other, kind, None, jax.vmap(other.init, in_axes=(0, None))(
         jax.random.split(jax.random.PRNGKey(4), seeds), jnp.zeros((1, 4))), data,
                     fast_metrics=True)
-    assert len(cache.counters) == 1
-    assert len(next(iter(cache.counters.values())).programs) == 1
+    assert len(cache.counter.programs) == 1
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cox"])
+def test_stacked_models_are_evaluated_by_the_global_evaluator_one_at_a_time(model_name):
+  """With `config.fast_compile_metrics` a study evaluates stacked models (local
+  training's, `[S, M, ...]`) by its global evaluator, model m of every seed at a time
+  (`_OneModelAtATimeEvaluator`): bit for bit the global evaluator's results of each
+  model, stacked; against the one stacked program, the same counts (accuracy, AUC,
+  C-index, example counts), NaN where it has NaN, float sums to 1e-5. A classification
+  model at full optimisation (metrics apart) and a Cox model at level 0 (C-index
+  apart); 3 and 4 clients of different sizes, a NaN model."""
+  from fedjax_dx.study import _programs  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  sizes = (17, 30, 9, 25)
+  xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
+  half = lambda arrays: [a[: len(a) // 2 + 1] for a in arrays]
+  config = test_config.get_config()
+  if model_name == "cox":
+    options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    events = [(rng.random(n) < 0.5).astype(np.float32) for n in sizes]
+    times = [rng.integers(1, 12, size=n).astype(np.float32) for n in sizes]  # ties
+    train = fdx.stack_survival(xs, events, times)
+    test = fdx.stack_survival(half(xs), half(events), half(times))
+    data = fdx.FederatedData(train=train, test=test, num_classes=2)
+    config.model.name, config.model.hidden = "cox", ""
+    counts = ("c_index", "num_examples")
+  else:
+    options = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": False}
+    ys = [rng.integers(0, 3, size=n).astype(np.int32) for n in sizes]
+    train = fdx.stack_clients(xs, ys, num_classes=3)
+    test = fdx.stack_clients(half(xs), half(ys), num_classes=3)
+    data = fdx.FederatedData(train=train, test=test, num_classes=3)
+    config.model.name, config.model.hidden = "mlp", "6"
+    counts = ("accuracy", "auc", "num_examples")
+  cache = _programs.ProgramCache(options)
+  model = cache.model(config, data.num_classes)
+  seeds, clients = 3, len(sizes)
+  models = jax.vmap(model.init, in_axes=(0, None))(
+      jax.random.split(jax.random.PRNGKey(2), seeds), jnp.zeros((1, 4)))
+  models = jax.tree.map(lambda x: x[:, None] * jnp.linspace(0.5, 2.0, clients)[
+      None, :, *([None] * (x.ndim - 1))], models)  # [S, M, ...]: each model different
+  leaf = np.asarray(models["Dense_0"]["kernel"]).copy()
+  leaf[1, 2].reshape(-1)[3] = np.nan  # seed 1's model 2: NaN outputs
+  models["Dense_0"]["kernel"] = jnp.asarray(leaf)
+  found = cache.evaluator(model, "stacked", None, models, data, fast_metrics=True)
+  assert isinstance(found, _programs._OneModelAtATimeEvaluator)
+  found = found(models, data.train, data.test)
+  one = cache.evaluator(model, "global", None, jax.tree.map(lambda x: x[:, 0], models),
+                        data, fast_metrics=True)
+  assert one is cache.evaluator(model, "stacked", None, models, data, True).one
+  each = [jax.device_get(one(jax.tree.map(lambda x, m=m: x[:, m], models), data.train,
+                                 data.test)) for m in range(clients)]
+  for got, *want in zip(jax.tree.leaves(found), *map(jax.tree.leaves, each)):
+    np.testing.assert_array_equal(got, np.stack(want, axis=1))
+
+  apply_all = jax.vmap(model.apply, in_axes=(None, 0))
+  stacked = lambda params, tr, te: [
+      *(fdx.evaluate_stacked(model, params, d) for d in (tr, te)),
+      _metrics_outputs(model, jax.vmap(apply_all, in_axes=(0, None))(params,
+                                                                      te.features))]
+  args = (models, data.train, data.test)
+  expected = jax.device_get(jax.jit(jax.vmap(stacked, in_axes=(0, None, None))).lower(
+      *args).compile(options)(*args))
+  assert jax.tree.structure(found) == jax.tree.structure(expected)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(found),
+                               jax.tree.leaves(expected)):
+    name = jax.tree_util.keystr(path)
+    assert got.shape == want.shape, name
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+    if any(f"'{count}'" in name for count in counts):
+      np.testing.assert_array_equal(got, want, err_msg=name)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+  nan_model = np.asarray(found[1]["pooled"]["loss"])
+  assert np.isnan(nan_model[1, 2]) and np.isfinite(np.delete(nan_model, 1 * 4 + 2)).all()
+
+
+def _metrics_outputs(model, logits):
+  """The study's test outputs of logits: class probabilities, a Cox model's scores."""
+  from fedjax_dx.core import _metrics  # pylint: disable=g-import-not-at-top
+  return _metrics.outputs(model, logits)
 
 
 @pytest.mark.parametrize("level", [0, 3])
@@ -668,13 +752,16 @@ def test_initial_models_of_equal_values_are_evaluated_once(tmp_path):
   programs = study.ProgramCache()
   frame = _study_frame(tmp_path, "shared", methods="fedavg,fedprox,centralized,local",
                        num_seeds=2, programs=programs)
-  assert len(programs.initial_evaluations) == 2  # the global models' and local's
+  # One: the local models (`_OneModelAtATimeEvaluator`) start from the global ones.
+  assert len(programs.initial_evaluations) == 1
   start = frame[(frame["round"] == 0) & (frame["split"] == "test")]
   metrics = ["loss", "accuracy", "auc", "brier"]
+  locals_ = sorted(m for m in start["method"].unique() if m.startswith("local_"))
+  assert len(locals_) == 3
   by_method = {m: start[start["method"] == m][metrics].to_numpy()
-               for m in ("fedavg", "fedprox", "centralized")}
-  np.testing.assert_array_equal(by_method["fedavg"], by_method["fedprox"])
-  np.testing.assert_array_equal(by_method["fedavg"], by_method["centralized"])
+               for m in ("fedavg", "fedprox", "centralized", *locals_)}
+  for method in ("fedprox", "centralized", *locals_):
+    np.testing.assert_array_equal(by_method[method], by_method["fedavg"], method)
 
 
 def test_methods_trained_at_once_give_the_rows_of_one_after_another(tmp_path):
