@@ -190,6 +190,11 @@ def main(argv):
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+  # The study's modules live until the process ends: frozen as `_exit.run_app`
+  # freezes the ones loaded before it (in this process and the report's).
+  import gc  # pylint: disable=g-import-not-at-top
+  from fedjax_dx import study  # pylint: disable=g-import-not-at-top,unused-import
+  gc.freeze()
   # Started before JAX's backend and the study's threads (it forks): the report's
   # libraries load beside the study, and its figures are drawn two at a time.
   reporter = None
