@@ -445,9 +445,8 @@ def test_study_evaluator_counts_metrics_apart_with_the_one_programs_numbers(kind
       personal = algorithm.personalize(state, tr)
       return [*(fdx.evaluate_personalized(model, personal, d) for d in (tr, te)),
               fdx.probabilities(model, jax.vmap(model.apply)(personal, te.features))]
-  args = (models, data.train, data.test)
-  expected = jax.device_get(jax.jit(jax.vmap(one_program, in_axes=(0, None, None))).lower(
-      *args).compile(options)(*args))
+  expected = _one_program_reference(one_program, (models, data.train, data.test),
+                                    options)
   assert jax.tree.structure(found) == jax.tree.structure(expected)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(found),
                                jax.tree.leaves(expected)):
@@ -526,9 +525,7 @@ def test_stacked_models_are_evaluated_by_the_global_evaluator_one_at_a_time(mode
       *(fdx.evaluate_stacked(model, params, d) for d in (tr, te)),
       _metrics_outputs(model, jax.vmap(apply_all, in_axes=(0, None))(params,
                                                                       te.features))]
-  args = (models, data.train, data.test)
-  expected = jax.device_get(jax.jit(jax.vmap(stacked, in_axes=(0, None, None))).lower(
-      *args).compile(options)(*args))
+  expected = _one_program_reference(stacked, (models, data.train, data.test), options)
   assert jax.tree.structure(found) == jax.tree.structure(expected)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(found),
                                jax.tree.leaves(expected)):
@@ -540,6 +537,13 @@ def test_stacked_models_are_evaluated_by_the_global_evaluator_one_at_a_time(mode
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
   nan_model = np.asarray(found[1]["pooled"]["loss"])
   assert np.isnan(nan_model[1, 2]) and np.isfinite(np.delete(nan_model, 1 * 4 + 2)).all()
+
+
+def _one_program_reference(fn, args, options):
+  """A test's oracle: `fn(models, train, test)` over a seeds axis of models, one
+  program compiled with XLA `options`, its results on the host."""
+  program = jax.jit(jax.vmap(fn, in_axes=(0, None, None))).lower(*args).compile(options)
+  return jax.device_get(program(*args))
 
 
 def _metrics_outputs(model, logits):
