@@ -179,6 +179,12 @@ class _Bootstrap:
     self.metrics.prepare(draws, outputs, labels, mask)
 
 
+def _stacked_on_models_axis(per_model: list):
+  """Results of one model of every seed at a time (`[S, ...]` trees, host arrays),
+  stacked as a stacked program's: `[S, M, ...]`."""
+  return jax.tree.map(lambda *models: np.stack(models, axis=1), *per_model)
+
+
 class _OneModelAtATimeBootstrap:
   """The bootstrap of stacked models (`[S, M, ...]` outputs) by the one-model
   programs (`one`, a `_Bootstrap` of `[S, ...]` outputs), model m of every seed at a
@@ -194,7 +200,7 @@ class _OneModelAtATimeBootstrap:
     found = jax.device_get([
         self.one(_fold_in_each(keys, m), jnp.asarray(outputs[:, m]), labels, mask)
         for m in range(outputs.shape[1])])
-    return jax.tree.map(lambda *models: np.stack(models, axis=1), *found)
+    return _stacked_on_models_axis(found)
 
   def prepare(self, keys, outputs, labels, mask) -> None:
     """`_Bootstrap.prepare` of the one-model programs for outputs like one model's."""
@@ -237,7 +243,7 @@ class _OneModelAtATimeEvaluator:
     found = jax.device_get([
         each(self.one, jax.tree.map(lambda x, m=m: jax.device_put(x[:, m]), models))
         for m in range(jax.tree.leaves(models)[0].shape[1])])
-    return jax.tree.map(lambda *per_model: np.stack(per_model, axis=1), *found)
+    return _stacked_on_models_axis(found)
 
 
 class _AttackApart:
@@ -285,7 +291,7 @@ class _SurvivalEvaluator:
     if self.stacked:  # [S, M, C, N]: model m of every seed at a time
       found = jax.device_get([self.c_index(train_scores[:, m], test_scores[:, m], train,
                                            test) for m in range(train_scores.shape[1])])
-      found = jax.tree.map(lambda *models: np.stack(models, axis=1), *found)
+      found = _stacked_on_models_axis(found)
     else:
       found = jax.device_get(self.c_index(train_scores, test_scores, train, test))
     for metrics, c_index in zip((train_metrics, test_metrics), found):
@@ -530,10 +536,10 @@ class ProgramCache:
     (`_MetricsApartEvaluator`), and stacked models are evaluated by the global
     evaluator one model at a time (`_OneModelAtATimeEvaluator`).
     """
+    shapes = (str(jax.tree.structure(models)),
+              str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]))
     if kind == "stacked" and fast_metrics:
-      key = ("one_model_at_a_time", id(model), str(jax.tree.structure(models)),
-             str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]),
-             pooled_only)
+      key = ("one_model_at_a_time", id(model), *shapes, pooled_only)
       if key not in self.evaluators:
         # One model of each seed, through the host (a device slice would compile).
         one = jax.tree.map(lambda x: jax.device_put(np.asarray(x)[:, 0]), models)
@@ -544,9 +550,7 @@ class ProgramCache:
     pooled_only = (pooled_only and not apart and model.output != "cox"
                    and kind in ("global", "stacked"))
     key = (id(model), kind, id(algorithm) if kind == "personalized" else None,
-           data.train.features.is_fully_addressable, str(jax.tree.structure(models)),
-           str([(x.shape, str(x.dtype)) for x in jax.tree.leaves((models, data))]),
-           fast_metrics, pooled_only)
+           data.train.features.is_fully_addressable, *shapes, fast_metrics, pooled_only)
     if key not in self.evaluators and apart:
       self.evaluators[key] = self._metrics_apart_evaluator(model, kind, algorithm,
                                                            models, data)
