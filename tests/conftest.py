@@ -9,6 +9,10 @@ compiled. Subprocesses (study and benchmark entry points) inherit both through t
 environment. `FEDJAX_DX_TEST_CACHE` names another cache directory; an empty value
 turns the cache off; `FEDJAX_DX_TEST_FULL_OPT=1` compiles with XLA's defaults.
 
+Lowering is the larger part of a warm run: each thread lowers its programs in one MLIR
+context (`_one_mlir_context_per_thread`), and a pytest-xdist worker ends as soon as its
+results are sent (`pytest_unconfigure`).
+
 In-process studies use the program store in that directory too (`_program_store`), so
 a rerun loads their compiled programs instead of tracing and lowering them again;
 except in a test that monkeypatches (the store's key sees the source, not code patched
@@ -41,11 +45,74 @@ if TEST_CACHE:
   # No size cap: a cap makes JAX rescan every entry on each write (quadratic). An entry
   # read while another worker writes it fails to decompress, and JAX compiles instead.
 
+import sys  # noqa: E402
+import threading  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
 import pytest  # noqa: E402
+
+
+def _one_mlir_context_per_thread() -> None:
+  """Lowers every program of a thread in one MLIR context instead of a new one each.
+
+  JAX makes a fresh MLIR context for each program it lowers (`mlir.make_ir_context`:
+  every dialect loaded and registered again). A warm run of this suite lowers some
+  3,700 programs, most of them small (eager operations of the tests' references), and
+  the contexts were about a quarter of the lowering time (py-spy). The programs are the
+  same, op for op: a warm run hits the same persistent-cache entries and writes none.
+  A lowering inside a lowering (a PRNG helper lowered while a round is) gets a fresh
+  context, as the outer one's insertion point is active in the shared one. Set
+  `FEDJAX_DX_TEST_FRESH_MLIR_CONTEXTS=1` for JAX's own behaviour; without JAX's hook
+  (a JAX that renames it) the tests run with JAX's behaviour too.
+  """
+  if os.environ.get("FEDJAX_DX_TEST_FRESH_MLIR_CONTEXTS") == "1":
+    return
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+    from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
+    fresh = mlir.make_ir_context
+  except (ImportError, AttributeError):
+    return
+  local = threading.local()
+
+  def shared_context():
+    context = getattr(local, "context", None)
+    if context is None:
+      context = local.context = fresh()
+    try:
+      current = ir.Context.current
+    except ValueError:  # no context active on this thread
+      current = None
+    if current is not None and current == context:
+      return fresh()
+    return context
+
+  mlir.make_ir_context = shared_context
+
+
+_one_mlir_context_per_thread()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+  """A pytest-xdist worker ends here, once it has sent the controller its results (its
+  `pytest_sessionfinish` did): without the two full garbage collections, JAX's exit
+  handler (which frees every compiled program one by one and collects four more
+  times) and the interpreter's teardown, some 5 s at the end of every run, during
+  which the controller waits for its workers to exit. Nothing is left to write: the
+  compilation cache and the program store write each entry when it is made."""
+  output = getattr(config, "workeroutput", None)
+  if output is None or "exitstatus" not in output:
+    return  # not a worker, or one that has not sent its results
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(int(output["exitstatus"]))  # pylint: disable=protected-access
 
 
 def subprocess_xla_flags() -> str:
