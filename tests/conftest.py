@@ -10,8 +10,9 @@ environment. `FEDJAX_DX_TEST_CACHE` names another cache directory; an empty valu
 turns the cache off; `FEDJAX_DX_TEST_FULL_OPT=1` compiles with XLA's defaults.
 
 Lowering is the larger part of a warm run: each thread lowers its programs in one MLIR
-context (`_one_mlir_context_per_thread`), and a pytest-xdist worker ends as soon as its
-results are sent (`pytest_unconfigure`).
+context (`_one_mlir_context_per_thread`), JAX's PRNG lowerings are traced once per
+process rather than once per program (`_prng_lowerings_traced_once`), and a
+pytest-xdist worker ends as soon as its results are sent (`pytest_unconfigure`).
 
 In-process studies use the program store in that directory too (`_program_store`), so
 a rerun loads their compiled programs instead of tracing and lowering them again;
@@ -45,10 +46,13 @@ if TEST_CACHE:
   # No size cap: a cap makes JAX rescan every entry on each write (quadratic). An entry
   # read while another worker writes it fails to decompress, and JAX compiles instead.
 
+import functools  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import types  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
@@ -94,6 +98,108 @@ def _one_mlir_context_per_thread() -> None:
 
 
 _one_mlir_context_per_thread()
+
+
+class _NoKey(Exception):
+  """A function whose behaviour is not decided by what `_trace_key` can see."""
+
+
+def _trace_key(obj, files: list, depth: int = 0):
+  """A hashable value equal for two functions that trace alike: the code objects, the
+  defaults and, recursively, what their closures hold (functions, partials, tuples,
+  numbers, strings, dtypes, abstract values, JAX's PRNG implementations, small numpy
+  arrays); anything else raises `_NoKey`. Appends each code object's file to `files`."""
+  if depth > 12:
+    raise _NoKey
+  deeper = lambda value: _trace_key(value, files, depth + 1)
+  if isinstance(obj, types.FunctionType):
+    files.append(obj.__code__.co_filename)
+    return ("function", obj.__code__, tuple(map(deeper, obj.__defaults__ or ())),
+            tuple(sorted((k, deeper(v)) for k, v in (obj.__kwdefaults__ or {}).items())),
+            tuple(deeper(cell.cell_contents) for cell in obj.__closure__ or ()))
+  if isinstance(obj, functools.partial):
+    return ("partial", deeper(obj.func), tuple(map(deeper, obj.args)),
+            tuple(sorted((k, deeper(v)) for k, v in obj.keywords.items())))
+  if isinstance(obj, tuple):
+    return ("tuple", tuple(map(deeper, obj)))
+  if isinstance(obj, (int, float, bool, str, bytes, type(None), np.dtype)):
+    return (type(obj), obj)
+  from jax._src import core, dtypes  # pylint: disable=g-import-not-at-top
+  from jax._src.random import prng  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, (core.AbstractValue, dtypes.ExtendedDType)):
+    return (type(obj), obj)
+  if isinstance(obj, prng.PRNGImpl):
+    return ("prng", obj.name)
+  if isinstance(obj, np.ndarray) and obj.size <= 64:
+    return ("array", obj.dtype, obj.shape, obj.tobytes())
+  raise _NoKey
+
+
+def _prng_lowerings_traced_once() -> None:
+  """Traces each of JAX's PRNG lowerings once per process instead of once per program.
+
+  JAX lowers its PRNG operations (`random_bits`, `random_fold_in`, `random_split`,
+  `threefry2x32`, ...) by tracing their Python implementation into a jaxpr
+  (`mlir.lower_fun`) in every program that uses them: about 12 % of the pytest
+  workers' time in a warm run (py-spy), half of it that tracing. These traces are
+  decided by the implementation, its closure's values, the argument types and JAX's
+  tracing configuration, so a trace of the same key is reused (the lowering itself,
+  into the program's module, still runs). The programs are the same, op for op: a warm
+  run hits the same persistent-cache entries and writes none. Only functions of
+  `jax/_src/random/` are reused, and only those whose closures hold values
+  `_trace_key` can compare. Set `FEDJAX_DX_TEST_TRACE_PRNG_LOWERINGS=1` for JAX's own
+  behaviour; without JAX's hooks (a JAX that renames them) the tests run with it too.
+  """
+  if os.environ.get("FEDJAX_DX_TEST_TRACE_PRNG_LOWERINGS") == "1":
+    return
+  try:
+    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+    from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+    from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
+    trace = partial_eval.trace_to_jaxpr_dynamic
+    context = jax_config.trace_context
+    if mlir.pe is not partial_eval:
+      return
+  except (ImportError, AttributeError):
+    return
+  random_sources = os.sep + os.path.join("jax", "_src", "random") + os.sep
+  traced: dict = {}
+
+  def trace_once(fun, in_avals, *, keep_inputs=None, lower=False, auto_dce=False):
+    key = None
+    if lower and not fun.transforms and fun.in_type is None:
+      files: list = []
+      try:
+        key = (_trace_key(fun.f, files), _trace_key(fun.params, files), tuple(in_avals),
+               None if keep_inputs is None else tuple(keep_inputs), auto_dce, context())
+        hash(key)
+      except (_NoKey, TypeError):
+        key = None
+      if not any(random_sources in f for f in files):
+        key = None
+    if key is None:
+      return trace(fun, in_avals, keep_inputs=keep_inputs, lower=lower,
+                   auto_dce=auto_dce)
+    if key not in traced:
+      if len(traced) >= 8192:
+        traced.clear()
+      traced[key] = trace(fun, in_avals, keep_inputs=keep_inputs, lower=lower,
+                          auto_dce=auto_dce)
+    jaxpr, out_avals, consts = traced[key]
+    return jaxpr, list(out_avals), list(consts)
+
+  class _PartialEval(types.ModuleType):
+    """`partial_eval` as `mlir` sees it: the same but for `trace_to_jaxpr_dynamic`."""
+
+    def __getattr__(self, name):
+      return getattr(partial_eval, name)
+
+  seen_by_mlir = _PartialEval(partial_eval.__name__)
+  seen_by_mlir.trace_to_jaxpr_dynamic = trace_once
+  mlir.pe = seen_by_mlir
+
+
+_prng_lowerings_traced_once()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -17,6 +17,7 @@ from fedjax_dx import study
 from fedjax_dx.study import _execute
 
 from tests.conftest import ROOT
+from tests.conftest import TEST_CACHE
 
 
 def _frame():
@@ -329,9 +330,11 @@ def test_the_wheel_installs_and_runs_without_the_clone(tmp_path):
       capture_output=True, text=True, cwd=elsewhere, env={**os.environ, **env})
   assert probe.stdout.splitlines() == [
       os.path.join(site, "fedjax_dx", "__init__.py"), "None None"], probe.stderr
+  # The suite's cache and program store: the installed package's source is the clone's,
+  # so a rerun of the suite loads this study's programs as the clone's studies do.
   result = _fedjax_dx(str(env_dir / "bin"), "run", "--config=test", "--workdir=out",
                       "--quiet", "--config.num_seeds=1", "--config.rounds=2",
-                      "--compilation_cache=", cwd=elsewhere, env=env)
+                      f"--compilation_cache={TEST_CACHE}", cwd=elsewhere, env=env)
   assert result.returncode == 0, result.stderr
   assert (elsewhere / "out" / "report.html").is_file()
   assert (elsewhere / "out" / "models" / "0000_seed-0" / "fedavg.npz").is_file()
