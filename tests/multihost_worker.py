@@ -15,6 +15,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from tests.multihost_study import write_cache_from_every_process
+  write_cache_from_every_process()  # a rerun loads process 1's programs too
   import fedjax_dx as fdx
   try:
     fdx.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,

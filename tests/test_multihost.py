@@ -11,7 +11,7 @@ import numpy as np
 
 import fedjax_dx as fdx
 from tests import multihost_case as case
-from tests.conftest import subprocess_xla_flags
+from tests.conftest import TEST_CACHE, subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,8 +92,11 @@ STUDY_METHODS = "fedavg,fedprox,centralized,local"
 def _study(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env["XLA_FLAGS"] = subprocess_xla_flags()  # only the fast-compile flags
-  command = [sys.executable, "-m", "benchmarks.run", "--config=configs/test.py",
-             f"--workdir={workdir}", "--compilation_cache=", "--noreport", "--quiet",
+  # benchmarks.run, with the test cache written by every process (a rerun loads the
+  # programs in both; tests/multihost_study.py).
+  command = [sys.executable, "-m", "tests.multihost_study", "--config=configs/test.py",
+             f"--workdir={workdir}", f"--compilation_cache={TEST_CACHE}", "--noreport",
+             "--quiet",
              f"--config.methods={STUDY_METHODS}", *flags]
   return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)

@@ -348,7 +348,12 @@ def test_the_example_notebook_runs(tmp_path):
   notebook = nbformat.read(ROOT / "examples" / "own_data.ipynb", as_version=4)
   assert not any(cell.get("outputs") for cell in notebook.cells
                  if cell.cell_type == "code")  # committed without outputs
+  # The kernel's studies use the suite's program store, as the in-process ones do
+  # (conftest): a rerun loads their programs (the notebook itself is unchanged).
+  store = (f"--IPKernelApp.exec_lines=import fedjax_dx.study; "
+           f"fedjax_dx.study.enable_compilation_cache({TEST_CACHE!r})")
   nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          extra_arguments=[store] if TEST_CACHE else [],
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
   outputs = [o for cell in notebook.cells if cell.cell_type == "code"
              for o in cell.outputs]
