@@ -14,6 +14,12 @@ context (`_one_mlir_context_per_thread`), JAX's PRNG lowerings are traced once p
 process rather than once per program (`_prng_lowerings_traced_once`), and a
 pytest-xdist worker ends as soon as its results are sent (`pytest_unconfigure`).
 
+A top-level jitted call seen in an earlier run skips tracing and lowering altogether:
+the jit store (`tests/_jit_store.py`, in `<cache>/jit`) keys it by the function's code
+and closure, its arguments' types and the project's source, and serves the executable
+from JAX's cache (warm suite: about 20 % less CPU time, 3:44 -> 3:18 in alternated
+runs); off in tests that monkeypatch, `FEDJAX_DX_TEST_JIT_STORE=0` turns it off.
+
 In-process studies use the program store in that directory too (`_program_store`), so
 a rerun loads their compiled programs instead of tracing and lowering them again;
 except in a test that monkeypatches (the store's key sees the source, not code patched
@@ -201,6 +207,11 @@ def _prng_lowerings_traced_once() -> None:
 
 _prng_lowerings_traced_once()
 
+from tests import _jit_store  # noqa: E402
+
+if TEST_CACHE:
+  _jit_store.install(os.path.join(TEST_CACHE, "jit"))
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config):
@@ -268,14 +279,22 @@ def medmnist_dir():
 
 @pytest.fixture(autouse=True)
 def _program_store(request):
-  """The program store for in-process studies (see the module's docstring)."""
+  """The program store for in-process studies and the jit store (see the module's
+  docstring)."""
   from fedjax_dx.study import _store  # pylint: disable=g-import-not-at-top
-  if (not TEST_CACHE or "monkeypatch" in request.fixturenames
-      or request.module.__name__.endswith("test_program_store")):
+  if not TEST_CACHE or "monkeypatch" in request.fixturenames:
     yield
+    return
+  _jit_store.activate(True)
+  if request.module.__name__.endswith("test_program_store"):
+    try:
+      yield
+    finally:
+      _jit_store.activate(False)
     return
   _store.enable(os.path.join(TEST_CACHE, "programs"))
   try:
     yield
   finally:
     _store.enable(None)
+    _jit_store.activate(False)

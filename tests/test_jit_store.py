@@ -1,0 +1,98 @@
+"""The suite's jit store (`tests/_jit_store.py`) serves a call only the program JAX
+would have traced for it: on tiny functions, each case against a trace of its own."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import _jit_store
+
+
+@pytest.fixture
+def store(tmp_path):
+  if not _jit_store.installed():
+    pytest.skip("the jit store is off here (FEDJAX_DX_TEST_JIT_STORE=0 or "
+                "FEDJAX_DX_TEST_CACHE empty)")
+  with _jit_store.stored_in(str(tmp_path)):
+    yield
+
+
+def _traced(fun, *args, **jit_options):
+  """`fun(*args)` jitted with the store off: what JAX itself computes."""
+  with _jit_store.stored_in("/nonexistent-jit-store"):
+    _jit_store.activate(False)
+    return jax.jit(fun, **jit_options)(*args)
+
+
+def _scaled(scale):
+  return lambda x: jnp.tanh(x * scale) + scale
+
+
+def _hits_and_saves_after(call):
+  hits, saves = _jit_store.counts()
+  result = call()
+  new_hits, new_saves = _jit_store.counts()
+  return result, new_hits - hits, new_saves - saves
+
+
+def test_a_stored_call_is_served_to_a_new_function_and_equals_a_trace(store):
+  x = jnp.linspace(-2.0, 2.0, 7)
+  first, hits, saves = _hits_and_saves_after(lambda: jax.jit(_scaled(0.5))(x))
+  assert (hits, saves) == (0, 1)
+  # A new function object (JAX's own caches miss) with the same code and closure.
+  second, hits, saves = _hits_and_saves_after(lambda: jax.jit(_scaled(0.5))(x))
+  assert (hits, saves) == (1, 0)
+  expected = _traced(_scaled(0.5), x)
+  np.testing.assert_array_equal(second, expected)
+  np.testing.assert_array_equal(first, expected)
+  # Later calls are JAX's fast path on the served executable.
+  np.testing.assert_array_equal(jax.jit(_scaled(0.5))(x + 1), _traced(_scaled(0.5), x + 1))
+
+
+def test_a_closure_value_static_argument_or_argument_type_is_another_program(store):
+  x = jnp.linspace(-2.0, 2.0, 7)
+  for scale in (0.5, 0.25, 0.5):
+    np.testing.assert_array_equal(jax.jit(_scaled(scale))(x), _traced(_scaled(scale), x))
+  power = lambda x, n: x ** n
+  for n in (2, 3, 2):
+    np.testing.assert_array_equal(jax.jit(power, static_argnums=1)(x, n),
+                                  _traced(power, x, n, static_argnums=1))
+  for argument in (jnp.arange(7, dtype=jnp.int32), jnp.arange(7.0), 3.0, 3,
+                   np.arange(7, dtype=np.float32), jnp.arange(7.0)[None]):
+    served = jax.jit(lambda v: v * 2 + 1)(argument)
+    expected = _traced(lambda v: v * 2 + 1, argument)
+    assert served.dtype == expected.dtype and served.shape == expected.shape
+    assert served.weak_type == expected.weak_type
+    np.testing.assert_array_equal(served, expected)
+
+
+def test_keyword_and_closed_over_arrays_are_part_of_the_key(store):
+  x = jnp.arange(4.0)
+  for table in (np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 5.0])):
+    fun = lambda v, *, shift: v * table + shift
+    np.testing.assert_array_equal(jax.jit(fun)(x, shift=1.0),
+                                  _traced(lambda v: v * table + 1.0, x))
+
+
+def test_what_the_key_cannot_describe_is_left_to_jax(store):
+  rng = np.random.default_rng(0)  # drawn from while tracing: a new constant each trace
+  x = jnp.zeros(3)
+  # Two function objects (JAX's own caches would reuse one's trace).
+  first, _, saves = _hits_and_saves_after(
+      lambda: jax.jit(lambda v: v + rng.standard_normal())(x))
+  second, hits, more_saves = _hits_and_saves_after(
+      lambda: jax.jit(lambda v: v + rng.standard_normal())(x))
+  assert saves == more_saves == hits == 0
+  assert not np.array_equal(first, second)
+
+
+def test_a_call_with_effects_is_not_stored(store):
+  def noisy(x):
+    jax.debug.callback(lambda v: None, x)
+    return x + 1
+  x = jnp.ones(2)
+  for _ in range(2):
+    result, hits, saves = _hits_and_saves_after(lambda: jax.jit(noisy)(x))
+    assert (hits, saves) == (0, 0)
+    np.testing.assert_array_equal(result, [2.0, 2.0])
