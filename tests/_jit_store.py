@@ -26,6 +26,9 @@ way, JAX traces, lowers and compiles as without the store, which then records th
 call (only calls with no effects, no callbacks and no hoisted constants, whose
 executable is in JAX's cache).
 
+Entries live in a folder per environment (`<directory>/<environment digest>/`): after
+a source edit the others cannot be found, and a folder unused for a day is removed.
+
 What the key cannot see: module-level state a function reads while it is traced
 (other than the source files above), and code patched at run time; so the store is
 off in tests that monkeypatch, as the program store is (`conftest._program_store`).
@@ -44,6 +47,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import threading
 import time
@@ -294,8 +298,32 @@ def _context_key(context) -> tuple:
   return tuple(key)
 
 
+_pruned: set = set()  # store directories whose other environments this process pruned
+
+
 def _path(call_key: str) -> str:
-  return os.path.join(_directory, call_key[:2], call_key + ".pkl")
+  """Where a call's entry lives: in its environment's folder, as only entries of the
+  current environment can be found (a source edit leaves the others unreachable)."""
+  folder = os.path.join(_directory, _environment_digest().hex()[:16])
+  if _directory not in _pruned:
+    _pruned.add(_directory)
+    _prune(folder)
+  return os.path.join(folder, call_key[:2], call_key + ".pkl")
+
+
+def _prune(current: str, unused_for_s: float = 86400.0) -> None:
+  """Marks `current` used and removes the other environments' folders unused for a day
+  (not at once: another checkout may share the cache)."""
+  os.makedirs(current, exist_ok=True)
+  os.utime(current)
+  parent = os.path.dirname(current)
+  for name in os.listdir(parent):
+    folder = os.path.join(parent, name)
+    try:
+      if folder != current and time.time() - os.stat(folder).st_mtime > unused_for_s:
+        shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+      pass
 
 
 class _Pickler(pickle.Pickler):

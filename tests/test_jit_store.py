@@ -1,6 +1,9 @@
 """The suite's jit store (`tests/_jit_store.py`) serves a call only the program JAX
 would have traced for it: on tiny functions, each case against a trace of its own."""
 
+import os
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +99,13 @@ def test_a_call_with_effects_is_not_stored(store):
     result, hits, saves = _hits_and_saves_after(lambda: jax.jit(noisy)(x))
     assert (hits, saves) == (0, 0)
     np.testing.assert_array_equal(result, [2.0, 2.0])
+
+
+def test_other_environments_folders_are_removed_once_unused_for_a_day(tmp_path):
+  current, recent, old = (tmp_path / name for name in ("current", "recent", "old"))
+  for folder in (recent, old):
+    (folder / "ab").mkdir(parents=True)
+  day_and_a_bit_ago = time.time() - 90000
+  os.utime(old, (day_and_a_bit_ago, day_and_a_bit_ago))
+  _jit_store._prune(str(current))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "recent"]
