@@ -63,6 +63,7 @@ _directory: str | None = None
 _active = False  # per test (conftest)
 _environment: bytes | None = None
 _local = threading.local()  # .compiles: [(executable, cache key, options, device ids)]
+                            # while a call is being recorded, else None
 _hits = 0
 _log_path = os.environ.get("FEDJAX_DX_TEST_JIT_STORE_LOG")
 _saves = 0
@@ -458,8 +459,8 @@ def _wrap_cache_miss(fun, cache_miss, static_argnums, static_argnames, jitted):
         return ("saved" if _save(call_key, _local.executable, jax.tree.structure(outs))
                 else "not saved"), result
       return "not captured", result
-    finally:
-      _local.compiles, _local.executable = [], None
+    finally:  # no longer collected: the executables are not kept alive
+      _local.compiles, _local.executable = None, None
 
   return miss
 
@@ -501,7 +502,7 @@ def install(directory: str) -> bool:
 
   def call_impl(*args, **params):
     result = real_call_impl(*args, **params)
-    out_flat, compiled, _, const_args = result
+    _, compiled, _, const_args = result
     if getattr(_local, "compiles", None) is not None:
       _local.executable = (None if const_args or params["jaxpr"].effects
                            else compiled)
