@@ -109,3 +109,44 @@ def test_other_environments_folders_are_removed_once_unused_for_a_day(tmp_path):
   os.utime(old, (day_and_a_bit_ago, day_and_a_bit_ago))
   _jit_store._prune(str(current))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "recent"]
+
+
+def test_remembered_accounting_answers_are_dp_accountings_for_that_very_call(
+    tmp_path, monkeypatch):
+  """conftest keeps `_accounting._epsilon` / `_calibrated` answers in the program store:
+  a call made before is answered without dp-accounting and equals its computation;
+  another value or type of any argument is computed; off, everything is computed."""
+  from fedjax_dx.privacy import _accounting  # pylint: disable=g-import-not-at-top
+  from fedjax_dx.study import _store  # pylint: disable=g-import-not-at-top
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  if not conftest.TEST_CACHE:
+    pytest.skip("FEDJAX_DX_TEST_CACHE is empty: nothing is remembered")
+  computed = []
+  accountant = _accounting._accountant  # pylint: disable=protected-access
+  monkeypatch.setattr(_accounting, "_accountant",
+                      lambda *a, **k: computed.append(a) or accountant(*a, **k))
+  epsilon = _accounting._epsilon  # pylint: disable=protected-access
+  args = (1.3, 0.1, 7, 1e-5, "rdp", "poisson", 0)
+  expected = epsilon.__wrapped__(*args)
+  assert len(computed) == 1
+  monkeypatch.setattr(conftest, "_accounting_remembered", [True])
+  _store.enable(str(tmp_path))
+  try:
+    epsilon.cache_clear()
+    assert epsilon(*args) == expected and len(computed) == 2
+    assert len(list(tmp_path.rglob("remembered/*/*.json"))) == 1
+    epsilon.cache_clear()  # as a new process
+    assert epsilon(*args) == expected and len(computed) == 2
+    for other in [(1.3, 0.1, 8, *args[3:]), (np.float64(1.3), *args[1:]),
+                  (1.3, 0.1, 7, 1e-5, "pld", "poisson", 0)]:
+      epsilon.cache_clear()
+      assert epsilon(*other) == epsilon.__wrapped__(*other)
+    assert len(computed) == 2 + 2 * 3
+    assert epsilon(np.float64(1.3), *args[1:]) == expected  # same value, its own entry
+    assert len(list(tmp_path.rglob("remembered/*/*.json"))) == 4
+    conftest._accounting_remembered[0] = False  # pylint: disable=protected-access
+    epsilon.cache_clear()
+    assert epsilon(*args) == expected and len(computed) == 9
+  finally:
+    _store.enable(None)
+    epsilon.cache_clear()
