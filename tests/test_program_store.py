@@ -239,3 +239,43 @@ def test_a_stored_program_that_cannot_run_is_forgotten_and_compiled_again(store)
   assert program.loaded
   np.testing.assert_array_equal(program(params, batch)["w"], expected["w"])
   assert not program.loaded and not target.exists()
+
+
+def test_a_fresh_compile_skips_jax_cache_on_its_own_thread_only(monkeypatch):
+  """While the store compiles a program itself (`compile_fresh`, JAX's cache bypassed),
+  another thread's compile still reads and writes JAX's persistent cache: switched off
+  for the whole process, those programs never reached the cache and every rerun
+  compiled them again."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  backend = jax.devices()[0].client
+  if not compilation_cache.is_cache_used(backend):
+    pytest.skip("JAX's persistent cache is off (FEDJAX_DX_TEST_CACHE empty)")
+  inside, elsewhere, started, release = [], [], threading.Event(), threading.Event()
+  lowered = jax.jit(lambda x: x * 3.0 + 1.0).lower(jnp.zeros(3))
+  real_compile = type(lowered).compile
+
+  def compile_and_wait(self, *args, **kwargs):  # runs inside compile_fresh
+    inside.append(compilation_cache.is_cache_used(backend))
+    started.set()
+    release.wait(60)
+    return real_compile(self, *args, **kwargs)
+
+  def other_thread():
+    started.wait(60)
+    elsewhere.append(compilation_cache.is_cache_used(backend))
+    release.set()
+
+  monkeypatch.setattr(type(lowered), "compile", compile_and_wait)
+  other = threading.Thread(target=other_thread)
+  other.start()
+  try:
+    compiled, storable = _store.compile_fresh(lowered, None)
+  finally:
+    release.set()
+    other.join()
+  monkeypatch.undo()
+  assert inside == [False] and elsewhere == [True]
+  assert compilation_cache.is_cache_used(backend)  # and on this thread once it is done
+  np.testing.assert_array_equal(compiled(jnp.ones(3)), np.full(3, 4.0))
+  assert storable

@@ -77,8 +77,30 @@ def cache_hits() -> int:
   return getattr(_local, "hits", 0)
 
 
-_bypassing = 0  # compiles now running with JAX's persistent cache bypassed
-_cache_used_before = False
+_fresh = threading.local()  # .depth: `compile_fresh` calls running on this thread
+_cache_switch_installed = False
+
+
+def _bypass_on_fresh_threads(compilation_cache) -> None:
+  """Makes JAX's persistent cache answer "not used" to a thread inside `compile_fresh`
+  only (installed once). JAX reads and writes its cache only where
+  `compilation_cache.is_cache_used` says so, a process-wide answer; switching that off
+  while the store compiled made every other thread's compiles meanwhile skip the cache
+  too, so a study's worker threads (or a test run's other studies) compiled programs
+  that no later run found in JAX's cache."""
+  global _cache_switch_installed
+  with _toggle_lock:
+    if _cache_switch_installed:
+      return
+    jax_is_cache_used = compilation_cache.is_cache_used
+
+    def is_cache_used(backend):
+      if getattr(_fresh, "depth", 0):
+        return False
+      return jax_is_cache_used(backend)
+
+    compilation_cache.is_cache_used = is_cache_used
+    _cache_switch_installed = True
 
 
 def compile_fresh(lowered: jax.stages.Lowered, options) -> tuple[Any, bool]:
@@ -87,28 +109,21 @@ def compile_fresh(lowered: jax.stages.Lowered, options) -> tuple[Any, bool]:
 
   XLA:CPU serializes an executable without its kernels ("Function ..._kernel not
   found" when the stored copy runs) when it was read from JAX's cache, or when an
-  identical module was loaded in this process before; the store takes neither. Other
-  threads compiling meanwhile skip JAX's cache too, which only costs them the cache.
+  identical module was loaded in this process before; the store takes neither. Only
+  this thread's compile skips JAX's cache: other threads compiling meanwhile read and
+  write it as usual.
   """
-  global _bypassing, _cache_used_before
   from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  if not hasattr(compilation_cache, "_cache_used"):  # another jax: no switch
+  if not callable(getattr(compilation_cache, "is_cache_used", None)):  # another jax
     return lowered.compile(options), False
-  with _toggle_lock:
-    if _bypassing == 0:
-      compilation_cache.is_cache_used(jax.devices()[0].client)  # checked once
-      _cache_used_before = compilation_cache._cache_used
-      compilation_cache._cache_used = False
-    _bypassing += 1
+  _bypass_on_fresh_threads(compilation_cache)
+  _fresh.depth = getattr(_fresh, "depth", 0) + 1
   try:
     hits = cache_hits()
     compiled = lowered.compile(options)
     return compiled, cache_hits() == hits
   finally:
-    with _toggle_lock:
-      _bypassing -= 1
-      if _bypassing == 0:
-        compilation_cache._cache_used = _cache_used_before
+    _fresh.depth -= 1
 
 
 def enable(directory_: str | None) -> None:
