@@ -22,9 +22,9 @@ on only where `enable_compilation_cache` turns it on (the command line's
 XLA:CPU serializes an executable without its kernels when it was read from JAX's
 persistent cache or when an identical module was loaded earlier in the process (the
 copy loads, then fails: "Function ..._kernel not found"). So the store compiles its
-programs itself with JAX's cache bypassed (`compile_fresh`), does not store a module
-this process loaded, and a stored program that fails on its first call is forgotten and
-compiled again (`_programs._LazyExecutable`).
+programs itself with JAX's cache bypassed on the compiling thread only (`compile_fresh`),
+does not store a module this process loaded, and a stored program that fails on its
+first call is forgotten and compiled again (`_programs._LazyExecutable`).
 
 Entries are written through a temporary file and a rename; one that cannot be read
 (damaged, from another jaxlib) is recompiled and replaced. Like JAX's cache, entries
